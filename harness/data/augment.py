@@ -1,0 +1,581 @@
+"""Batched, on-device augmentation: every view of a batch is made by a few tensor operations.
+
+The images stay uint8 ``(B, C, H, W)`` on their device; each call stacks the requested views into
+one ``(V*B, C, H', W')`` float batch and applies, with per-sample random parameters drawn in one
+call from the generator:
+
+1. random resized crop and horizontal flip, as one axis-aligned affine grid + ``grid_sample``
+   (the flip is a negative x scale, so it costs nothing);
+2. Gaussian blur, a separable filter with a per-sample sigma (delta kernel when not drawn);
+3. colour jitter: brightness, contrast, saturation, hue (identity factors when not drawn);
+4. random grayscale (colour images);
+5. solarization;
+6. normalization.
+
+The order is the seed notebook's (crop, blur, jitter) for every recipe; the jitter runs in the fixed
+order brightness, contrast, saturation, hue instead of torchvision's random order (the first three
+commute exactly when no value is clipped). :class:`ViewRecipe` holds one view's parameters; the
+recipe functions map the single ``strength`` knob onto them (table in docs/DATA.md).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RECIPES",
+    "ViewRecipe",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_hue",
+    "adjust_saturation",
+    "augment",
+    "blur_kernel_size",
+    "crop_grid",
+    "gaussian_blur",
+    "local_recipe",
+    "make_views",
+    "multi_crop",
+    "normalize",
+    "rgb_to_grayscale",
+    "solarize",
+    "two_views",
+    "view_recipes",
+]
+
+RECIPES: tuple[str, ...] = ("simclr", "byol", "multicrop")
+MAX_STRENGTH = 2.0
+# RandomResizedCrop's retries: sample (area, ratio) this many times, keep the first crop that fits.
+_CROP_ATTEMPTS = 10
+# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """The random augmentation of one view, with every parameter already scaled by the strength.
+
+    Probabilities are per sample; magnitudes follow torchvision's conventions (jitter factor drawn
+    from ``[max(0, 1 - m), 1 + m]``, hue shift from ``[-h, h]`` in turns).
+    """
+
+    scale: tuple[float, float] = (1.0, 1.0)
+    """Crop area as a fraction of the image area, drawn uniformly."""
+    log_ratio: tuple[float, float] = (0.0, 0.0)
+    """Log of the crop's aspect ratio (width / height), drawn uniformly."""
+    flip_p: float = 0.0
+    jitter_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel: int = 3
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+    """In [0, 1] units: pixels >= threshold are inverted (torchvision's RandomSolarize(128))."""
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"ViewRecipe.scale must satisfy 0 < low <= high <= 1, got {self.scale}")
+        if self.log_ratio[0] > self.log_ratio[1]:
+            raise ValueError(f"ViewRecipe.log_ratio must be (low, high) with low <= high, got {self.log_ratio}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ViewRecipe.{name} must be a probability in [0, 1], got {value}")
+        if min(self.brightness, self.contrast, self.saturation) < 0 or not 0 <= self.hue <= 0.5:
+            raise ValueError("ViewRecipe jitter magnitudes must be >= 0 and hue in [0, 0.5]")
+        if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
+            raise ValueError(f"ViewRecipe.blur_kernel must be a positive odd int, got {self.blur_kernel}")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"ViewRecipe.blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the view is the (resized) original image whatever is drawn."""
+        return (
+            self.scale == (1.0, 1.0)
+            and self.log_ratio == (0.0, 0.0)
+            and self.flip_p == 0.0
+            and (self.jitter_p == 0.0 or self.brightness == self.contrast == self.saturation == self.hue == 0.0)
+            and self.grayscale_p == 0.0
+            and self.blur_p == 0.0
+            and self.solarize_p == 0.0
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_images(images: torch.Tensor, name: str = "images") -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (B, C, H, W) of dtype uint8, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{name} must have dtype torch.uint8 (values 0..255), got {images.dtype}")
+    if images.ndim != 4:
+        raise ValueError(f"{name} must have 4 dimensions (B, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must have 1 or 3 channels (dim 1), got shape {tuple(images.shape)}")
+
+
+def _check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"strength must be a real number in [0, {MAX_STRENGTH}], got {strength!r}")
+    value = float(strength)
+    if not 0.0 <= value <= MAX_STRENGTH:  # also rejects NaN
+        raise ValueError(f"strength must be in [0, {MAX_STRENGTH}], got {strength!r}")
+    return value
+
+
+def _check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
+
+
+def _stats_tensor(
+    values: float | Sequence[float] | None, channels: int, name: str, device: torch.device
+) -> torch.Tensor:
+    """Per-channel statistic as a float32 ``(1, C, 1, 1)`` tensor; None means 0.5."""
+    if values is None:
+        seq: list[float] = [0.5] * channels
+    elif isinstance(values, numbers.Real):
+        seq = [float(values)] * channels
+    else:
+        seq = [float(v) for v in values]
+        if len(seq) == 1:
+            seq = seq * channels
+    if len(seq) != channels:
+        raise ValueError(f"{name} must have 1 or {channels} entries (one per channel), got {len(seq)}")
+    if name == "std" and min(seq) <= 0:
+        raise ValueError(f"std must be positive, got {seq}")
+    return torch.tensor(seq, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+
+
+def _pair(size: int | tuple[int, int] | None, default: tuple[int, int], name: str) -> tuple[int, int]:
+    if size is None:
+        return default
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in pair):
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {size!r}")
+    return (int(pair[0]), int(pair[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes: strength -> parameters
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """Odd Gaussian-blur kernel of about 10% of the image side, at least 3 (SimCLR's rule; 3 at 28 px)."""
+    return max(3, int(0.1 * image_size) | 1)
+
+
+def _simclr_view(s: float, channels: int, image_size: int) -> ViewRecipe:
+    return ViewRecipe(
+        scale=(max(0.08, 1.0 - 0.2 * s), 1.0),
+        log_ratio=(s * math.log(3 / 4), s * math.log(4 / 3)),
+        flip_p=min(1.0, 0.5 * s),
+        jitter_p=min(1.0, 0.8 * s),
+        brightness=0.4 * s,
+        contrast=0.4 * s,
+        saturation=0.4 * s if channels == 3 else 0.0,
+        hue=min(0.5, 0.1 * s) if channels == 3 else 0.0,
+        grayscale_p=min(1.0, 0.2 * s) if channels == 3 else 0.0,
+        blur_p=min(1.0, 0.5 * s),
+        blur_sigma=(0.1, 0.1 + 1.9 * s),
+        blur_kernel=blur_kernel_size(image_size),
+    )
+
+
+def view_recipes(recipe: str, strength: float, *, channels: int = 1, image_size: int = 28) -> tuple[ViewRecipe, ViewRecipe]:
+    """The two (global) views' recipes at ``strength`` for ``recipe`` in :data:`RECIPES`.
+
+    ``simclr``/``multicrop``: both views are the seed notebook's SimCLR recipe scaled by strength.
+    ``byol``: the same, except view 1 always blurs (p = min(1, s)) and view 2 blurs with
+    p = min(1, 0.1 s) and solarizes with p = min(1, 0.2 s), as in BYOL.
+    """
+    _check_recipe(recipe)
+    s = _check_strength(strength)
+    base = _simclr_view(s, channels, image_size)
+    if recipe != "byol":
+        return base, base
+    first = _replace(base, blur_p=min(1.0, 1.0 * s))
+    second = _replace(base, blur_p=min(1.0, 0.1 * s), solarize_p=min(1.0, 0.2 * s))
+    return first, second
+
+
+def local_recipe(strength: float, *, channels: int = 1, image_size: int = 28) -> ViewRecipe:
+    """Multi-crop's small crops: area in ``(0.05**s, 0.4**s)`` (DINO's (0.05, 0.4) at s = 1),
+    otherwise the SimCLR photometric recipe."""
+    s = _check_strength(strength)
+    return _replace(_simclr_view(s, channels, image_size), scale=(0.05**s, 0.4**s))
+
+
+def _replace(recipe: ViewRecipe, **changes: object) -> ViewRecipe:
+    fields = asdict(recipe)
+    fields.update(changes)
+    return ViewRecipe(**fields)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementary batched operations (public so that tests and users can apply one of them alone)
+
+
+def normalize(
+    images: torch.Tensor, mean: float | Sequence[float] | None = None, std: float | Sequence[float] | None = None
+) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` -> float32 ``(B, C, H, W)`` equal to ``(x / 255 - mean) / std``.
+
+    ``mean``/``std`` are per channel in [0, 1] units (one value or one per channel; None = 0.5).
+    The identity view used for evaluation.
+    """
+    _check_images(images)
+    channels = images.shape[1]
+    m = _stats_tensor(mean, channels, "mean", images.device)
+    sd = _stats_tensor(std, channels, "std", images.device)
+    # One fused multiply-add: x * (1 / (255 std)) - mean / std.
+    return torch.addcmul(-m / sd, images.to(torch.float32), 1.0 / (255.0 * sd))
+
+
+def crop_grid(
+    scale_x: torch.Tensor, scale_y: torch.Tensor, center_x: torch.Tensor, center_y: torch.Tensor, out_size: tuple[int, int]
+) -> torch.Tensor:
+    """Sampling grid ``(N, H', W', 2)`` of axis-aligned affine maps, as ``F.affine_grid`` builds for
+    ``theta = [[scale_x, 0, center_x], [0, scale_y, center_y]]`` with ``align_corners=False``.
+
+    Built by broadcasting instead of ``F.affine_grid``'s batched matmul, which is ~20x slower on the
+    CPU for small images and gains nothing without rotation. All arguments are ``(N,)`` in
+    normalized coordinates; a negative ``scale_x`` flips horizontally.
+    """
+    h, w = out_size
+    device, dtype = scale_x.device, scale_x.dtype
+    base_x = (torch.arange(w, device=device, dtype=dtype) * 2 + 1) / w - 1
+    base_y = (torch.arange(h, device=device, dtype=dtype) * 2 + 1) / h - 1
+    gx = torch.addcmul(center_x[:, None], scale_x[:, None], base_x[None, :])
+    gy = torch.addcmul(center_y[:, None], scale_y[:, None], base_y[None, :])
+    n = scale_x.shape[0]
+    return torch.stack((gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)), dim=-1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur of float ``(N, C, H, W)`` with per-sample ``sigma`` ``(N,)``.
+
+    Reflect padding and kernel ``exp(-t^2 / (2 sigma^2))`` normalized, as torchvision's
+    ``GaussianBlur``; ``sigma <= 0`` gives a delta kernel (the identity). ``kernel_size`` must be odd.
+    """
+    if kernel_size % 2 == 0 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+    if kernel_size == 1:
+        return x
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    safe = sigma.clamp_min(1e-6)[:, None]
+    weights = torch.exp(-(taps[None, :] ** 2) / (2 * safe * safe))
+    # sigma <= 0 means "not drawn": a delta kernel keeps the pixel exactly.
+    delta = (taps == 0).to(x.dtype)[None, :].expand_as(weights)
+    weights = torch.where(sigma[:, None] > 0, weights, delta)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).view(-1, 1, 1, kernel_size)
+    x = _filter_last_dim(x, weights, half)
+    return _filter_last_dim(x.transpose(-1, -2), weights, half).transpose(-1, -2).contiguous()
+
+
+def _filter_last_dim(x: torch.Tensor, weights: torch.Tensor, half: int) -> torch.Tensor:
+    """Correlate the last dim with per-sample taps ``weights`` ``(N, 1, 1, k)``, reflect-padded."""
+    width = x.shape[-1]
+    padded = F.pad(x, (half, half), mode="reflect")
+    out = padded[..., :width] * weights[..., 0:1]
+    for t in range(1, weights.shape[-1]):
+        out.addcmul_(padded[..., t : t + width], weights[..., t : t + 1])
+    return out
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``clamp(factor * x, 0, 1)`` for float ``(N, C, H, W)`` in [0, 1], per-sample ``factor`` ``(N,)``."""
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma ``(N, 1, H, W)`` of float ``(N, C, H, W)`` (the image itself when C = 1)."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(dim=1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the mean luma of each image, torchvision's ``adjust_contrast``, per-sample ``factor``."""
+    f = factor.view(-1, 1, 1, 1)
+    mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return torch.addcmul(mean * (1 - f), x, f).clamp_(0.0, 1.0)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend each RGB image with its grayscale version, per-sample ``factor`` (identity when C = 1)."""
+    if x.shape[1] == 1:
+        return x
+    f = factor.view(-1, 1, 1, 1)
+    return torch.addcmul(rgb_to_grayscale(x) * (1 - f), x, f).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of RGB float ``(N, 3, H, W)`` by ``shift`` ``(N,)`` turns (torchvision's
+    ``adjust_hue`` per sample; identity when C = 1, as PIL)."""
+    if x.shape[1] == 1:
+        return x
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    chroma = maxc - minc
+    flat = chroma == 0
+    safe_chroma = torch.where(flat, torch.ones_like(chroma), chroma)
+    r, g, b = x.unbind(dim=1)
+    rc, gc, bc = (maxc - r) / safe_chroma, (maxc - g) / safe_chroma, (maxc - b) / safe_chroma
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(flat, torch.zeros_like(hue), hue)
+    hue6 = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1), 6.0)
+    sat_v = chroma  # s * v == chroma
+    # HSV -> RGB without branches: channel n uses k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B.
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(offsets + hue6.unsqueeze(1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return (maxc.unsqueeze(1) - sat_v.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
+
+
+def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert pixels ``>= threshold`` of the samples where ``apply`` ``(N,)`` is true."""
+    hit = apply.view(-1, 1, 1, 1) & (x >= threshold)
+    return torch.where(hit, 1.0 - x, x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+# Columns of the one uniform draw per sample; fixed, so that changing one probability never
+# changes the other draws (and tests can switch one operation on with everything else equal).
+_COL_AREA = 0
+_COL_RATIO = _COL_AREA + _CROP_ATTEMPTS
+_COL_CX = _COL_RATIO + _CROP_ATTEMPTS
+_COL_CY = _COL_CX + 1
+_COL_FLIP = _COL_CY + 1
+_COL_BLUR = _COL_FLIP + 1
+_COL_SIGMA = _COL_BLUR + 1
+_COL_JITTER = _COL_SIGMA + 1
+_COL_BRIGHT = _COL_JITTER + 1
+_COL_CONTRAST = _COL_BRIGHT + 1
+_COL_SAT = _COL_CONTRAST + 1
+_COL_HUE = _COL_SAT + 1
+_COL_GRAY = _COL_HUE + 1
+_COL_SOLAR = _COL_GRAY + 1
+_N_COLS = _COL_SOLAR + 1
+
+# Per-view numbers of a ViewRecipe, in this order, gathered into one (V, P) tensor.
+_PARAM_NAMES = (
+    "scale_lo", "scale_hi", "ratio_lo", "ratio_hi", "flip_p", "jitter_p", "brightness", "contrast",
+    "saturation", "hue", "grayscale_p", "blur_p", "sigma_lo", "sigma_hi", "solarize_p", "solarize_threshold",
+)
+
+
+def _recipe_row(r: ViewRecipe) -> list[float]:
+    return [
+        r.scale[0], r.scale[1], r.log_ratio[0], r.log_ratio[1], r.flip_p, r.jitter_p, r.brightness,
+        r.contrast, r.saturation, r.hue, r.grayscale_p, r.blur_p, r.blur_sigma[0], r.blur_sigma[1],
+        r.solarize_p, r.solarize_threshold,
+    ]
+
+
+def _uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``(n, _N_COLS)`` uniforms drawn with ``generator`` on the generator's own device."""
+    if generator is None:
+        return torch.rand(n, _N_COLS, device=device)
+    u = torch.rand(n, _N_COLS, generator=generator, device=generator.device)
+    return u.to(device, non_blocking=True)
+
+
+def augment(
+    images: torch.Tensor,
+    recipes: Sequence[ViewRecipe],
+    *,
+    out_size: int | tuple[int, int] | None = None,
+    generator: torch.Generator | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> list[torch.Tensor]:
+    """One augmented view per recipe of uint8 ``images`` ``(B, C, H, W)``.
+
+    All views are made together as one ``(len(recipes) * B, C, H', W')`` batch (``H', W'`` =
+    ``out_size``, default the input size) and returned as a list of float32 ``(B, C, H', W')``
+    tensors on the images' device, normalized with ``mean``/``std`` (per channel, [0, 1] units,
+    default 0.5). Deterministic for a given ``generator`` state.
+    """
+    _check_images(images)
+    if len(recipes) == 0:
+        raise ValueError("recipes must hold at least one ViewRecipe")
+    if not all(isinstance(r, ViewRecipe) for r in recipes):
+        raise TypeError("recipes must be ViewRecipe instances")
+    batch, channels, height, width = images.shape
+    out_h, out_w = _pair(out_size, (height, width), "out_size")
+    device = images.device
+    m = _stats_tensor(mean, channels, "mean", device)
+    sd = _stats_tensor(std, channels, "std", device)
+
+    if all(r.is_identity for r in recipes) and (out_h, out_w) == (height, width):
+        # Identity views (strength 0): skip the pipeline, and the random draws with it.
+        return [normalize(images, mean, std) for _ in recipes]
+
+    n_views = len(recipes)
+    n = n_views * batch
+    u = _uniform(n, generator, device)
+    params = torch.tensor([_recipe_row(r) for r in recipes], dtype=torch.float32, device=device)
+    p = dict(zip(_PARAM_NAMES, params.repeat_interleave(batch, dim=0).unbind(dim=1)))
+
+    # 1. Random resized crop + flip. Up to _CROP_ATTEMPTS (area, ratio) pairs per sample, the first
+    # that fits is kept, else the whole image (torchvision's fallback for ratios within the range).
+    area = p["scale_lo"][:, None] + (p["scale_hi"] - p["scale_lo"])[:, None] * u[:, _COL_AREA:_COL_RATIO]
+    log_ratio = p["ratio_lo"][:, None] + (p["ratio_hi"] - p["ratio_lo"])[:, None] * u[:, _COL_RATIO:_COL_CX]
+    ratio = torch.exp(log_ratio)
+    aspect = height / width
+    crop_w = torch.sqrt(area * ratio * aspect)  # fractions of the image width / height
+    crop_h = torch.sqrt(area / ratio / aspect)
+    fits = (crop_w <= 1.0) & (crop_h <= 1.0)
+    first = torch.argmax(fits.to(torch.uint8), dim=1, keepdim=True)
+    any_fit = fits.any(dim=1)
+    crop_w = torch.where(any_fit, crop_w.gather(1, first).squeeze(1), torch.ones_like(any_fit, dtype=torch.float32))
+    crop_h = torch.where(any_fit, crop_h.gather(1, first).squeeze(1), torch.ones_like(crop_w))
+    center_x = (1.0 - crop_w) * (2.0 * u[:, _COL_CX] - 1.0)
+    center_y = (1.0 - crop_h) * (2.0 * u[:, _COL_CY] - 1.0)
+    scale_x = torch.where(u[:, _COL_FLIP] < p["flip_p"], -crop_w, crop_w)
+    grid = crop_grid(scale_x, crop_h, center_x, center_y, (out_h, out_w))
+    source = images.to(torch.float32)
+    if n_views > 1:
+        source = source.repeat(n_views, 1, 1, 1)
+    # Sampling stays inside the image, so the padding mode only matters for rounding at the edges.
+    x = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x.mul_(1.0 / 255.0)
+
+    # 2. Gaussian blur: sigma 0 (delta kernel) where not drawn.
+    kernels = {r.blur_kernel for r in recipes if r.blur_p > 0}
+    if kernels:
+        sigma = p["sigma_lo"] + (p["sigma_hi"] - p["sigma_lo"]) * u[:, _COL_SIGMA]
+        sigma = torch.where(u[:, _COL_BLUR] < p["blur_p"], sigma, torch.zeros_like(sigma))
+        # Views of one call share a size, hence a kernel; a custom recipe mix gets the largest one.
+        x = gaussian_blur(x, sigma, max(kernels))
+
+    # 3. Colour jitter: identity factors where not drawn.
+    if any(r.jitter_p > 0 for r in recipes):
+        jitter = u[:, _COL_JITTER] < p["jitter_p"]
+
+        def factor(magnitude: torch.Tensor, column: int) -> torch.Tensor:
+            low = (1.0 - magnitude).clamp_min(0.0)
+            drawn = low + (1.0 + magnitude - low) * u[:, column]
+            return torch.where(jitter, drawn, torch.ones_like(drawn))
+
+        if any(r.brightness > 0 for r in recipes):
+            x = adjust_brightness(x, factor(p["brightness"], _COL_BRIGHT))
+        if any(r.contrast > 0 for r in recipes):
+            x = adjust_contrast(x, factor(p["contrast"], _COL_CONTRAST))
+        if channels == 3 and any(r.saturation > 0 for r in recipes):
+            x = adjust_saturation(x, factor(p["saturation"], _COL_SAT))
+        if channels == 3 and any(r.hue > 0 for r in recipes):
+            shift = p["hue"] * (2.0 * u[:, _COL_HUE] - 1.0)
+            x = adjust_hue(x, torch.where(jitter, shift, torch.zeros_like(shift)))
+
+    # 4. Random grayscale (colour images only).
+    if channels == 3 and any(r.grayscale_p > 0 for r in recipes):
+        gray = (u[:, _COL_GRAY] < p["grayscale_p"]).view(-1, 1, 1, 1)
+        x = torch.where(gray, rgb_to_grayscale(x).expand_as(x), x)
+
+    # 5. Solarization.
+    if any(r.solarize_p > 0 for r in recipes):
+        hit = (u[:, _COL_SOLAR] < p["solarize_p"]).view(-1, 1, 1, 1) & (x >= p["solarize_threshold"].view(-1, 1, 1, 1))
+        x = torch.where(hit, 1.0 - x, x)
+
+    # 6. Normalize in place.
+    x.sub_(m).div_(sd)
+    return list(x.split(batch, dim=0))
+
+
+def two_views(
+    images: torch.Tensor,
+    strength: float = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    recipe: str = "simclr",
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two augmented, normalized float32 views ``(B, C, H, W)`` of uint8 ``images`` ``(B, C, H, W)``.
+
+    ``strength`` in [0, 2] scales the whole recipe: 0 gives two copies of the normalized original,
+    1 the seed notebook's SimCLR recipe (see docs/DATA.md). ``recipe`` is ``"simclr"``,
+    ``"byol"`` (asymmetric blur/solarize) or ``"multicrop"`` (its two global views).
+    """
+    _check_images(images)
+    first, second = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2])
+    v1, v2 = augment(images, (first, second), generator=generator, mean=mean, std=std)
+    return v1, v2
+
+
+def multi_crop(
+    images: torch.Tensor,
+    strength: float = 1.0,
+    *,
+    n_local: int,
+    global_size: int | None = None,
+    local_size: int | None = None,
+    generator: torch.Generator | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> list[torch.Tensor]:
+    """2 global views ``(B, C, G, G)`` followed by ``n_local`` local crops ``(B, C, L, L)`` (SwAV/DINO).
+
+    ``G`` defaults to the input size, ``L`` to ``round(0.43 * H)`` (12 px for 28 px, DINO's 96/224).
+    Global views use the SimCLR recipe; local crops cover ``(0.05**s, 0.4**s)`` of the image with
+    the same photometric augmentations.
+    """
+    _check_images(images)
+    s = _check_strength(strength)
+    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 0:
+        raise ValueError(f"n_local must be a non-negative int, got {n_local!r}")
+    channels, height = images.shape[1], images.shape[2]
+    g = _pair(global_size, (height, images.shape[3]), "global_size")
+    default_local = max(1, round(0.43 * height))
+    loc = _pair(local_size, (default_local, default_local), "local_size")
+    globals_ = augment(
+        images, view_recipes("multicrop", s, channels=channels, image_size=g[0]),
+        out_size=g, generator=generator, mean=mean, std=std,
+    )
+    if n_local == 0:
+        return globals_
+    local = local_recipe(s, channels=channels, image_size=loc[0])
+    locals_ = augment(images, [local] * n_local, out_size=loc, generator=generator, mean=mean, std=std)
+    return globals_ + locals_
+
+
+def make_views(
+    images: torch.Tensor,
+    recipe: str,
+    strength: float,
+    *,
+    n_local: int = 0,
+    generator: torch.Generator | None = None,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> list[torch.Tensor]:
+    """The views the training loop feeds to a method: ``[v1, v2]`` for ``simclr``/``byol``, and
+    ``[g1, g2, l1, ..., l_n_local]`` for ``multicrop``. All float32, normalized, on the images' device.
+    """
+    _check_recipe(recipe)
+    if recipe == "multicrop":
+        return multi_crop(images, strength, n_local=n_local, generator=generator, mean=mean, std=std)
+    if n_local != 0:
+        raise ValueError(f"n_local={n_local} needs recipe='multicrop', got recipe={recipe!r}")
+    return list(two_views(images, strength, generator=generator, recipe=recipe, mean=mean, std=std))

@@ -1,0 +1,31 @@
+"""The results database: models and the only place that opens sessions (no torch import)."""
+
+from __future__ import annotations
+
+from harness.db.engine import DEFAULT_DB_PATH, Database, resolve_url
+from harness.db.models import (
+    PROVENANCE_FIELDS,
+    SUMMARY_METRICS,
+    TRIAL_STATUSES,
+    Base,
+    BenchRow,
+    MetricRow,
+    StudyRow,
+    TrialRow,
+    utcnow,
+)
+
+__all__ = [
+    "DEFAULT_DB_PATH",
+    "PROVENANCE_FIELDS",
+    "SUMMARY_METRICS",
+    "TRIAL_STATUSES",
+    "Base",
+    "BenchRow",
+    "Database",
+    "MetricRow",
+    "StudyRow",
+    "TrialRow",
+    "resolve_url",
+    "utcnow",
+]

@@ -1,0 +1,104 @@
+"""The only place that opens database connections and sessions.
+
+SQLite (the default, ``results/harness.db``) is opened in WAL mode with a busy timeout, so several
+``harness run`` processes can share one file; any other SQLAlchemy URL (PostgreSQL) works as is.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from harness.db.models import Base
+
+DEFAULT_DB_PATH = Path("results") / "harness.db"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+LOCK_RETRIES = 20
+
+T = TypeVar("T")
+
+
+def resolve_url(url: str | Path | None) -> str:
+    """A SQLAlchemy URL from a URL, a plain file path or None (the default database)."""
+    if url is None:
+        url = DEFAULT_DB_PATH
+    text = str(url)
+    if "://" in text:
+        return text
+    return f"sqlite:///{Path(text)}"
+
+
+def _is_lock_error(error: OperationalError) -> bool:
+    message = str(error.orig).lower() if error.orig is not None else str(error).lower()
+    return "locked" in message or "busy" in message
+
+
+class Database:
+    """A connection pool and session factory for one database URL; creates the tables on first use."""
+
+    def __init__(self, url: str | Path | None = None, *, create: bool = True) -> None:
+        self.url = resolve_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            path = self.url.split("///", 1)[1] if "///" in self.url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(
+            self.url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000} if self.is_sqlite else {},
+        )
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if create:
+            self.run(lambda session: Base.metadata.create_all(session.connection()))
+
+    @property
+    def optuna_url(self) -> str:
+        """The URL Optuna's RDB storage takes for the same database."""
+        return self.url
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One short transaction: committed on success, rolled back on any error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one transaction, retrying it when SQLite reports the database locked."""
+        for attempt in range(LOCK_RETRIES):
+            try:
+                with self.session() as session:
+                    return work(session)
+            except OperationalError as error:
+                if not _is_lock_error(error) or attempt == LOCK_RETRIES - 1:
+                    raise
+                time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()

@@ -1,0 +1,164 @@
+"""SQLAlchemy 2.0 models of the harness's tables (DESIGN.md, "The database").
+
+Every table is prefixed ``harness_`` so that Optuna's own tables can live in the same database.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+TRIAL_STATUSES: tuple[str, ...] = ("pending", "running", "complete", "failed", "pruned")
+
+# The typed summary columns of a trial, in the order reports show them.
+SUMMARY_METRICS: tuple[str, ...] = (
+    "final_loss",
+    "knn_top1",
+    "linear_top1",
+    "linear_top5",
+    "alignment",
+    "uniformity",
+    "effective_rank",
+    "feature_std",
+    "train_img_per_s",
+    "peak_mem_bytes",
+    "train_seconds",
+    "eval_seconds",
+)
+
+PROVENANCE_FIELDS: tuple[str, ...] = (
+    "git_commit",
+    "git_dirty",
+    "torch_version",
+    "cuda_version",
+    "device_name",
+    "host",
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyRow(Base):
+    __tablename__ = "harness_study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    description: Mapped[str] = mapped_column(Text, default="")
+    file_text: Mapped[str] = mapped_column(Text, nullable=False)
+    file_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    trials: Mapped[list[TrialRow]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+
+class TrialRow(Base):
+    __tablename__ = "harness_trial"
+    __table_args__ = (
+        UniqueConstraint("study_id", "config_hash", "seed", name="uq_trial_study_config_seed"),
+        Index("ix_trial_study_status", "study_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("harness_study.id"), nullable=False)
+    config: Mapped[dict] = mapped_column(JSON, nullable=False)
+    config_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    seed: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="pending")
+    reason: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat: Mapped[datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    optuna_number: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    cuda_version: Mapped[str | None] = mapped_column(String(64))
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    host: Mapped[str | None] = mapped_column(String(200))
+
+    final_loss: Mapped[float | None] = mapped_column(Float)
+    knn_top1: Mapped[float | None] = mapped_column(Float)
+    linear_top1: Mapped[float | None] = mapped_column(Float)
+    linear_top5: Mapped[float | None] = mapped_column(Float)
+    alignment: Mapped[float | None] = mapped_column(Float)
+    uniformity: Mapped[float | None] = mapped_column(Float)
+    effective_rank: Mapped[float | None] = mapped_column(Float)
+    feature_std: Mapped[float | None] = mapped_column(Float)
+    train_img_per_s: Mapped[float | None] = mapped_column(Float)
+    peak_mem_bytes: Mapped[float | None] = mapped_column(Float)
+    train_seconds: Mapped[float | None] = mapped_column(Float)
+    eval_seconds: Mapped[float | None] = mapped_column(Float)
+
+    study: Mapped[StudyRow] = relationship(back_populates="trials")
+    metrics: Mapped[list[MetricRow]] = relationship(back_populates="trial", cascade="all, delete-orphan")
+
+
+class MetricRow(Base):
+    __tablename__ = "harness_metric"
+    __table_args__ = (Index("ix_metric_trial_name", "trial_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("harness_trial.id"), nullable=False)
+    epoch: Mapped[float] = mapped_column(Float, nullable=False)
+    step: Mapped[int] = mapped_column(Integer, nullable=False)
+    name: Mapped[str] = mapped_column(String(100), nullable=False)
+    value: Mapped[float | None] = mapped_column(Float)
+
+    trial: Mapped[TrialRow] = relationship(back_populates="metrics")
+
+
+class BenchRow(Base):
+    """One kernel case of one ``harness bench`` run."""
+
+    __tablename__ = "harness_bench"
+    __table_args__ = (Index("ix_bench_run", "run_id"), Index("ix_bench_saved", "saved_as"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    saved_as: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    kernel: Mapped[str] = mapped_column(String(100), nullable=False)
+    impl: Mapped[str] = mapped_column(String(50), nullable=False)
+    case: Mapped[str] = mapped_column(String(200), nullable=False)
+    params: Mapped[dict] = mapped_column(JSON, nullable=False)
+    device: Mapped[str] = mapped_column(String(50), nullable=False)
+    dtype: Mapped[str] = mapped_column(String(20), nullable=False)
+    direction: Mapped[str] = mapped_column(String(30), nullable=False)
+    median_s: Mapped[float] = mapped_column(Float, nullable=False)
+    iqr_s: Mapped[float | None] = mapped_column(Float)
+    min_s: Mapped[float | None] = mapped_column(Float)
+    rounds: Mapped[int | None] = mapped_column(Integer)
+    peak_mem_bytes: Mapped[float | None] = mapped_column(Float)
+    ratio_to_reference: Mapped[float | None] = mapped_column(Float)
+
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    cuda_version: Mapped[str | None] = mapped_column(String(64))
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    host: Mapped[str | None] = mapped_column(String(200))

@@ -1,0 +1,99 @@
+"""The database as pandas DataFrames, for notebooks, reports and exports (no torch import)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import select
+
+from harness.db import (
+    PROVENANCE_FIELDS,
+    SUMMARY_METRICS,
+    BenchRow,
+    Database,
+    MetricRow,
+    StudyRow,
+    TrialRow,
+)
+
+TRIAL_COLUMNS: tuple[str, ...] = (
+    "trial_id",
+    "study",
+    "config_hash",
+    "seed",
+    "status",
+    "reason",
+    "worker",
+    "attempts",
+    "optuna_number",
+    "created_at",
+    "started_at",
+    "ended_at",
+    *PROVENANCE_FIELDS,
+    *SUMMARY_METRICS,
+)
+
+
+def as_database(db: Database | str | Path | None) -> Database:
+    return db if isinstance(db, Database) else Database(db)
+
+
+def trials_frame(db: Database | str | Path | None = None, study: str | None = None) -> pd.DataFrame:
+    """One row per trial: identity, status, provenance, the summary metrics, and the resolved
+    configuration flattened into one column per knob (``method``, ``temperature``, ...).
+
+    ``study`` restricts the frame to one study; an unknown name gives an empty frame.
+    """
+    database = as_database(db)
+
+    def query(session: object) -> list[tuple[TrialRow, str]]:
+        statement = select(TrialRow, StudyRow.name).join(StudyRow).order_by(TrialRow.id)
+        if study is not None:
+            statement = statement.where(StudyRow.name == study)
+        return list(session.execute(statement).tuples())  # type: ignore[attr-defined]
+
+    rows = database.run(query)
+    records = []
+    for trial, study_name in rows:
+        record = {key: value for key, value in (trial.config or {}).items()}
+        record.update({column: getattr(trial, column) for column in TRIAL_COLUMNS if column not in ("trial_id", "study")})
+        record["trial_id"] = trial.id
+        record["study"] = study_name
+        records.append(record)
+    if not records:
+        return pd.DataFrame(columns=list(TRIAL_COLUMNS))
+    frame = pd.DataFrame.from_records(records)
+    leading = [c for c in TRIAL_COLUMNS if c in frame.columns]
+    return frame[leading + [c for c in frame.columns if c not in leading]]
+
+
+def metrics_frame(db: Database | str | Path | None = None, study: str | None = None) -> pd.DataFrame:
+    """The curves: one row per (trial, epoch, step, name, value), with the trial's study."""
+    database = as_database(db)
+
+    def query(session: object) -> list[tuple[int, float, int, str, float | None, str]]:
+        statement = (
+            select(MetricRow.trial_id, MetricRow.epoch, MetricRow.step, MetricRow.name, MetricRow.value, StudyRow.name)
+            .join(TrialRow, MetricRow.trial_id == TrialRow.id)
+            .join(StudyRow, TrialRow.study_id == StudyRow.id)
+            .order_by(MetricRow.trial_id, MetricRow.name, MetricRow.step)
+        )
+        if study is not None:
+            statement = statement.where(StudyRow.name == study)
+        return list(session.execute(statement).tuples())  # type: ignore[attr-defined]
+
+    columns = ["trial_id", "epoch", "step", "name", "value", "study"]
+    return pd.DataFrame.from_records(database.run(query), columns=columns)
+
+
+def bench_frame(db: Database | str | Path | None = None) -> pd.DataFrame:
+    """Every stored kernel-benchmark row (``harness_bench``), oldest first."""
+    database = as_database(db)
+
+    def query(session: object) -> list[BenchRow]:
+        return list(session.scalars(select(BenchRow).order_by(BenchRow.created_at, BenchRow.id)))  # type: ignore[attr-defined]
+
+    rows = database.run(query)
+    columns = [c.name for c in BenchRow.__table__.columns]
+    return pd.DataFrame.from_records([{c: getattr(r, c) for c in columns} for r in rows], columns=columns)

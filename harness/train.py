@@ -1,0 +1,419 @@
+"""One trial: build the method, train it on the device-resident dataset, evaluate, measure.
+
+``run_trial`` never raises for a trial that fails (divergence, out of memory, a bug in a method):
+it returns a record with status ``failed`` and the reason, so a study goes on. Only
+KeyboardInterrupt propagates, so that the runner can mark the trial interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import torch
+
+from harness import evaluation, provenance
+from harness.data import ImageDataset, load_dataset, make_views
+from harness.db.models import SUMMARY_METRICS, utcnow
+from harness.methods import METHODS
+from harness.methods.base import Method
+from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from harness.spec import TrialConfig
+
+# Steps excluded from the throughput measurement: the first steps pay for allocator growth,
+# cuDNN autotuning and compilation.
+WARMUP_STEPS = 3
+EVAL_BATCH_SIZE = 1024
+# The data subset does not depend on the trial's seed, so seeds vary the training, not the data.
+SUBSET_SEED = 0
+# Alignment/uniformity use the standard recipe whatever the trial trained with, so an
+# aug_strength ablation compares encoders under one measurement.
+EVAL_VIEW_STRENGTH = 1.0
+
+
+class TrialPruned(Exception):
+    """Raised by an ``on_eval`` callback to stop a trial early (Optuna pruning)."""
+
+
+class TrialDiverged(Exception):
+    """The training loss became non-finite."""
+
+
+@dataclass
+class TrialRecord:
+    """What a trial produced; the study runner writes it to the database in one transaction."""
+
+    status: str
+    reason: str | None
+    summary: dict[str, float | None]
+    curves: list[tuple[float, int, str, float]]
+    provenance: dict[str, Any]
+    started_at: datetime
+    ended_at: datetime = field(default_factory=utcnow)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {name!r} was asked for, but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _autocast_dtype(config: TrialConfig, device: torch.device) -> torch.dtype | None:
+    if config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+_DATASETS: dict[tuple[Any, ...], ImageDataset] = {}
+
+
+def _dataset(config: TrialConfig, split: str, size: int | None, device: torch.device) -> ImageDataset:
+    """The dataset split on the device, kept for the next trial of the same process."""
+    key = (config.dataset, split, config.data_root, size, str(device))
+    if key not in _DATASETS:
+        if len(_DATASETS) >= 4:
+            _DATASETS.pop(next(iter(_DATASETS)))
+        _DATASETS[key] = load_dataset(
+            config.dataset, split, root=config.data_root, size=size, device=device, seed=SUBSET_SEED
+        )
+    return _DATASETS[key]
+
+
+class _PeakMemory:
+    """Peak memory of the training phase: CUDA max allocated, or on the CPU the peak growth of
+    the process's resident memory, sampled every few milliseconds by a background thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        process = psutil.Process(os.getpid())
+        baseline = process.memory_info().rss
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, process.memory_info().rss - baseline)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(total: int, desc: str, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    # disable=None lets tqdm stay quiet when the output is not a terminal.
+    return tqdm(total=total, desc=desc, leave=False, disable=None if enabled is None else not enabled, file=sys.stderr)
+
+
+@dataclass
+class _Context:
+    config: TrialConfig
+    device: torch.device
+    train: ImageDataset
+    test: ImageDataset
+    method: Method
+    autocast: torch.dtype | None
+    generator: torch.Generator
+    curves: list[tuple[float, int, str, float]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def precision(self) -> Iterator[None]:
+        if self.autocast is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.autocast):
+                yield
+
+    def features(self, dataset: ImageDataset) -> torch.Tensor:
+        return evaluation.extract_features(
+            self.method.backbone,
+            dataset.images,
+            mean=dataset.mean,
+            std=dataset.std,
+            batch_size=EVAL_BATCH_SIZE,
+            device=self.device,
+        )
+
+    def knn(self, train_features: torch.Tensor, test_features: torch.Tensor) -> float:
+        return evaluation.knn_top1(
+            train_features,
+            self.train.labels,
+            test_features,
+            self.test.labels,
+            k=self.config.knn_k,
+            t=self.config.knn_t,
+            num_classes=self.train.num_classes,
+        )
+
+
+def run_trial(
+    config: TrialConfig,
+    *,
+    on_eval: Callable[[int, float], None] | None = None,
+    progress: bool | None = None,
+) -> TrialRecord:
+    """Train and evaluate one configuration; see the module docstring for the failure contract."""
+    started = utcnow()
+    summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
+    curves: list[tuple[float, int, str, float]] = []
+    device_label = config.device
+    try:
+        device = resolve_device(config.device)
+        device_label = str(device)
+        context = _build(config, device)
+        curves = context.curves
+        _train(context, summary, on_eval, progress)
+        _final_evaluation(context, summary)
+        status, reason = "complete", None
+    except TrialPruned as pruned:
+        status, reason = "pruned", str(pruned) or "pruned"
+    except TrialDiverged as diverged:
+        status, reason = "failed", str(diverged)
+    except torch.OutOfMemoryError:
+        status, reason = "failed", "out of memory"
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # a failed trial is a result with a reason, never a crashed study
+        frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
+        where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+        status, reason = "failed", f"{type(error).__name__}: {error}{where}"
+    finally:
+        context = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return TrialRecord(
+        status=status,
+        reason=reason,
+        summary=summary,
+        curves=curves,
+        provenance=provenance.collect(device_label),
+        started_at=started,
+    )
+
+
+def _build(config: TrialConfig, device: torch.device) -> _Context:
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    train = _dataset(config, "train", config.train_size, device)
+    test = _dataset(config, "test", config.test_size, device)
+    method_class = METHODS[config.method]
+    channels, image_size = train.images.shape[1], train.images.shape[-1]
+    method = method_class(config, in_channels=channels, image_size=image_size, num_classes=train.num_classes).to(device)
+    if device.type == "cuda" and config.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if config.compile:
+        method.backbone.compile()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(config.seed)
+    return _Context(
+        config=config,
+        device=device,
+        train=train,
+        test=test,
+        method=method,
+        autocast=_autocast_dtype(config, device),
+        generator=generator,
+    )
+
+
+def _train(
+    context: _Context,
+    summary: dict[str, float | None],
+    on_eval: Callable[[int, float], None] | None,
+    progress: bool | None,
+) -> None:
+    config, device, method = context.config, context.device, context.method
+    images, labels = context.train.images, context.train.labels
+    n = images.shape[0]
+    steps_per_epoch = n // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    if not method.trainable or total_steps == 0:
+        summary.update(train_img_per_s=None, train_seconds=0.0, peak_mem_bytes=None)
+        return
+    optimizer = build_optimizer(
+        config.optimizer,
+        method.optimizer_parameters(),
+        lr=scaled_lr(config.lr, config.batch_size),
+        weight_decay=config.weight_decay,
+    )
+    base_lr = scaled_lr(config.lr, config.batch_size)
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    method.on_train_start(total_steps, steps_per_epoch)
+    channels_last = device.type == "cuda" and config.channels_last
+    # Losses stay on the device and are checked at log points only, so the loop never waits on
+    # the GPU each step; the first non-finite entry still gives the exact step of divergence.
+    losses = torch.zeros(total_steps, device=device)
+    measured_images, measured_seconds, train_seconds = 0, 0.0, 0.0
+    step, checked = 0, 0
+    with _PeakMemory(device) as memory:
+        for epoch in range(config.epochs):
+            method.train()
+            order = torch.randperm(n, device=device, generator=context.generator)
+            _sync(device)
+            epoch_start = time.perf_counter()
+            timed_start, timed_images = None, 0
+            bar = _progress(steps_per_epoch, f"{config.method} epoch {epoch + 1}/{config.epochs}", progress)
+            for batch in range(steps_per_epoch):
+                if step == WARMUP_STEPS or (batch == 0 and step > WARMUP_STEPS):
+                    _sync(device)
+                    timed_start, timed_images = time.perf_counter(), 0
+                index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+                views = make_views(
+                    images[index],
+                    method.view_recipe,
+                    config.aug_strength,
+                    n_local=method.n_local_crops,
+                    generator=context.generator,
+                    mean=context.train.mean,
+                    std=context.train.std,
+                )
+                if channels_last:
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                lr = lr_at(step, total_steps, warmup_steps, base_lr)
+                set_lr(optimizer, lr)
+                with context.precision():
+                    loss = method.training_loss(views, labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                method.after_optimizer_step(step)
+                losses[step] = loss.detach().float()
+                step += 1
+                timed_images += index.numel()
+                if step % config.log_every == 0 or batch == steps_per_epoch - 1:
+                    checked = _check_losses(losses, checked, step, epoch, steps_per_epoch, context.curves)
+                    context.curves.append((epoch + (batch + 1) / steps_per_epoch, step, "lr", lr))
+                bar.update(1)
+            bar.close()
+            _sync(device)
+            now = time.perf_counter()
+            train_seconds += now - epoch_start
+            if timed_start is not None:
+                measured_seconds += now - timed_start
+                measured_images += timed_images
+            if config.eval_every and (epoch + 1) % config.eval_every == 0 and epoch + 1 < config.epochs:
+                _intermediate_eval(context, epoch + 1, step, on_eval)
+    summary["final_loss"] = float(losses[-steps_per_epoch:].mean())
+    summary["train_seconds"] = train_seconds
+    summary["train_img_per_s"] = measured_images / measured_seconds if measured_seconds > 0 else None
+    summary["peak_mem_bytes"] = float(memory.peak)
+
+
+def _check_losses(
+    losses: torch.Tensor,
+    checked: int,
+    step: int,
+    epoch: int,
+    steps_per_epoch: int,
+    curves: list[tuple[float, int, str, float]],
+) -> int:
+    """Record the mean loss since the last check; raise TrialDiverged at the first non-finite."""
+    window = losses[checked:step]
+    finite = torch.isfinite(window)
+    if not bool(finite.all()):
+        first = checked + int((~finite).nonzero()[0, 0]) + 1
+        raise TrialDiverged(f"diverged at step {first} (loss {float(window[first - checked - 1])})")
+    epoch_position = epoch + (step - epoch * steps_per_epoch) / steps_per_epoch
+    curves.append((epoch_position, step, "loss", float(window.mean())))
+    return step
+
+
+@torch.no_grad()
+def _intermediate_eval(context: _Context, epoch: int, step: int, on_eval: Callable[[int, float], None] | None) -> None:
+    train_features = context.features(context.train)
+    test_features = context.features(context.test)
+    knn = context.knn(train_features, test_features)
+    context.curves.append((float(epoch), step, "knn_top1", knn))
+    if on_eval is not None:
+        on_eval(epoch, knn)
+
+
+def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> None:
+    config = context.config
+    start = time.perf_counter()
+    with torch.no_grad():
+        train_features = context.features(context.train)
+        test_features = context.features(context.test)
+        knn = context.knn(train_features, test_features)
+    final_step = (context.train.images.shape[0] // config.batch_size) * config.epochs
+    context.curves.append((float(config.epochs), final_step, "knn_top1", knn))
+    top1, top5 = evaluation.linear_probe(
+        train_features,
+        context.train.labels,
+        test_features,
+        context.test.labels,
+        num_classes=context.train.num_classes,
+        epochs=config.linear_epochs,
+        seed=config.seed,
+    )
+    alignment, uniformity = _alignment_uniformity(context)
+    summary.update(
+        knn_top1=knn,
+        linear_top1=top1,
+        linear_top5=top5,
+        alignment=alignment,
+        uniformity=uniformity,
+        effective_rank=evaluation.effective_rank(test_features),
+        feature_std=evaluation.feature_std(test_features),
+        eval_seconds=time.perf_counter() - start,
+    )
+
+
+@torch.no_grad()
+def _alignment_uniformity(context: _Context) -> tuple[float, float]:
+    """Wang & Isola (2020) on the projections of two augmented views of the test images."""
+    method = context.method
+    method.eval()
+    generator = torch.Generator(device=context.device)
+    generator.manual_seed(context.config.seed + 1)
+    first, second = [], []
+    for start in range(0, context.test.images.shape[0], EVAL_BATCH_SIZE):
+        batch = context.test.images[start : start + EVAL_BATCH_SIZE]
+        views = make_views(
+            batch,
+            "simclr",
+            EVAL_VIEW_STRENGTH,
+            generator=generator,
+            mean=context.test.mean,
+            std=context.test.std,
+        )
+        with context.precision():
+            first.append(method.embed(views[0]).float())
+            second.append(method.embed(views[1]).float())
+    return evaluation.alignment_uniformity(torch.cat(first), torch.cat(second))
