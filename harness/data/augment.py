@@ -284,18 +284,17 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     # sigma <= 0 means "not drawn": a delta kernel keeps the pixel exactly.
     delta = (taps == 0).to(x.dtype)[None, :].expand_as(weights)
     weights = torch.where(sigma[:, None] > 0, weights, delta)
-    weights = (weights / weights.sum(dim=1, keepdim=True)).view(-1, 1, 1, kernel_size)
-    x = _filter_last_dim(x, weights, half)
-    return _filter_last_dim(x.transpose(-1, -2), weights, half).transpose(-1, -2).contiguous()
-
-
-def _filter_last_dim(x: torch.Tensor, weights: torch.Tensor, half: int) -> torch.Tensor:
-    """Correlate the last dim with per-sample taps ``weights`` ``(N, 1, 1, k)``, reflect-padded."""
-    width = x.shape[-1]
-    padded = F.pad(x, (half, half), mode="reflect")
-    out = padded[..., :width] * weights[..., 0:1]
-    for t in range(1, weights.shape[-1]):
-        out.addcmul_(padded[..., t : t + width], weights[..., t : t + 1])
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    height, width = x.shape[-2:]
+    # Pad both dims once (what torchvision's 2-D conv sees), then filter rows and columns.
+    padded = F.pad(x, (half, half, half, half), mode="reflect")
+    w_cols = weights.view(-1, 1, 1, 1, kernel_size)
+    rows = padded[..., 0:width] * w_cols[..., 0]
+    for t in range(1, kernel_size):
+        rows.addcmul_(padded[..., t : t + width], w_cols[..., t])
+    out = rows[..., 0:height, :] * w_cols[..., 0]
+    for t in range(1, kernel_size):
+        out.addcmul_(rows[..., t : t + height, :], w_cols[..., t])
     return out
 
 

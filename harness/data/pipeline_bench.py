@@ -1,0 +1,184 @@
+"""Throughput of two-view generation: ours vs the seed notebook's PIL + DataLoader pipeline.
+
+Used by ``tests/benchmarks/test_bench_pipeline.py`` and by ``harness bench pipeline``. The seed
+pipeline is the notebook's torchvision transform applied twice per image inside a
+``DataLoader(num_workers=2, batch_size=256)``; ours is :func:`harness.data.two_views` on batches
+gathered from the uint8 tensor, as the training loop does. Both produce normalized float batches of
+two views, so the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.data.augment import two_views
+from harness.data.datasets import load_dataset
+
+__all__ = [
+    "SeedTwoViewDataset",
+    "benchmark_images",
+    "compare_pipelines",
+    "make_seed_loader",
+    "ours_epoch",
+    "ours_images_per_s",
+    "seed_epoch",
+    "seed_pipeline_images_per_s",
+    "seed_transform",
+]
+
+
+def seed_transform(mean: float = 0.5, std: float = 0.5) -> Callable[[Any], torch.Tensor]:
+    """The seed notebook's per-image PIL transform (one view)."""
+    import torchvision.transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(28, scale=(0.8, 1.0)),
+            T.RandomApply([T.GaussianBlur(3)], p=0.5),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            T.ToTensor(),
+            T.Normalize((mean,), (std,)),
+        ]
+    )
+
+
+class SeedTwoViewDataset(torch.utils.data.Dataset):
+    """Grayscale images ``(N, H, W)`` uint8 as PIL images, each transformed twice (the seed's way)."""
+
+    def __init__(self, images: np.ndarray, mean: float = 0.5, std: float = 0.5) -> None:
+        self.images = images
+        self.transform = seed_transform(mean, std)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index])
+        return self.transform(image), self.transform(image)
+
+
+def benchmark_images(n_images: int = 4096, *, name: str = "fashion-mnist", seed: int = 0) -> torch.Tensor:
+    """``n_images`` class-balanced training images uint8 ``(n, 1, 28, 28)`` on the CPU."""
+    return load_dataset(name, "train", size=n_images, seed=seed).images
+
+
+def make_seed_loader(
+    images: torch.Tensor, *, batch_size: int = 256, num_workers: int = 2
+) -> torch.utils.data.DataLoader:
+    """The seed pipeline's loader over uint8 ``(N, 1, H, W)`` images; persistent workers so that
+    repeated epochs measure the steady state, not process start-up."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must be uint8 (N, 1, H, W), got {images.dtype} {tuple(images.shape)}")
+    dataset = SeedTwoViewDataset(images[:, 0].cpu().numpy())
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def seed_epoch(loader: torch.utils.data.DataLoader) -> int:
+    """One pass over the seed loader; the number of images seen."""
+    seen = 0
+    for view1, _view2 in loader:
+        seen += int(view1.shape[0])
+    return seen
+
+
+def ours_epoch(
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    strength: float = 1.0,
+    generator: torch.Generator | None = None,
+    order_generator: torch.Generator | None = None,
+) -> int:
+    """One shuffled pass of :func:`two_views` over uint8 ``images`` (batches gathered by index, as
+    the training loop does); the number of images seen. ``generator`` draws the augmentations (on
+    the images' device), ``order_generator`` the shuffle (on the CPU)."""
+    order = torch.randperm(images.shape[0], generator=order_generator).to(images.device)
+    seen = 0
+    for start in range(0, images.shape[0], batch_size):
+        batch = images.index_select(0, order[start : start + batch_size])
+        view1, _view2 = two_views(batch, strength, generator=generator)
+        seen += int(view1.shape[0])
+    if images.device.type == "cuda":
+        torch.cuda.synchronize(images.device)
+    return seen
+
+
+def _best_rate(run: Callable[[], int], repeats: int) -> float:
+    """Images per second of the fastest of ``repeats`` runs (after one warm-up run)."""
+    run()
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        seen = run()
+        best = max(best, seen / (time.perf_counter() - start))
+    return best
+
+
+def seed_pipeline_images_per_s(
+    images: torch.Tensor, *, batch_size: int = 256, num_workers: int = 2, repeats: int = 2
+) -> float:
+    """Steady-state images/s (two views each) of the seed pipeline over ``images``."""
+    loader = make_seed_loader(images, batch_size=batch_size, num_workers=num_workers)
+    # The persistent workers stop when the loader is garbage-collected on return.
+    return _best_rate(lambda: seed_epoch(loader), repeats)
+
+
+def ours_images_per_s(
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    strength: float = 1.0,
+    device: str | torch.device = "cpu",
+    repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """Images/s (two views each) of :func:`two_views` over ``images`` moved to ``device``."""
+    on_device = images.to(device)
+    generator = torch.Generator(device=on_device.device).manual_seed(seed)
+    order_generator = torch.Generator().manual_seed(seed)
+
+    def run() -> int:
+        return ours_epoch(
+            on_device, batch_size=batch_size, strength=strength, generator=generator, order_generator=order_generator
+        )
+
+    return _best_rate(run, repeats)
+
+
+def compare_pipelines(
+    images: torch.Tensor | None = None,
+    *,
+    n_images: int = 4096,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Both pipelines on the same images in one run; for ``harness bench pipeline``.
+
+    Returns ``{"seed_images_per_s", "ours_images_per_s", "ratio", "n_images", "batch_size",
+    "num_workers", "device", "torch_threads"}`` where ``ratio = ours / seed``.
+    """
+    if images is None:
+        images = benchmark_images(n_images)
+    seed_rate = seed_pipeline_images_per_s(images, batch_size=batch_size, num_workers=num_workers)
+    ours_rate = ours_images_per_s(images, batch_size=batch_size, device=device)
+    return {
+        "seed_images_per_s": seed_rate,
+        "ours_images_per_s": ours_rate,
+        "ratio": ours_rate / seed_rate,
+        "n_images": int(images.shape[0]),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "device": str(torch.device(device)),
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,30 @@
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations")."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from harness.losses import nt_xent
+from harness.methods.base import Method, encode_views, mlp
+from harness.spec import TrialConfig
+
+
+class SimCLR(Method):
+    """Two views through one encoder and a 2-layer MLP projector; NT-Xent over the 2N projections,
+    each view's positive being the other view of its image (Chen et al. 2020, sec. 2.1).
+
+    Knobs: ``temperature``, ``proj_hidden_dim``, ``proj_dim``.
+    """
+
+    name = "simclr"
+
+    def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+        self.projector = mlp([self.feature_dim, config.proj_hidden_dim, config.proj_dim])
+
+    def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
+        z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
+        return nt_xent(z1, z2, temperature=self.config.temperature, impl=self.config.loss_impl)
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.projector(self.backbone(x))

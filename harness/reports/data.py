@@ -1,0 +1,252 @@
+"""Everything a report reads, loaded once from the database: the study row and its parsed file,
+the trials (with a configuration label each), the curves and the kernel benchmarks."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import select
+
+from harness.db import Database, StudyRow
+from harness.results import bench_frame, metrics_frame, trials_frame
+from harness.reports.style import format_knob_value, is_finite, method_rank
+from harness.spec import (
+    BASELINE_METHODS,
+    KNOB_NAMES,
+    METHOD_KNOBS,
+    METHOD_SPECIFIC_KNOBS,
+    TRAINING_KNOBS,
+    SpecError,
+    Study,
+    parse_study,
+)
+
+ACCURACY_COLUMNS: tuple[str, ...] = ("knn_top1", "linear_top1", "linear_top5")
+# Knobs that never make two trials different configurations.
+_NOT_CONFIGURATION: frozenset[str] = frozenset({"seed", "device", "data_root"})
+
+
+class UnknownStudyError(LookupError):
+    """A study name the database does not hold; ``known`` lists the names it does."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        listing = ", ".join(known) if known else "none: the database holds no study yet"
+        super().__init__(f"no study named {name!r} in the database; known studies: {listing}")
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    name: str
+    kind: str
+    description: str
+    file_text: str
+    file_hash: str
+    created_at: datetime | None
+
+
+@dataclass
+class ReportData:
+    """One study's rows, ready for tables and figures.
+
+    ``trials`` has one row per trial with, besides the columns of ``results.trials_frame``,
+    ``label`` (method plus the knobs the study varies), ``group`` (the configuration's identity),
+    ``is_reference`` (a baseline method) and the accuracies in percent.
+    """
+
+    info: StudyInfo
+    spec: Study | None
+    spec_error: str | None
+    swept: tuple[str, ...]  # knobs the study varies, method included when it varies
+    trials: pd.DataFrame
+    metrics: pd.DataFrame
+    bench: pd.DataFrame
+    accuracy_factor: float  # 100 when the database stores accuracies as fractions, else 1
+
+    @property
+    def complete(self) -> pd.DataFrame:
+        return self.trials[self.trials["status"] == "complete"]
+
+    @property
+    def label_knobs(self) -> tuple[str, ...]:
+        return tuple(k for k in self.swept if k != "method")
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({str(m) for m in self.trials["method"].dropna()}, key=method_rank)
+
+    @property
+    def as_of(self) -> datetime | None:
+        """The latest end time of a trial: the report's date (the database's, not the build's)."""
+        ended = [t for t in self.trials.get("ended_at", pd.Series(dtype=object)) if isinstance(t, datetime)]
+        return max(ended) if ended else self.info.created_at
+
+
+def study_names(db: Database) -> list[str]:
+    return sorted(db.run(lambda session: list(session.scalars(select(StudyRow.name)))))
+
+
+def load_study_info(db: Database, name: str) -> StudyInfo:
+    def query(session: Any) -> StudyInfo | None:
+        row = session.scalars(select(StudyRow).where(StudyRow.name == name)).first()
+        if row is None:
+            return None
+        return StudyInfo(
+            name=row.name,
+            kind=row.kind,
+            description=row.description or "",
+            file_text=row.file_text or "",
+            file_hash=row.file_hash or "",
+            created_at=row.created_at,
+        )
+
+    info = db.run(query)
+    if info is None:
+        raise UnknownStudyError(name, study_names(db))
+    return info
+
+
+def load(db: Database, name: str, bench: pd.DataFrame | None = None) -> ReportData:
+    """Read one study; ``bench`` lets ``build_all`` read the benchmark table once for every study."""
+    info = load_study_info(db, name)
+    spec: Study | None = None
+    spec_error: str | None = None
+    try:
+        spec = parse_study(info.file_text, source=f"study {name}")
+    except SpecError as error:
+        spec_error = str(error)
+    trials = trials_frame(db, name)
+    metrics = metrics_frame(db, name)
+    if bench is None:
+        bench = bench_frame(db)
+    swept = _swept_knobs(spec, trials)
+    factor = accuracy_factor(trials, metrics)
+    trials = _annotate(trials, swept, factor)
+    if not metrics.empty:
+        metrics = metrics.copy()
+        accuracy_rows = metrics["name"].isin(ACCURACY_COLUMNS)
+        metrics.loc[accuracy_rows, "value"] = metrics.loc[accuracy_rows, "value"] * factor
+    return ReportData(
+        info=info,
+        spec=spec,
+        spec_error=spec_error,
+        swept=swept,
+        trials=trials,
+        metrics=metrics,
+        bench=bench,
+        accuracy_factor=factor,
+    )
+
+
+def accuracy_factor(trials: pd.DataFrame, metrics: pd.DataFrame) -> float:
+    """Reports show accuracies in %. The database stores fractions in [0, 1] (what the evaluation
+    returns); a database whose accuracies exceed 1 already holds percentages and is shown as is."""
+    values: list[float] = []
+    for column in ACCURACY_COLUMNS:
+        if column in trials.columns:
+            values.extend(float(v) for v in trials[column] if is_finite(v))
+    if not metrics.empty:
+        values.extend(float(v) for v in metrics.loc[metrics["name"].isin(ACCURACY_COLUMNS), "value"] if is_finite(v))
+    return 1.0 if values and max(values) > 1.0 + 1e-9 else 100.0
+
+
+def _swept_knobs(spec: Study | None, trials: pd.DataFrame) -> tuple[str, ...]:
+    """The study's varied knobs from its file; without a parseable file, the configuration columns
+    that take more than one value."""
+    if spec is not None:
+        swept = list(spec.swept_knobs)
+        if "method" not in swept and "method" in trials.columns and trials["method"].nunique() > 1:
+            swept.insert(0, "method")
+        return tuple(swept)
+    varying: list[str] = []
+    for knob in KNOB_NAMES:
+        if knob in _NOT_CONFIGURATION or knob not in trials.columns:
+            continue
+        if trials[knob].map(format_knob_value).nunique() > 1:
+            varying.append(knob)
+    return tuple(varying)
+
+
+def reads_knob(method: str, knob: str) -> bool:
+    """Whether ``method`` uses ``knob`` (a label leaves out knobs the method ignores)."""
+    if knob in METHOD_SPECIFIC_KNOBS:
+        return knob in METHOD_KNOBS.get(method, frozenset())
+    return not (method == "random_init" and knob in TRAINING_KNOBS)
+
+
+def configuration_label(row: pd.Series | dict[str, Any], knobs: tuple[str, ...]) -> str:
+    method = str(row.get("method", "?"))
+    parts = [f"{k}={format_knob_value(_plain(row.get(k)))}" for k in knobs if k in row and reads_knob(method, k)]
+    return f"{method} · {', '.join(parts)}" if parts else method
+
+
+def _plain(value: Any) -> Any:
+    """pandas turns None into NaN in numeric columns; a knob's None (the whole split) comes back."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def knob_sort_key(value: Any) -> tuple[int, float, str]:
+    value = _plain(value)
+    if value is None:
+        return (0, 0.0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
+
+
+def _annotate(trials: pd.DataFrame, swept: tuple[str, ...], factor: float) -> pd.DataFrame:
+    trials = trials.copy()
+    if trials.empty:
+        for column in ("label", "group", "is_reference", "method"):
+            trials[column] = pd.Series(dtype=object)
+        return trials
+    if "method" not in trials.columns:
+        trials["method"] = "?"
+    knobs = tuple(k for k in swept if k != "method")
+    trials["label"] = [configuration_label(row, knobs) for _, row in trials.iterrows()]
+    # The configuration hash is the identity; a label shared by two hashes (the study's fixed part
+    # changed between runs) gets the hash's start so the rows stay apart.
+    hashes_per_label: dict[str, set[str]] = {}
+    for label, digest in zip(trials["label"], trials["config_hash"]):
+        hashes_per_label.setdefault(label, set()).add(str(digest))
+    trials["label"] = [
+        f"{label} [{str(digest)[:7]}]" if len(hashes_per_label[label]) > 1 else label
+        for label, digest in zip(trials["label"], trials["config_hash"])
+    ]
+    trials["group"] = trials["config_hash"].astype(str)
+    trials["is_reference"] = trials["method"].isin(BASELINE_METHODS)
+    for column in ACCURACY_COLUMNS:
+        if column in trials.columns:
+            trials[column] = pd.to_numeric(trials[column], errors="coerce") * factor
+    for column in ("final_loss", "alignment", "uniformity", "effective_rank", "feature_std", "train_img_per_s",
+                   "peak_mem_bytes", "train_seconds", "eval_seconds"):
+        if column in trials.columns:
+            trials[column] = pd.to_numeric(trials[column], errors="coerce")
+    return trials
+
+
+def group_order(trials: pd.DataFrame, knobs: tuple[str, ...]) -> list[str]:
+    """Configuration groups in report order: method (spec order), then the varied knobs' values."""
+    firsts = trials.drop_duplicates("group")
+
+    def key(row: pd.Series) -> tuple[Any, ...]:
+        return (method_rank(str(row["method"])), *(knob_sort_key(row.get(k)) for k in knobs), str(row["label"]))
+
+    ordered = sorted((key(row), str(row["group"])) for _, row in firsts.iterrows())
+    return [group for _, group in ordered]
+
+
+def most_common(values: list[Any]) -> Any:
+    counts = Counter(format_knob_value(_plain(v)) for v in values)
+    best = max(counts.values())
+    return sorted(k for k, c in counts.items() if c == best)[0]

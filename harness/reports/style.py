@@ -1,0 +1,187 @@
+"""What every table and figure of a report shares: the metrics (labels, units, directions), the
+method colours, number formatting and the deterministic figure style."""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.spec import METHOD_NAMES
+
+MIB = 2.0**20
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A summary column of ``harness_trial`` as reports show it."""
+
+    column: str
+    label: str  # with the unit, as a table header and an axis label
+    higher_is_better: bool
+    kind: str = "plain"  # "accuracy" (shown in %), "bytes" (shown in MiB) or "plain"
+
+    @property
+    def short(self) -> str:
+        """The label without its unit, for captions."""
+        return self.label.split(" (")[0]
+
+
+# The comparison table's columns, in order. Directions are documented in docs/REPORTS.md.
+TABLE_METRICS: tuple[Metric, ...] = (
+    Metric("knn_top1", "k-NN top-1 (%)", True, "accuracy"),
+    Metric("linear_top1", "linear top-1 (%)", True, "accuracy"),
+    Metric("linear_top5", "linear top-5 (%)", True, "accuracy"),
+    Metric("final_loss", "final loss", False),
+    Metric("alignment", "alignment", False),
+    # Wang & Isola's uniformity is the log of a mean Gaussian potential: lower = more uniform.
+    Metric("uniformity", "uniformity", False),
+    Metric("effective_rank", "effective rank", True),
+    Metric("train_img_per_s", "throughput (img/s)", True),
+    Metric("peak_mem_bytes", "peak memory (MiB)", False, "bytes"),
+    Metric("train_seconds", "training time (s)", False),
+)
+EXTRA_METRICS: tuple[Metric, ...] = (
+    Metric("feature_std", "feature std", True),
+    Metric("eval_seconds", "evaluation time (s)", False),
+)
+METRICS: dict[str, Metric] = {m.column: m for m in TABLE_METRICS + EXTRA_METRICS}
+
+# tab10 without its grey for the self-supervised methods (in spec.METHOD_NAMES order), greys for
+# the baselines, so a method keeps its colour in every figure of every report.
+_TAB10: tuple[str, ...] = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+)
+_BASELINE_COLOURS: dict[str, str] = {"random_init": "#9a9a9a", "supervised": "#222222"}
+
+
+def method_colour(method: str) -> str:
+    """The colour of a method: fixed by its place in spec.METHOD_NAMES; an unknown name gets a
+    hue derived from its characters (stable across runs, unlike ``hash``)."""
+    if method in _BASELINE_COLOURS:
+        return _BASELINE_COLOURS[method]
+    trained = [m for m in METHOD_NAMES if m not in _BASELINE_COLOURS]
+    if method in trained and trained.index(method) < len(_TAB10):
+        return _TAB10[trained.index(method)]
+    hue = (sum(ord(c) * (i + 1) for i, c in enumerate(method)) % 360) / 360.0
+    r, g, b = colorsys.hls_to_rgb(hue, 0.45, 0.6)
+    return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Sort key: spec.METHOD_NAMES order, unknown methods after, by name."""
+    return (METHOD_NAMES.index(method), "") if method in METHOD_NAMES else (len(METHOD_NAMES), str(method))
+
+
+def palette(methods: list[str]) -> dict[str, str]:
+    return {m: method_colour(m) for m in methods}
+
+
+def is_finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def decimals_for(value: float, significant: int = 4) -> int:
+    """Decimal places that show ``significant`` digits of ``value`` (at least 0, at most 6)."""
+    if value == 0 or not math.isfinite(value):
+        return 2
+    magnitude = math.floor(math.log10(abs(value)))
+    return max(0, min(6, significant - 1 - magnitude))
+
+
+def format_number(value: Any, decimals: int | None = None) -> str:
+    """A table number: 'nan' for missing and non-finite values (NaN is a result: a diverged trial),
+    no scientific notation for usual magnitudes."""
+    if value is None:
+        return "nan"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(number):
+        return "nan"
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    if decimals is None:
+        decimals = decimals_for(number)
+    if abs(number) >= 1e7 or (number != 0 and abs(number) < 1e-5):
+        return f"{number:.3e}"
+    text = f"{number:.{decimals}f}"
+    return "0" + text[2:] if text.startswith("-0") and float(text) == 0 else text
+
+
+def metric_decimals(metric: Metric, values: list[float]) -> int:
+    """One number of decimals per column, so a column lines up: accuracies in % with 1 decimal,
+    the others with 4 significant digits of the column's typical magnitude."""
+    if metric.kind == "accuracy":
+        return 1
+    finite = [abs(v) for v in values if is_finite(v) and v != 0]
+    if not finite:
+        return 2
+    finite.sort()
+    return decimals_for(finite[len(finite) // 2])
+
+
+def format_knob_value(value: Any) -> str:
+    if value is None:
+        return "full"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:g}"
+    return str(value)
+
+
+# Fixed rcParams on top of seaborn's theme: SVG ids hashed with a fixed salt and text kept as text,
+# so the same database renders byte-identical files.
+_FIXED_RC: dict[str, Any] = {
+    "svg.hashsalt": "harness-report",
+    "svg.fonttype": "none",
+    "svg.image_inline": True,
+    "path.simplify": True,
+    "figure.dpi": 100,
+    "savefig.dpi": 100,
+    "font.family": ["sans-serif"],
+    "font.sans-serif": ["DejaVu Sans"],
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "legend.title_fontsize": 9,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+}
+SVG_METADATA: dict[str, Any] = {"Date": None, "Creator": None}
+
+
+@contextmanager
+def figure_style() -> Iterator[None]:
+    """Seaborn's whitegrid theme and the fixed settings, for the duration of a build only (no
+    global state changes: rc_context restores everything)."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    rc = {**sns.axes_style("whitegrid"), **sns.plotting_context("notebook"), **_FIXED_RC}
+    with mpl.rc_context(rc=rc):
+        yield
+
+
+def save_svg(figure: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="svg", metadata=SVG_METADATA)
