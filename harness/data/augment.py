@@ -53,8 +53,8 @@ RECIPES: tuple[str, ...] = ("simclr", "byol", "multicrop")
 MAX_STRENGTH = 2.0
 # RandomResizedCrop's retries: sample (area, ratio) this many times, keep the first crop that fits.
 _CROP_ATTEMPTS = 10
-# ITU-R 601-2 luma, as torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
+# Luma weights of torchvision's tensor rgb_to_grayscale (ITU-R 601-2 as TensorFlow rounds them).
+_LUMA = (0.2989, 0.587, 0.114)
 
 
 @dataclass(frozen=True)

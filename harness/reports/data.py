@@ -13,17 +13,17 @@ import pandas as pd
 from sqlalchemy import select
 
 from harness.db import Database, StudyRow
-from harness.results import bench_frame, metrics_frame, trials_frame
 from harness.reports.style import format_knob_value, is_finite, method_rank
+from harness.results import bench_frame, metrics_frame, trials_frame
 from harness.spec import (
     BASELINE_METHODS,
     KNOB_NAMES,
     METHOD_KNOBS,
     METHOD_SPECIFIC_KNOBS,
-    TRAINING_KNOBS,
     SpecError,
     Study,
     parse_study,
+    resolve,
 )
 
 ACCURACY_COLUMNS: tuple[str, ...] = ("knn_top1", "linear_top1", "linear_top5")
@@ -82,10 +82,15 @@ class ReportData:
         return sorted({str(m) for m in self.trials["method"].dropna()}, key=method_rank)
 
     @property
-    def as_of(self) -> datetime | None:
-        """The latest end time of a trial: the report's date (the database's, not the build's)."""
+    def last_end(self) -> datetime | None:
         ended = [t for t in self.trials.get("ended_at", pd.Series(dtype=object)) if isinstance(t, datetime)]
-        return max(ended) if ended else self.info.created_at
+        return max(ended) if ended else None
+
+    @property
+    def as_of(self) -> datetime | None:
+        """The report's date: the database's latest trial end (never the build's time), else the
+        study's creation."""
+        return self.last_end or self.info.created_at
 
 
 def study_names(db: Database) -> list[str]:
@@ -127,7 +132,7 @@ def load(db: Database, name: str, bench: pd.DataFrame | None = None) -> ReportDa
         bench = bench_frame(db)
     swept = _swept_knobs(spec, trials)
     factor = accuracy_factor(trials, metrics)
-    trials = _annotate(trials, swept, factor)
+    trials = _annotate(trials, swept, factor, spec, info.kind)
     if not metrics.empty:
         metrics = metrics.copy()
         accuracy_rows = metrics["name"].isin(ACCURACY_COLUMNS)
@@ -152,15 +157,23 @@ def accuracy_factor(trials: pd.DataFrame, metrics: pd.DataFrame) -> float:
         if column in trials.columns:
             values.extend(float(v) for v in trials[column] if is_finite(v))
     if not metrics.empty:
-        values.extend(float(v) for v in metrics.loc[metrics["name"].isin(ACCURACY_COLUMNS), "value"] if is_finite(v))
+        values.extend(
+            float(v) for v in metrics.loc[metrics["name"].isin(ACCURACY_COLUMNS), "value"] if is_finite(v)
+        )
     return 1.0 if values and max(values) > 1.0 + 1e-9 else 100.0
 
 
 def _swept_knobs(spec: Study | None, trials: pd.DataFrame) -> tuple[str, ...]:
-    """The study's varied knobs from its file; without a parseable file, the configuration columns
-    that take more than one value."""
+    """The study's varied knobs, in file order: the keys of its grid/ablation points (a knob set
+    in ``fixed`` and ablated around it included) or its search space; without a parseable file,
+    the configuration columns that take more than one value."""
     if spec is not None:
-        swept = list(spec.swept_knobs)
+        swept: list[str] = []
+        if spec.search is not None:
+            swept = [p.name for p in spec.search.space]
+        else:
+            for point in spec.points:
+                swept.extend(k for k in point if k not in swept)
         if "method" not in swept and "method" in trials.columns and trials["method"].nunique() > 1:
             swept.insert(0, "method")
         return tuple(swept)
@@ -174,16 +187,43 @@ def _swept_knobs(spec: Study | None, trials: pd.DataFrame) -> tuple[str, ...]:
 
 
 def reads_knob(method: str, knob: str) -> bool:
-    """Whether ``method`` uses ``knob`` (a label leaves out knobs the method ignores)."""
+    """Whether ``method`` uses ``knob``: spec resets the method-specific knobs a method does not
+    read to their defaults, so a label leaves them out and an ablation plot draws them flat."""
     if knob in METHOD_SPECIFIC_KNOBS:
         return knob in METHOD_KNOBS.get(method, frozenset())
-    return not (method == "random_init" and knob in TRAINING_KNOBS)
+    return True
 
 
 def configuration_label(row: pd.Series | dict[str, Any], knobs: tuple[str, ...]) -> str:
     method = str(row.get("method", "?"))
-    parts = [f"{k}={format_knob_value(_plain(row.get(k)))}" for k in knobs if k in row and reads_knob(method, k)]
+    parts = [
+        f"{k}={format_knob_value(_plain(row.get(k)))}" for k in knobs if k in row and reads_knob(method, k)
+    ]
     return f"{method} · {', '.join(parts)}" if parts else method
+
+
+def ablation_base(
+    spec: Study | None, method: str, knobs: tuple[str, ...], trials: pd.DataFrame
+) -> dict[str, str]:
+    """The base value of each ablated knob for ``method`` (formatted): the study's fixed part
+    resolved for that method (so a method's own defaults count as its base), else the value most
+    of the method's trials share."""
+    config = None
+    if spec is not None:
+        for overrides in ({**spec.fixed, "method": method}, dict(spec.fixed)):
+            try:
+                config = resolve(overrides)
+                break
+            except SpecError:
+                continue
+    own = trials[trials["method"] == method] if "method" in trials.columns else trials
+    base: dict[str, str] = {}
+    for knob in knobs:
+        if config is not None and hasattr(config, knob):
+            base[knob] = format_knob_value(getattr(config, knob))
+        elif knob in own.columns and not own.empty:
+            base[knob] = str(most_common(list(own[knob])))
+    return base
 
 
 def _plain(value: Any) -> Any:
@@ -204,16 +244,44 @@ def knob_sort_key(value: Any) -> tuple[int, float, str]:
     return (2, 0.0, str(value))
 
 
-def _annotate(trials: pd.DataFrame, swept: tuple[str, ...], factor: float) -> pd.DataFrame:
+def _annotate(
+    trials: pd.DataFrame, swept: tuple[str, ...], factor: float, spec: Study | None, kind: str
+) -> pd.DataFrame:
     trials = trials.copy()
     if trials.empty:
-        for column in ("label", "group", "is_reference", "method"):
+        for column in ("label", "group", "is_reference", "method", "order"):
             trials[column] = pd.Series(dtype=object)
         return trials
     if "method" not in trials.columns:
         trials["method"] = "?"
     knobs = tuple(k for k in swept if k != "method")
-    trials["label"] = [configuration_label(row, knobs) for _, row in trials.iterrows()]
+    labels: list[str] = []
+    orders: list[tuple[Any, ...]] = []
+    bases = (
+        {m: ablation_base(spec, str(m), knobs, trials) for m in trials["method"].unique()}
+        if kind == "ablate"
+        else {}
+    )
+    for _, row in trials.iterrows():
+        method = str(row["method"])
+        if kind == "ablate":
+            # One factor at a time: a row is named by what it changes from the base point.
+            changed = [
+                k
+                for k in knobs
+                if k in row
+                and reads_knob(method, k)
+                and format_knob_value(_plain(row[k])) != bases[method].get(k)
+            ]
+            parts = [f"{k}={format_knob_value(_plain(row[k]))}" for k in changed]
+            labels.append(f"{method} · {', '.join(parts)}" if parts else f"{method} · base")
+            first = min((knobs.index(k) for k in changed), default=-1)
+            orders.append((method_rank(method), first, *(knob_sort_key(row.get(k)) for k in knobs)))
+        else:
+            labels.append(configuration_label(row, knobs))
+            orders.append((method_rank(method), 0, *(knob_sort_key(row.get(k)) for k in knobs)))
+    trials["label"] = labels
+    trials["order"] = orders
     # The configuration hash is the identity; a label shared by two hashes (the study's fixed part
     # changed between runs) gets the hash's start so the rows stay apart.
     hashes_per_label: dict[str, set[str]] = {}
@@ -228,22 +296,28 @@ def _annotate(trials: pd.DataFrame, swept: tuple[str, ...], factor: float) -> pd
     for column in ACCURACY_COLUMNS:
         if column in trials.columns:
             trials[column] = pd.to_numeric(trials[column], errors="coerce") * factor
-    for column in ("final_loss", "alignment", "uniformity", "effective_rank", "feature_std", "train_img_per_s",
-                   "peak_mem_bytes", "train_seconds", "eval_seconds"):
+    for column in (
+        "final_loss",
+        "alignment",
+        "uniformity",
+        "effective_rank",
+        "feature_std",
+        "train_img_per_s",
+        "peak_mem_bytes",
+        "train_seconds",
+        "eval_seconds",
+    ):
         if column in trials.columns:
             trials[column] = pd.to_numeric(trials[column], errors="coerce")
     return trials
 
 
-def group_order(trials: pd.DataFrame, knobs: tuple[str, ...]) -> list[str]:
-    """Configuration groups in report order: method (spec order), then the varied knobs' values."""
+def group_order(trials: pd.DataFrame) -> list[str]:
+    """Configuration groups in report order: method (spec order), then the varied knobs' values
+    (an ablation: the base point first, then each knob's values in file order)."""
     firsts = trials.drop_duplicates("group")
-
-    def key(row: pd.Series) -> tuple[Any, ...]:
-        return (method_rank(str(row["method"])), *(knob_sort_key(row.get(k)) for k in knobs), str(row["label"]))
-
-    ordered = sorted((key(row), str(row["group"])) for _, row in firsts.iterrows())
-    return [group for _, group in ordered]
+    ordered = sorted((row["order"], str(row["label"]), str(row["group"])) for _, row in firsts.iterrows())
+    return [group for _, _, group in ordered]
 
 
 def most_common(values: list[Any]) -> Any:

@@ -169,11 +169,19 @@ def _html_cell(cell: Cell, numeric: bool) -> str:
 
 def _html_table(table: Table) -> list[str]:
     numeric = table.numeric or tuple(False for _ in table.columns)
-    lines = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr></thead>", "<tbody>"]
+    lines = [
+        "<table>",
+        "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr></thead>",
+        "<tbody>",
+    ]
     for index, row in enumerate(table.rows):
         klass = ""
         if table.reference_from is not None and index >= table.reference_from:
-            klass = ' class="reference first-reference"' if index == table.reference_from else ' class="reference"'
+            klass = (
+                ' class="reference first-reference"'
+                if index == table.reference_from
+                else ' class="reference"'
+            )
         cells = "".join(_html_cell(c, n) for c, n in zip(row, numeric))
         lines.append(f"<tr{klass}>{cells}</tr>")
     lines.append("</tbody></table>")

@@ -1,0 +1,170 @@
+"""Timing and peak-memory measurement of one callable on the CPU or a CUDA device.
+
+Timing: a warm-up call, then the number of calls per round is calibrated so that a round lasts at
+least ``min_round_s`` (short kernels are otherwise dominated by the timer), then ``rounds`` rounds.
+On CUDA a round is bracketed by CUDA events and synchronized, so the time is the device's. The
+runner interleaves the implementations of a case round by round, so a slow patch of a shared machine
+hits the reference and the fast implementation alike and their ratio stays put.
+
+Peak memory is the extra memory one call needs on top of what was allocated before it:
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the bytes
+  allocated before the call (the caching allocator's view of live tensors; exact).
+- CPU (Linux): the process's peak resident set size. The kernel's high-water mark is reset by
+  writing ``5`` to ``/proc/self/clear_refs``, free heap pages are handed back with ``malloc_trim``
+  first, then ``VmHWM`` after the call minus ``VmRSS`` before it. PyTorch's CPU allocator has no
+  statistics of its own; tensors above glibc's mmap threshold (all the large ones) are mapped and
+  unmapped directly, so the RSS follows them. Small allocations recycled from the heap are not
+  seen, so this is a lower bound that is accurate for the ``(N, N)``-sized temporaries that matter.
+  Elsewhere (macOS, Windows, a kernel without ``clear_refs``) the CPU peak is not measured (None).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over the rounds."""
+
+    median_s: float
+    iqr_s: float
+    min_s: float
+    rounds: int
+    calls_per_round: int
+
+
+def summarize(per_call: Sequence[float], calls_per_round: int = 1) -> Timing:
+    values = sorted(per_call)
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        iqr = q3 - q1
+    else:
+        iqr = 0.0
+    return Timing(statistics.median(values), iqr, values[0], len(values), calls_per_round)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Seconds for ``calls`` back-to-back calls of ``fn`` (device time on CUDA)."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        synchronize(device)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - begin
+
+
+def calibrate(
+    fn: Callable[[], object], device: torch.device, min_round_s: float, max_calls: int = 1000
+) -> int:
+    """Calls per round so that a round lasts at least ``min_round_s`` (after one warm-up call)."""
+    fn()
+    synchronize(device)
+    calls = 1
+    while True:
+        elapsed = time_calls(fn, device, calls)
+        if elapsed >= min_round_s or calls >= max_calls:
+            return calls
+        calls = min(max_calls, max(calls * 2, int(calls * min_round_s / max(elapsed, 1e-9)) + 1))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    rounds: int,
+    min_round_s: float,
+    warmup: int = 1,
+) -> dict[str, Timing]:
+    """Time several callables round-robin; the order rotates every round to cancel drift."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    calls = {name: calibrate(fn, device, min_round_s) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(time_calls(fns[name], device, calls[name]) / calls[name])
+    return {name: summarize(samples[name], calls[name]) for name in names}
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _status_kib(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_peak_supported() -> bool:
+    """Whether this process can reset and read its peak RSS (Linux ≥ 4.0 with ``clear_refs``)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        _status_kib("VmHWM")
+        _status_kib("VmRSS")
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Extra memory at the peak of one call of ``fn`` (see the module docstring), or None."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    if not cpu_peak_supported():
+        return None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    before = _status_kib("VmRSS")
+    _CLEAR_REFS.write_text("5")
+    fn()
+    peak = _status_kib("VmHWM")
+    return float(max(peak - before, 0) * 1024)

@@ -1,0 +1,277 @@
+"""The ``harness`` command: run, status, report, bench, export.
+
+``report`` and ``bench`` live in their own packages and are imported only when used, so that
+``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+
+from harness.db import DEFAULT_DB_PATH
+
+DESCRIPTION = (
+    "Benchmark and ablation harness for self-supervised representation learning. A study file "
+    "(YAML) declares what to compare; `harness run` trains one trial per configuration and records "
+    "everything in a SQL database; `harness report` turns the database into tables and plots."
+)
+
+_DELEGATED: dict[str, tuple[str, str, str]] = {
+    # command: (module, one-line help, description)
+    "report": (
+        "harness.reports.cli",
+        "tables and plots of a study, from the database alone",
+        "Write a study's comparison tables and ablation plots from the database.",
+    ),
+    "bench": (
+        "harness.bench.cli",
+        "loss-kernel microbenchmarks, stored and compared to a saved baseline",
+        "Time the loss kernels (reference and fast implementations), store the results and "
+        "compare them to a saved baseline with a regression gate.",
+    ),
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, found {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    from harness.spec import check_knob
+
+    expected = check_knob("device", text)
+    if expected is not None:
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+    return text
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help=f"database: a SQLAlchemy URL (postgresql://...) or a SQLite file path (default: {DEFAULT_DB_PATH})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
+
+    parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run a study file: insert its trials, claim and train them, record the results",
+        description=(
+            "Validate STUDY.yaml, add its trials to the database (new points of a changed file are "
+            "added, existing results kept) and run every trial that has no result yet. Idempotent: "
+            "run it again to resume; several `harness run` processes on one study share the work. "
+            "A search: runs the Optuna study stored in the same database."
+        ),
+    )
+    run.add_argument("study", metavar="STUDY.yaml", help="the study file")
+    _add_db(run)
+    run.add_argument("--device", type=_device, help="run every trial on this device (auto, cpu, cuda, cuda:N)")
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes on this machine, each claiming trials (one per GPU where there are several)",
+    )
+    run.add_argument("--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded trials and notes; write nothing")
+    run.add_argument("--retry-failed", action="store_true", help="rerun trials that failed (by default a failure is a result)")
+    run.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_HEARTBEAT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a running trial without a heartbeat for this long is taken over and rerun (default: {DEFAULT_HEARTBEAT_TIMEOUT:g})",
+    )
+    progress = run.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars")
+    progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    run.set_defaults(handler=_cmd_run)
+
+    status = commands.add_parser(
+        "status",
+        help="trial counts per status, the best trials, failures with reasons",
+        description="Summarize one study (or every study): counts per status, the best trials by the "
+        "objective, failures with their reasons, and the trials running now.",
+    )
+    status.add_argument("study", metavar="STUDY", nargs="?", help="a study name (default: every study)")
+    _add_db(status)
+    status.add_argument("--top", type=_positive_int, default=5, metavar="K", help="best trials shown (default: 5)")
+    status.set_defaults(handler=_cmd_status)
+
+    for name, (_, help_text, description) in _DELEGATED.items():
+        # Their own arguments are added when the command runs (see _delegate): importing them
+        # here would make every command pay for (and depend on) them.
+        commands.add_parser(name, help=help_text, description=description, add_help=False)
+
+    export = commands.add_parser(
+        "export",
+        help="write a study's trials (one row per trial) as CSV or Parquet",
+        description="Write the trials DataFrame of a study (identity, status, provenance, summary "
+        "metrics and one column per knob) to a file.",
+    )
+    export.add_argument("study", metavar="STUDY", help="the study name")
+    _add_db(export)
+    export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="file format (default: csv)")
+    export.add_argument("--out", metavar="PATH", help="output file (default: results/STUDY.csv or .parquet)")
+    export.set_defaults(handler=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in _DELEGATED:
+            return _delegate(args[0], args[1:])
+        parsed = build_parser().parse_args(args)
+        handler: Callable[[argparse.Namespace], int] = parsed.handler
+        return handler(parsed)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _error(command: str, message: str, code: int) -> int:
+    print(f"harness {command}: {message}", file=sys.stderr)
+    return code
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    module_name, _, description = _DELEGATED[command]
+    try:
+        module: ModuleType = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = error.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            return _error(command, f"not available yet: {module_name} does not exist", 2)
+        return _error(command, f"not available: importing {module_name} failed: {error}", 2)
+    except Exception as error:  # a broken sibling package must not take the whole CLI down
+        return _error(command, f"not available: importing {module_name} failed: {type(error).__name__}: {error}", 2)
+    if not hasattr(module, "add_arguments") or not hasattr(module, "main"):
+        return _error(command, f"not available yet: {module_name} has no add_arguments/main", 2)
+    parser = argparse.ArgumentParser(prog=f"harness {command}", description=description)
+    module.add_arguments(parser)
+    return int(module.main(parser.parse_args(rest)) or 0)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.spec import SpecError, load_study
+    from harness.study import (
+        RunOptions,
+        SearchSetupError,
+        StudyConflict,
+        dry_run_lines,
+        open_existing,
+        run_study,
+        search_problems,
+    )
+    from harness.study.store import existing_rows
+
+    try:
+        study = load_study(args.study)
+        problems = search_problems(study)
+        if problems:
+            raise SpecError(problems)
+    except SpecError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if args.dry_run:
+        existing = None
+        try:
+            db = open_existing(args.db)
+            existing = existing_rows(db, study.name)
+            db.dispose()
+        except Exception:  # no database, or not one of ours yet: every trial is new
+            existing = None
+        for line in dry_run_lines(study, existing):
+            print(line)
+        return 0
+    options = RunOptions(
+        db=args.db,
+        device=args.device,
+        workers=args.workers,
+        max_trials=args.max_trials,
+        retry_failed=args.retry_failed,
+        heartbeat_timeout=args.heartbeat_timeout,
+        progress=args.progress,
+    )
+    try:
+        return run_study(study, options).exit_code
+    except (StudyConflict, SearchSetupError) as error:
+        return _error("run", str(error), 2)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.study import UnknownStudy, open_existing, status_lines
+
+    try:
+        db = open_existing(args.db)
+        lines = status_lines(db, args.study, top=args.top)
+    except FileNotFoundError as error:
+        return _error("status", str(error), 1)
+    except UnknownStudy as error:
+        return _error("status", str(error), 1)
+    except SQLAlchemyError as error:
+        return _error("status", f"cannot read the database: {type(error).__name__}: {error.args[0] if error.args else error}", 1)
+    print("\n".join(lines))
+    db.dispose()
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.db import StudyRow
+    from harness.results import trials_frame
+    from harness.study import open_existing
+
+    try:
+        db = open_existing(args.db)
+        known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))
+    except FileNotFoundError as error:
+        return _error("export", str(error), 1)
+    except SQLAlchemyError as error:
+        return _error("export", f"cannot read the database: {type(error).__name__}", 1)
+    if args.study not in known:
+        return _error("export", f"no study named {args.study!r}" + (f" (studies: {', '.join(known)})" if known else ""), 1)
+    frame = trials_frame(db, args.study)
+    out = Path(args.out) if args.out else Path("results") / f"{args.study}.{args.format}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "parquet":
+        frame.to_parquet(out, index=False)
+    else:
+        frame.to_csv(out, index=False)
+    print(f"wrote {len(frame)} trial(s) of {args.study} to {out}")
+    db.dispose()
+    return 0

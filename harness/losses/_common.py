@@ -1,0 +1,63 @@
+"""Validation and dtype helpers shared by the loss files (no public names here)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+IMPLS: tuple[str, ...] = ("reference", "fast")
+
+
+def check_impl(loss: str, impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"{loss}: impl must be one of {', '.join(map(repr, allowed))}, got {impl!r}")
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float64 stays float64, everything else runs in float32.
+
+    16-bit inputs (bf16, fp16) are upcast because the log-sum-exp, the standardizations and the
+    Gram products lose too much in 7 or 10 mantissa bits; gradients flow back in the input dtype.
+    """
+    for tensor in tensors:
+        if not tensor.is_floating_point():
+            raise TypeError(f"expected a floating-point tensor, got {tensor.dtype}")
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def upcast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def check_matrix(loss: str, name: str, tensor: Tensor, ndim: int = 2) -> None:
+    if tensor.ndim != ndim:
+        raise ValueError(f"{loss}: {name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+
+
+def check_same_shape(loss: str, **tensors: Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"{loss}: inputs must have the same shape, got {listed}")
+
+
+def check_batch(loss: str, n: int, minimum: int, why: str) -> None:
+    if n < minimum:
+        raise ValueError(f"{loss}: batch of {n} is too small, need at least {minimum} ({why})")
+
+
+def check_positive(loss: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{loss}: {name} must be a positive finite number, got {value!r}")
+
+
+def normalize_scaled(x: Tensor, scale: float = 1.0, eps: float = 1e-12) -> Tensor:
+    """Rows of ``x`` scaled to norm ``scale`` in one pass over ``x``.
+
+    The same as ``F.normalize(x, dim=-1) * scale`` (including the ``eps`` floor of the norm), but the
+    scale is folded into the per-row divisor, so no second (rows, D) temporary is written.
+    """
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+    return x * (scale / norms)

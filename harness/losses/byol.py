@@ -1,0 +1,55 @@
+"""BYOL's regression loss (also SimSiam's negative cosine, up to the constant).
+
+Grill et al. 2020, "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning"
+(NeurIPS), equation (2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.losses._common import (
+    check_batch,
+    check_impl,
+    check_matrix,
+    check_same_shape,
+    compute_dtype,
+    upcast,
+)
+
+NAME = "byol"
+
+
+def byol(p: Tensor, z: Tensor, *, impl: str = "fast") -> Tensor:
+    """Mean of ``‖p̂ - ẑ‖² = 2 - 2 cos(p, z)`` over the batch.
+
+    Grill et al. 2020, "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning".
+    One direction only: the method symmetrizes (swaps the views) and detaches the target ``z``.
+
+    Args:
+        p: ``(N, D)`` online predictions.
+        z: ``(N, D)`` target projections (gradients flow into it unless the caller detaches it).
+        impl: ``"reference"`` (normalize both, subtract the row dot products from 2) or ``"fast"``
+            (the row dot product divided by the product of the norms: no normalized copies).
+
+    Returns:
+        A scalar in ``[0, 4]``; float32 for 16-bit inputs, else the input dtype.
+    """
+    check_impl(NAME, impl)
+    check_matrix(NAME, "p", p)
+    check_matrix(NAME, "z", z)
+    check_same_shape(NAME, p=p, z=z)
+    check_batch(NAME, p.shape[0], 1, "an empty batch has no mean")
+    dtype = compute_dtype(p, z)
+    p, z = upcast(p, dtype), upcast(z, dtype)
+    if impl == "reference":
+        p = F.normalize(p, dim=1)
+        z = F.normalize(z, dim=1)
+        return (2 - 2 * (p * z).sum(dim=1)).mean()
+    eps = 1e-12
+    norms = torch.linalg.vector_norm(p, dim=1).clamp_min(eps) * torch.linalg.vector_norm(z, dim=1).clamp_min(
+        eps
+    )
+    return 2 - 2 * ((p * z).sum(dim=1) / norms).mean()

@@ -1,0 +1,90 @@
+"""Alignment and uniformity on the hypersphere.
+
+Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and
+Uniformity on the Hypersphere" (ICML), section 4.1 and their reference code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.losses._common import (
+    check_batch,
+    check_impl,
+    check_matrix,
+    check_positive,
+    check_same_shape,
+    compute_dtype,
+    normalize_scaled,
+    upcast,
+)
+from harness.losses._lse import self_excluded_lse
+
+
+def alignment(z1: Tensor, z2: Tensor, alpha: float = 2, *, impl: str = "fast") -> Tensor:
+    """``mean_i ‖ẑ1_i - ẑ2_i‖^α`` of the normalized positive pairs (lower = better aligned).
+
+    Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and
+    Uniformity on the Hypersphere", ``L_align``.
+
+    Args:
+        z1, z2: ``(N, D)`` embeddings of the two views (normalized inside).
+        alpha: α > 0.
+        impl: ``"reference"`` (``‖·‖.pow(α)`` as in the paper's code) or ``"fast"`` (the squared
+            distance raised to α/2: no square root, and for α = 2 no power at all).
+
+    Returns:
+        A scalar in ``[0, 2^α]``; float32 for 16-bit inputs, else the input dtype.
+    """
+    name = "alignment"
+    check_impl(name, impl)
+    check_matrix(name, "z1", z1)
+    check_matrix(name, "z2", z2)
+    check_same_shape(name, z1=z1, z2=z2)
+    check_batch(name, z1.shape[0], 1, "an empty batch has no mean")
+    check_positive(name, "alpha", alpha)
+    dtype = compute_dtype(z1, z2)
+    x = F.normalize(upcast(z1, dtype), dim=1)
+    y = F.normalize(upcast(z2, dtype), dim=1)
+    if impl == "reference":
+        return (x - y).norm(p=2, dim=1).pow(alpha).mean()
+    squared = (x - y).pow(2).sum(dim=1)
+    return (squared if alpha == 2 else squared.pow(alpha / 2)).mean()
+
+
+def uniformity(z: Tensor, t: float = 2, *, impl: str = "fast") -> Tensor:
+    """``log mean_{i<j} exp(-t ‖ẑ_i - ẑ_j‖²)`` over all pairs of the batch (lower = more uniform).
+
+    Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment and
+    Uniformity on the Hypersphere", ``L_uniform``.
+
+    Args:
+        z: ``(N, D)`` embeddings (normalized inside). N ≥ 2.
+        t: t > 0.
+        impl: ``"reference"`` (the N(N-1)/2 pair differences materialized, their squared norms, a
+            log-mean-exp) or ``"fast"`` (on the sphere ``‖x_i - x_j‖² = 2 - 2 x_i·x_j``, so the
+            pairs' exponents are ``2t x_i·x_j - 2t``: the self-excluded row log-sum-exp of the fast
+            NT-Xent over ``x √(2t)``, then one more log-sum-exp over the rows).
+
+    Returns:
+        A scalar in ``[-4t, 0]``; float32 for 16-bit inputs, else the input dtype.
+    """
+    name = "uniformity"
+    check_impl(name, impl)
+    check_matrix(name, "z", z)
+    check_batch(name, z.shape[0], 2, "uniformity is a mean over pairs")
+    check_positive(name, "t", t)
+    z = upcast(z, compute_dtype(z))
+    n = z.shape[0]
+    if impl == "reference":
+        x = F.normalize(z, dim=1)
+        i, j = torch.triu_indices(n, n, offset=1, device=z.device)
+        squared = (x[i] - x[j]).pow(2).sum(dim=1)
+        return torch.logsumexp(-t * squared, dim=0) - math.log(squared.numel())
+    x = normalize_scaled(z, math.sqrt(2 * t))
+    # Every unordered pair appears twice among the N(N-1) ordered ones: same mean.
+    return torch.logsumexp(self_excluded_lse(x), dim=0) - 2 * t - math.log(n * (n - 1))

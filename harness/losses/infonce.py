@@ -1,0 +1,104 @@
+"""InfoNCE with a queue of negatives, the MoCo objective.
+
+He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning" (CVPR),
+equation (1) and Algorithm 1; the loss itself is van den Oord et al. 2018, "Representation Learning
+with Contrastive Predictive Coding".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from harness.losses._common import (
+    check_batch,
+    check_impl,
+    check_matrix,
+    check_positive,
+    check_same_shape,
+    compute_dtype,
+    normalize_scaled,
+    upcast,
+)
+
+NAME = "infonce"
+
+
+def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, impl: str = "fast") -> Tensor:
+    """MoCo's InfoNCE: for each query, the key of the same image against the queue of negatives.
+
+    He et al. 2020, "Momentum Contrast for Unsupervised Visual Representation Learning".
+
+    Args:
+        q: ``(N, D)`` queries (normalized inside).
+        k: ``(N, D)`` keys (normalized inside; the method detaches them, the loss does not).
+        queue: ``(K, D)`` negatives whose rows are already unit-norm (used as given). K ≥ 1.
+        temperature: τ > 0.
+        impl: ``"reference"`` (logits ``[q·k, q queueᵀ] / τ`` concatenated into ``(N, 1 + K)``, then a
+            cross-entropy with target 0) or ``"fast"`` (τ folded into q, no concatenation: a custom
+            autograd function turns ``q queueᵀ`` into its softmax in place and keeps only that
+            ``(N, K)`` matrix for the backward pass).
+
+    Returns:
+        A scalar: ``mean_i [ log(exp(q_i·k_i/τ) + Σ_j exp(q_i·queue_j/τ)) - q_i·k_i/τ ]``; float32 for
+        16-bit inputs, else the input dtype. Gradients reach ``queue`` too if it requires them.
+    """
+    check_impl(NAME, impl)
+    check_matrix(NAME, "q", q)
+    check_matrix(NAME, "k", k)
+    check_matrix(NAME, "queue", queue)
+    check_same_shape(NAME, q=q, k=k)
+    check_batch(NAME, q.shape[0], 1, "an empty batch has no mean")
+    if queue.shape[0] < 1:
+        raise ValueError(f"{NAME}: the queue is empty, need at least one negative")
+    if queue.shape[1] != q.shape[1]:
+        raise ValueError(f"{NAME}: queue has dimension {queue.shape[1]}, the queries {q.shape[1]}")
+    check_positive(NAME, "temperature", temperature)
+    dtype = compute_dtype(q, k, queue)
+    q, k, queue = upcast(q, dtype), upcast(k, dtype), upcast(queue, dtype)
+    if impl == "reference":
+        return _reference(q, k, queue, temperature)
+    return _InfoNCE.apply(normalize_scaled(q, 1.0 / temperature), F.normalize(k, dim=1), queue)
+
+
+def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k, dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.T
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+class _InfoNCE(torch.autograd.Function):
+    """``q`` already scaled to norm 1/τ, ``k`` unit-norm: the logits are plain dot products."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
+        l_pos = (q * k).sum(dim=1)
+        p_neg = q @ queue.T
+        # One max over the positive and the queue, then the softmax in place: the (N, 1 + K)
+        # concatenation of the reference is never written.
+        m = torch.maximum(p_neg.amax(dim=1), l_pos)
+        p_neg.sub_(m.unsqueeze(1)).exp_()
+        e_pos = (l_pos - m).exp()
+        total = p_neg.sum(dim=1) + e_pos
+        p_neg.div_(total.unsqueeze(1))
+        ctx.save_for_backward(q, k, queue, p_neg, e_pos / total)
+        return (m + total.log() - l_pos).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        q, k, queue, p_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = grad / q.shape[0]
+        # d/d l_pos = p_pos - 1, d/d l_neg = p_neg (per anchor, times the mean's 1/N).
+        w_pos = ((p_pos - 1) * scale).unsqueeze(1)
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+        grad_q = torch.mm(p_neg, queue).mul_(scale).add_(k * w_pos) if needs[0] else None
+        grad_k = q * w_pos if needs[1] else None
+        grad_queue = (p_neg.T @ q) * scale if needs[2] else None
+        return grad_q, grad_k, grad_queue

@@ -1,0 +1,87 @@
+"""Metric-learning losses: the triplet loss and the multi-class N-pair loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.losses._common import (
+    check_batch,
+    check_impl,
+    check_matrix,
+    check_same_shape,
+    compute_dtype,
+    upcast,
+)
+
+
+def triplet(
+    anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0, *, impl: str = "fast"
+) -> Tensor:
+    """``mean_i max(0, ‖a_i - p_i‖² - ‖a_i - n_i‖² + margin)`` on raw (unnormalized) embeddings.
+
+    Schroff, Kalenichenko and Philbin 2015, "FaceNet: A Unified Embedding for Face Recognition and
+    Clustering" (CVPR), equation (1); Weinberger and Saul 2009 for the large-margin idea.
+
+    Args:
+        anchor, positive, negative: ``(N, D)`` each.
+        margin: α, the required gap between the squared distances.
+        impl: ``"reference"`` (both squared distances) or ``"fast"`` (their difference as one
+            reduction, ``(n - p)·(2a - p - n)``).
+
+    Returns:
+        A scalar; float32 for 16-bit inputs, else the input dtype.
+    """
+    name = "triplet"
+    check_impl(name, impl)
+    for label, tensor in (("anchor", anchor), ("positive", positive), ("negative", negative)):
+        check_matrix(name, label, tensor)
+    check_same_shape(name, anchor=anchor, positive=positive, negative=negative)
+    check_batch(name, anchor.shape[0], 1, "an empty batch has no mean")
+    dtype = compute_dtype(anchor, positive, negative)
+    a, p, n = upcast(anchor, dtype), upcast(positive, dtype), upcast(negative, dtype)
+    if impl == "reference":
+        d_pos = (a - p).pow(2).sum(dim=1)
+        d_neg = (a - n).pow(2).sum(dim=1)
+        return F.relu(d_pos - d_neg + margin).mean()
+    # ‖a-p‖² - ‖a-n‖² = (n - p)·(2a - p - n): one reduction instead of two.
+    gap = ((n - p) * (2 * a - p - n)).sum(dim=1)
+    return F.relu(gap + margin).mean()
+
+
+def npair(anchor: Tensor, positive: Tensor, *, impl: str = "fast") -> Tensor:
+    """Multi-class N-pair loss: ``mean_i log(1 + Σ_{j≠i} exp(a_i·p_j - a_i·p_i))``.
+
+    Sohn 2016, "Improved Deep Metric Learning with Multi-class N-pair Loss Objective" (NeurIPS),
+    equation (3), on raw dot products (no normalization, no L2 penalty: the method adds one if it
+    wants).
+
+    Args:
+        anchor, positive: ``(N, D)``; the positives of the other pairs are an anchor's negatives.
+            N ≥ 2.
+        impl: ``"reference"`` (the differences ``a_i·p_j - a_i·p_i`` and the ``1 +`` as written, by a
+            log-sum-exp over ``[0, differences_{j≠i}]``) or ``"fast"`` (the identity
+            ``log(1 + Σ_{j≠i} e^{x_j - x_i}) = logsumexp_j x_j - x_i``: one cross-entropy over
+            ``a pᵀ`` with targets on the diagonal).
+
+    Returns:
+        A scalar; float32 for 16-bit inputs, else the input dtype.
+    """
+    name = "npair"
+    check_impl(name, impl)
+    check_matrix(name, "anchor", anchor)
+    check_matrix(name, "positive", positive)
+    check_same_shape(name, anchor=anchor, positive=positive)
+    check_batch(name, anchor.shape[0], 2, "the negatives of an anchor are the other pairs' positives")
+    dtype = compute_dtype(anchor, positive)
+    a, p = upcast(anchor, dtype), upcast(positive, dtype)
+    n = a.shape[0]
+    logits = a @ p.T
+    if impl == "reference":
+        differences = logits - torch.diagonal(logits).unsqueeze(1)
+        self_mask = torch.eye(n, dtype=torch.bool, device=a.device)
+        others = differences.masked_fill(self_mask, float("-inf"))
+        ones = torch.zeros(n, 1, dtype=dtype, device=a.device)  # log(1) = exp(0)
+        return torch.logsumexp(torch.cat([ones, others], dim=1), dim=1).mean()
+    return F.cross_entropy(logits, torch.arange(n, device=a.device))

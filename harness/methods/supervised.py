@@ -1,0 +1,31 @@
+"""The ceiling of every comparison: the same encoder trained with labels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.methods.base import Method, encode_views
+from harness.spec import TrialConfig
+
+
+class Supervised(Method):
+    """Cross-entropy of a linear classifier on the backbone, over both augmented views of each
+    image: the same backbone, images, views and optimizer steps as the self-supervised methods
+    (the supervised baseline of Chen et al. 2020, sec. 6, with their augmentation).
+    ``embed`` gives the backbone features. State: the classifier ``(num_classes, feature_dim)``."""
+
+    name = "supervised"
+    uses_labels = True
+
+    def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        return self.classifier(self.backbone(x))
+
+    def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
+        logits = encode_views(self._logits, views[:2])  # (N, num_classes) each
+        return F.cross_entropy(torch.cat(logits), labels.repeat(len(logits)))

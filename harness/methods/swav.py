@@ -1,0 +1,136 @@
+"""SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
+Assignments")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.losses import sinkhorn, swav
+from harness.methods.base import Method, encode_views, mlp
+from harness.spec import TrialConfig
+
+# Caron et al. 2020 compute codes from the two global crops only ("crops_for_assign").
+N_GLOBAL = 2
+
+
+class SwAV(Method):
+    """Online clustering: each crop's normalized projection is scored against ``swav_prototypes``
+    unit-norm prototypes; the codes of each global crop, balanced over the batch by Sinkhorn-Knopp
+    (``swav_epsilon``, ``swav_iterations``), are predicted from every other crop, local crops
+    included (Caron et al. 2020, eq. 2-3 and sec. 3.1 multi-crop).
+
+    With ``queue_size > 0``, the codes are computed over the batch plus a queue of earlier
+    embeddings of each global crop, once the queue is full (Caron et al. 2020, sec. 4.1 "small
+    batches" and their code). Not implemented: freezing the prototypes during the first epoch.
+
+    State: ``prototypes`` (a bias-free Linear whose weight rows are re-normalized after each
+    optimizer step), ``queue`` ``(2, queue_size, proj_dim)`` when ``queue_size > 0`` and the count
+    of embeddings enqueued so far (extra state).
+    Knobs: ``temperature``, ``queue_size``, ``local_crops``, ``swav_prototypes``, ``swav_epsilon``,
+    ``swav_iterations``, ``proj_hidden_dim``, ``proj_dim``.
+    """
+
+    name = "swav"
+    recipe = "multicrop"
+
+    queue: Tensor
+
+    def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+        self.projector = mlp([self.feature_dim, config.proj_hidden_dim, config.proj_dim])
+        self.prototypes = nn.Linear(config.proj_dim, config.swav_prototypes, bias=False)
+        self.normalize_prototypes()
+        self.queue_count = 0
+        if config.queue_size > 0:
+            self.register_buffer("queue", torch.zeros(N_GLOBAL, config.queue_size, config.proj_dim))
+
+    @property
+    def n_local_crops(self) -> int:
+        return self.config.local_crops
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.projector(self.backbone(x))
+
+    @property
+    def queue_full(self) -> bool:
+        return self.config.queue_size > 0 and self.queue_count >= self.config.queue_size
+
+    def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
+        config = self.config
+        embeddings = [F.normalize(z, dim=1) for z in encode_views(self.embed, views)]  # (B, proj_dim) each
+        scores = [self.prototypes(z) for z in embeddings]  # (B, swav_prototypes) each
+        if len(views) == N_GLOBAL and config.queue_size == 0:
+            return swav(
+                scores[0],
+                scores[1],
+                temperature=config.temperature,
+                epsilon=config.swav_epsilon,
+                sinkhorn_iterations=config.swav_iterations,
+                impl=config.loss_impl,
+            )
+        codes = self._codes(scores[:N_GLOBAL])
+        if config.queue_size > 0:
+            self._enqueue(embeddings[:N_GLOBAL])
+        return swapped_prediction(codes, scores, config.temperature)
+
+    @torch.no_grad()
+    def _codes(self, global_scores: list[Tensor]) -> list[Tensor]:
+        """Sinkhorn codes ``(B, K)`` of each global crop; the queue's scores against the current
+        prototypes join the batch's when the queue is full."""
+        codes = []
+        for i, batch_scores in enumerate(global_scores):
+            batch = batch_scores.detach().float()
+            if self.queue_full:
+                batch = torch.cat([batch, self.queue[i] @ self.prototypes.weight.float().t()])
+            assignment = sinkhorn(
+                batch, self.config.swav_epsilon, self.config.swav_iterations, impl=self.config.loss_impl
+            )
+            codes.append(assignment[: batch_scores.shape[0]])
+        return codes
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: list[Tensor]) -> None:
+        """Ring buffer per global crop; out of place since this step's codes may refer to it."""
+        size = self.config.queue_size
+        new = torch.stack([z.detach()[-size:] for z in embeddings]).to(self.queue.dtype)  # (2, B, D)
+        rows = (self.queue_count + torch.arange(new.shape[1], device=new.device)) % size
+        self.queue = self.queue.index_copy(1, rows, new)
+        self.queue_count += new.shape[1]
+
+    def after_optimizer_step(self, step: int) -> None:
+        super().after_optimizer_step(step)
+        self.normalize_prototypes()
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Project the prototypes back onto the unit sphere (Caron et al. 2020, sec. 4 "prototypes")."""
+        weight = self.prototypes.weight
+        weight.copy_(F.normalize(weight, dim=1))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "queue_count": self.queue_count}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.queue_count = int(state["queue_count"])
+
+
+def swapped_prediction(codes: list[Tensor], scores: list[Tensor], temperature: float) -> Tensor:
+    """Caron et al. 2020, eq. 1-2 with multi-crop: for each global crop ``i`` with codes ``q_i``
+    ``(B, K)``, the mean over every other crop ``v`` of the cross-entropy between ``q_i`` and
+    ``softmax(scores_v / temperature)``; averaged over the global crops.
+
+    Each code row sums to one, so the cross-entropy is ``logsumexp(s_v / T) - q_i . s_v / T``: one
+    log-sum-exp per crop, shared by the two global crops' terms, and no ``(B, K)`` log-softmax.
+    """
+    logits = [s.float() / temperature for s in scores]
+    log_partition = [torch.logsumexp(s, dim=1) for s in logits]  # (B,) per crop
+    total = logits[0].new_zeros(())
+    for i, q in enumerate(codes):
+        terms = [(log_partition[v] - (q * s).sum(dim=1)).mean() for v, s in enumerate(logits) if v != i]
+        total = total + torch.stack(terms).mean()
+    return total / len(codes)

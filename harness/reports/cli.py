@@ -1,0 +1,65 @@
+"""``harness report STUDY [--db URL] [--out DIR] [--all]``: the glue harness.cli calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from harness.db import DEFAULT_DB_PATH, Database, resolve_url
+from harness.reports.data import UnknownStudyError, study_names
+from harness.reports.render import DEFAULT_OUT_ROOT, HTML_NAME, build_all, build_report
+
+EXIT_USAGE = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "study", nargs="?", help="the study's name (its `study:` key), as stored in the database"
+    )
+    parser.add_argument(
+        "--db", default=None, help=f"SQLAlchemy URL or SQLite path (default {DEFAULT_DB_PATH})"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output folder (default {DEFAULT_OUT_ROOT}/STUDY; with --all, the root, default {DEFAULT_OUT_ROOT})",
+    )
+    parser.add_argument(
+        "--all", action="store_true", help="render every study and an index page linking them"
+    )
+
+
+def _error(message: str) -> int:
+    print(f"harness report: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(args: argparse.Namespace) -> int:
+    url = resolve_url(args.db)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.split("///", 1)[1])
+        if not path.is_file():
+            return _error(f"no database at {path} (run a study first, or pass --db)")
+    if args.all and args.study:
+        return _error("give a study name or --all, not both")
+    if not args.all and not args.study:
+        return _error("give a study name or --all")
+    database = Database(url)
+    started = time.perf_counter()
+    try:
+        if args.all:
+            index = build_all(database, out_root=args.out if args.out is not None else DEFAULT_OUT_ROOT)
+            count = len(study_names(database))
+            print(f"wrote {count} report(s) and {index} in {time.perf_counter() - started:.1f} s")
+            return 0
+        try:
+            out = build_report(database, args.study, args.out)
+        except UnknownStudyError as error:
+            return _error(str(error))
+        print(f"wrote {out / HTML_NAME} and {out / 'report.md'} in {time.perf_counter() - started:.1f} s")
+        return 0
+    finally:
+        database.dispose()

@@ -1,0 +1,224 @@
+"""What a search study's report shows from its Optuna study (same database, same name): the
+optimization history, the parameter importances and the best trials. Optuna is imported here
+only, when a search is reported (it is slow to import and the other reports do not need it)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from harness.db import Database
+from harness.reports.data import ACCURACY_COLUMNS, ReportData, _plain
+from harness.reports.document import Cell, Table
+from harness.reports.style import METRICS, format_knob_value, format_number, is_finite, metric_decimals
+from harness.reports.tables import metric_label
+
+BEST_TRIALS = 10
+# Optuna's trial states in the harness's words.
+_STATES: dict[str, str] = {
+    "COMPLETE": "complete",
+    "PRUNED": "pruned",
+    "FAIL": "failed",
+    "RUNNING": "running",
+    "WAITING": "pending",
+}
+MIN_IMPORTANCE_TRIALS = 3
+IMPORTANCE_SEED = 0  # fANOVA fits a random forest: a fixed seed keeps the report deterministic
+
+
+@dataclass
+class SearchSummary:
+    metric: str
+    maximize: bool
+    source: str  # "optuna" or "harness" (the Optuna study was not found)
+    history: pd.DataFrame  # number, state, value (report units), best (best so far), method
+    params: list[str]
+    importances: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def axis_label(self) -> str:
+        return metric_label(self.metric)
+
+
+def summarize(db: Database, data: ReportData) -> SearchSummary | None:
+    spec = data.spec
+    if spec is None or spec.search is None:
+        return None
+    metric = spec.search.metric
+    maximize = spec.search.direction == "maximize"
+    factor = data.accuracy_factor if metric in ACCURACY_COLUMNS else 1.0
+    params = [p.name for p in spec.search.space]
+    try:
+        return _from_optuna(db, data.info.name, metric, maximize, factor, params)
+    except Exception as error:  # any storage problem falls back to the harness rows
+        summary = _from_trials(data, metric, maximize, params)
+        summary.notes.append(
+            f"The Optuna study {data.info.name!r} could not be read from the database "
+            f"({type(error).__name__}: {error}); the history below comes from the harness's trials."
+        )
+        return summary
+
+
+def _from_optuna(
+    db: Database, name: str, metric: str, maximize: bool, factor: float, params: list[str]
+) -> SearchSummary:
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        storage = optuna.storages.RDBStorage(db.url, skip_compatibility_check=True)
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+            trials = study.get_trials(deepcopy=False)
+            records = []
+            for trial in sorted(trials, key=lambda t: t.number):
+                value = trial.value if trial.state == TrialState.COMPLETE and trial.values else None
+                if value is None and trial.intermediate_values:
+                    value = trial.intermediate_values[max(trial.intermediate_values)]
+                record: dict[str, Any] = {
+                    "number": trial.number,
+                    "state": _STATES.get(trial.state.name, trial.state.name.lower()),
+                    "value": float(value) * factor if is_finite(value) else math.nan,
+                    "harness_trial": trial.user_attrs.get("harness_trial_id"),
+                }
+                for param in sorted(trial.params):
+                    record[f"param_{param}"] = trial.params[param]
+                records.append(record)
+            summary = SearchSummary(
+                metric, maximize, "optuna", _with_best(pd.DataFrame.from_records(records), maximize), params
+            )
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            summary.importances, note = _importances(study, complete)
+            if note:
+                summary.notes.append(note)
+        finally:
+            storage.remove_session()
+            storage.engine.dispose()
+    return summary
+
+
+def _importances(study: Any, complete: list[Any]) -> tuple[dict[str, float], str | None]:
+    """fANOVA importances, or a note saying why there are none. Below a few complete trials with
+    different values Optuna either raises or returns equal shares, which would read as a result."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator
+
+    distinct = {float(t.value) for t in complete if is_finite(t.value)}
+    if len(complete) < MIN_IMPORTANCE_TRIALS or len(distinct) < 2:
+        return {}, (
+            f"Parameter importances could not be computed from {len(complete)} complete trial(s): they need at "
+            f"least {MIN_IMPORTANCE_TRIALS} complete trials whose objective values differ."
+        )
+    try:
+        importances = optuna.importance.get_param_importances(
+            study, evaluator=FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
+        )
+    except Exception as error:  # fANOVA refuses degenerate searches in several ways
+        return {}, (
+            f"Parameter importances could not be computed from {len(complete)} complete trial(s) "
+            f"({type(error).__name__}: {error})."
+        )
+    if not importances:
+        return {}, "Parameter importances: no parameter varied among the complete trials."
+    return dict(sorted(importances.items(), key=lambda kv: (-kv[1], kv[0]))), None
+
+
+def _from_trials(data: ReportData, metric: str, maximize: bool, params: list[str]) -> SearchSummary:
+    trials = data.trials
+    records = []
+    if not trials.empty and metric in trials.columns:
+        ordered = trials.sort_values(["optuna_number", "trial_id"], na_position="last", kind="stable")
+        for index, (_, row) in enumerate(ordered.iterrows()):
+            if row["status"] not in ("complete", "pruned", "failed"):
+                continue
+            number = row["optuna_number"]
+            record: dict[str, Any] = {
+                "number": int(number) if is_finite(number) else index,
+                "state": str(row["status"]),
+                "value": float(row[metric])
+                if row["status"] == "complete" and is_finite(row[metric])
+                else math.nan,
+                "harness_trial": int(row["trial_id"]),
+            }
+            for param in params:
+                record[f"param_{param}"] = _plain(row.get(param))
+            records.append(record)
+    summary = SearchSummary(
+        metric, maximize, "harness", _with_best(pd.DataFrame.from_records(records), maximize), params
+    )
+    summary.notes.append("Parameter importances need the Optuna study; none are shown.")
+    return summary
+
+
+def _with_best(history: pd.DataFrame, maximize: bool) -> pd.DataFrame:
+    if history.empty:
+        return pd.DataFrame(columns=["number", "state", "value", "best", "harness_trial"])
+    best: list[float] = []
+    current = math.nan
+    for state, value in zip(history["state"], history["value"]):
+        if (
+            state == "complete"
+            and math.isfinite(value)
+            and (math.isnan(current) or (value > current if maximize else value < current))
+        ):
+            current = value
+        best.append(current)
+    history = history.copy()
+    history["best"] = best
+    return history
+
+
+def best_trials_table(summary: SearchSummary, data: ReportData) -> Table | None:
+    history = summary.history
+    if history.empty:
+        return None
+    complete = history[(history["state"] == "complete") & history["value"].map(math.isfinite)]
+    if complete.empty:
+        return None
+    ranked = complete.sort_values(
+        ["value", "number"], ascending=[not summary.maximize, True], kind="stable"
+    ).head(BEST_TRIALS)
+    params = [p for p in summary.params if f"param_{p}" in history.columns]
+    by_number = {}
+    if "optuna_number" in data.trials.columns:
+        for _, row in data.trials.iterrows():
+            if is_finite(row["optuna_number"]):
+                by_number.setdefault(int(row["optuna_number"]), []).append(int(row["trial_id"]))
+    # The comparison table's decimals, so both tables show the same numbers.
+    metric = METRICS.get(summary.metric)
+    decimals = metric_decimals(metric, list(complete["value"])) if metric is not None else None
+    rows = []
+    for rank, (_, row) in enumerate(ranked.iterrows(), start=1):
+        harness_ids = by_number.get(int(row["number"]), [])
+        if not harness_ids and is_finite(row.get("harness_trial")):
+            harness_ids = [int(row["harness_trial"])]
+        rows.append(
+            (
+                Cell(str(rank)),
+                Cell(str(int(row["number"]))),
+                Cell(", ".join(str(i) for i in sorted(harness_ids)) or "–"),
+                Cell(format_number(row["value"], decimals), bold=rank == 1),
+                *(Cell(format_knob_value(_plain(row.get(f"param_{p}")))) for p in params),
+            )
+        )
+    return Table(
+        columns=("rank", "Optuna trial", "harness trial", summary.axis_label, *params),
+        rows=tuple(rows),
+        numeric=(True, True, True, True, *(False for _ in params)),
+    )
+
+
+def importance_table(summary: SearchSummary) -> Table | None:
+    if not summary.importances:
+        return None
+    return Table(
+        columns=("parameter", "importance (fANOVA, normalized)"),
+        rows=tuple((Cell(k), Cell(format_number(v, 3))) for k, v in summary.importances.items()),
+        numeric=(False, True),
+    )

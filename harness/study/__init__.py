@@ -1,0 +1,60 @@
+"""Running studies: expand grids and ablations into trials, drive Optuna searches, claim trials
+atomically in the database, heartbeat them, resume after a crash, and run several workers.
+
+``run_study(study, RunOptions(...))`` is what ``harness run`` does. Importing this package
+imports neither torch nor Optuna; a worker imports them when it starts training or searching.
+"""
+
+from __future__ import annotations
+
+from harness.study.overview import UnknownStudy, dry_run_lines, open_existing, status_lines
+from harness.study.runner import (
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    Finished,
+    RunOptions,
+    RunResult,
+    RunTally,
+    describe_sync,
+    run_study,
+    worker_devices,
+)
+from harness.study.search import SearchSetupError, search_problems
+from harness.study.store import (
+    Claim,
+    StudyConflict,
+    SyncReport,
+    claim_next,
+    claim_row,
+    finish,
+    heartbeat,
+    release,
+    sync_study,
+    worker_name,
+)
+
+__all__ = [
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "Claim",
+    "Finished",
+    "RunOptions",
+    "RunResult",
+    "RunTally",
+    "SearchSetupError",
+    "StudyConflict",
+    "SyncReport",
+    "UnknownStudy",
+    "claim_next",
+    "claim_row",
+    "describe_sync",
+    "dry_run_lines",
+    "finish",
+    "heartbeat",
+    "open_existing",
+    "release",
+    "run_study",
+    "search_problems",
+    "status_lines",
+    "sync_study",
+    "worker_devices",
+    "worker_name",
+]

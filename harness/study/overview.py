@@ -1,0 +1,192 @@
+"""Text summaries of studies for the terminal: ``harness status`` and ``harness run --dry-run``.
+
+Reads the database with plain queries (no pandas, torch or Optuna import), so it stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from harness.db import Database, StudyRow, TrialRow, resolve_url, utcnow
+from harness.spec import SpecError, Study, parse_study
+from harness.study import store
+
+STATUS_ORDER: tuple[str, ...] = ("complete", "running", "pending", "failed", "pruned")
+SHOWN_METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "final_loss")
+# Knobs that differ between trials without being what a study compares.
+_NOT_COMPARED: frozenset[str] = frozenset({"seed", "device"})
+
+
+class UnknownStudy(LookupError):
+    """No study of that name in the database."""
+
+
+def sqlite_file(url: str | Path | None) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    text = resolve_url(url)
+    if not text.startswith("sqlite") or "///" not in text:
+        return None
+    path = text.split("///", 1)[1]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def open_existing(url: str | Path | None) -> Database:
+    """The database, without creating it: FileNotFoundError when a SQLite file does not exist."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"no database at {path} (nothing has run yet; `harness run STUDY.yaml` creates it)")
+    return Database(url, create=False)
+
+
+@dataclass(frozen=True)
+class _Objective:
+    metric: str
+    direction: str
+
+
+def _objective_of(file_text: str) -> tuple[_Objective, Study | None]:
+    try:
+        study = parse_study(file_text, source="<stored study file>")
+    except SpecError:  # a file stored by an older version of the harness: fall back to the default
+        return _Objective("knn_top1", "maximize"), None
+    if study.search is not None:
+        return _Objective(study.search.metric, study.search.direction), study
+    return _Objective("knn_top1", "maximize"), study
+
+
+def compared_knobs(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The knobs whose value differs between trials (what the labels show), in knob order."""
+    if not configs:
+        return []
+    keys = list(configs[0])
+    return [k for k in keys if k not in _NOT_COMPARED and len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _ago(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "never"
+    seconds = (now - moment).total_seconds()
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def status_lines(db: Database, name: str | None = None, *, top: int = 5, failures: int = 10) -> list[str]:
+    """``harness status``: per study, counts per status, the best trials by the objective, the
+    failures with their reasons, and who runs what."""
+
+    def query(session: Session) -> list[tuple[StudyRow, list[TrialRow]]]:
+        statement = select(StudyRow).order_by(StudyRow.created_at, StudyRow.id)
+        if name is not None:
+            statement = statement.where(StudyRow.name == name)
+        studies = list(session.scalars(statement))
+        result = []
+        for study in studies:
+            trials = list(session.scalars(select(TrialRow).where(TrialRow.study_id == study.id).order_by(TrialRow.id)))
+            result.append((study, trials))
+        return result
+
+    data = db.run(query)
+    if name is not None and not data:
+        known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))
+        raise UnknownStudy(f"no study named {name!r} in the database" + (f" (studies: {', '.join(known)})" if known else ""))
+    if not data:
+        return ["no studies in the database yet (`harness run STUDY.yaml` adds one)"]
+    lines: list[str] = []
+    for study_row, trials in data:
+        if lines:
+            lines.append("")
+        lines.extend(_study_lines(study_row, trials, top=top if name else min(top, 3), failures=failures if name else 3))
+    return lines
+
+
+def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failures: int) -> list[str]:
+    objective, parsed = _objective_of(study_row.file_text)
+    counts = {s: sum(t.status == s for t in trials) for s in STATUS_ORDER}
+    count_text = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "no trials"
+    updated = study_row.updated_at.strftime("%Y-%m-%d %H:%M") if study_row.updated_at else "?"
+    lines = [f"{study_row.name} ({study_row.kind}, file of {updated} UTC): {len(trials)} trial(s): {count_text}"]
+    knobs = list(parsed.swept_knobs) if parsed is not None else compared_knobs([t.config or {} for t in trials])
+
+    def label(trial: TrialRow) -> str:
+        parts = [f"{k}={store.format_value((trial.config or {}).get(k))}" for k in knobs]
+        parts.append(f"seed={trial.seed}")
+        if trial.optuna_number is not None:
+            parts.insert(0, f"optuna {trial.optuna_number}")
+        return " ".join(parts)
+
+    scored = [
+        t
+        for t in trials
+        if t.status == "complete"
+        and isinstance(getattr(t, objective.metric), float)
+        and not math.isnan(getattr(t, objective.metric))
+    ]
+    scored.sort(key=lambda t: getattr(t, objective.metric), reverse=objective.direction == "maximize")
+    if scored:
+        lines.append(f"  best by {objective.metric} ({objective.direction}):")
+        metrics = [objective.metric, *(m for m in SHOWN_METRICS if m != objective.metric)]
+        for trial in scored[:top]:
+            values = "  ".join(f"{m} {_fmt(getattr(trial, m))}" for m in metrics)
+            lines.append(f"    #{trial.id}  {label(trial)}  {values}")
+    failed = [t for t in trials if t.status == "failed"]
+    if failed:
+        lines.append("  failed (kept as results; `harness run --retry-failed` reruns them):")
+        lines.extend(f"    #{t.id}  {label(t)}: {t.reason or 'no reason recorded'}" for t in failed[:failures])
+        if len(failed) > failures:
+            lines.append(f"    ... and {len(failed) - failures} more")
+    running = [t for t in trials if t.status == "running"]
+    if running:
+        now = utcnow()
+        lines.append("  running:")
+        lines.extend(f"    #{t.id}  {label(t)}: {t.worker}, heartbeat {_ago(t.heartbeat, now)}" for t in running[:failures])
+    interrupted = [t for t in trials if t.status == "pending" and t.reason]
+    if interrupted:
+        lines.append(f"  {len(interrupted)} pending trial(s) were {interrupted[0].reason} and will be rerun")
+    return lines
+
+
+def dry_run_lines(study: Study, existing: Mapping[tuple[str, int], str] | None) -> list[str]:
+    """``harness run --dry-run``: the expanded trials (and notes), marked with their state in the
+    database when it has the study. Writes nothing."""
+    if study.search is not None:
+        from harness.study import search
+
+        lines = search.describe(study)
+        lines.extend(f"note: {note}" for note in study.notes)
+        return lines
+    trials = study.trials()
+    configurations = len({t.config_hash for t in trials})
+    lines = [
+        f"study {study.name} ({study.kind}): {configurations} configuration(s) x {len(study.seeds)} seed(s) "
+        f"= {len(trials)} trial(s) (dry run: nothing is written)"
+    ]
+    lines.extend(f"note: {note}" for note in study.notes)
+    knobs = study.swept_knobs
+    for index, config in enumerate(trials, 1):
+        state = "new" if existing is None else existing.get((config.config_hash, config.seed), "new")
+        lines.append(f"  {index:>4}  {store.trial_label(config.to_dict(), knobs)}  [{state}]")
+    if existing is not None:
+        wanted = {(t.config_hash, t.seed) for t in trials}
+        gone = [key for key in existing if key not in wanted]
+        if gone:
+            lines.append(f"  {len(gone)} trial(s) in the database are no longer in the file (kept, not run)")
+    return lines

@@ -1,0 +1,474 @@
+"""Optuna searches whose storage is the harness database itself.
+
+Optuna's tables sit beside ours (``optuna.load_study(study_name=..., storage=URL)`` and
+``optuna-dashboard URL`` open them). Every Optuna trial that trains has a harness trial row
+(``optuna_number``), claimed and heartbeated like a grid trial, so several processes can run one
+search and a dead worker's trial is rerun: its Optuna trial is marked failed and superseded
+(user attribute ``harness_superseded``) and a new Optuna trial with the same parameters replaces
+it. ``n_trials`` counts Optuna trials (complete, pruned, failed or running), superseded ones
+excepted, across all processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from harness.db import Database
+from harness.spec import SearchParam, SearchSpec, SpecError, Study, config_hash, resolve
+from harness.study import store
+from harness.study.runner import WorkerContext, run_claim
+from harness.study.store import Claim
+
+T = TypeVar("T")
+
+SQLITE_TIMEOUT_S = 30.0
+_STORAGE_RETRIES = 8
+SUPERSEDED = "harness_superseded"
+HARNESS_TRIAL = "harness_trial_id"
+
+
+class SearchSetupError(Exception):
+    """The search cannot run against this database or this environment (nothing was run)."""
+
+
+def search_problems(study: Study) -> list[str]:
+    """Problems of a valid study file that only the search machinery sees (reported like
+    validation problems, before anything is written)."""
+    spec = study.search
+    if spec is None:
+        return []
+    problems: list[str] = []
+    if spec.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            problems.append(
+                f"{study.path}: search.sampler: cmaes needs the `cmaes` package, which is not installed "
+                "(pip install cmaes), or choose sampler tpe"
+            )
+    for param in spec.space:
+        if param.log and param.step is not None:
+            problems.append(
+                f"{study.path}: search.space.{param.name}: found log: true and step: {param.step}, "
+                "expected one of them (Optuna cannot combine a log scale with a step)"
+            )
+    return problems
+
+
+def grid_values(param: SearchParam) -> list[Any]:
+    """The values of one dimension under sampler: grid."""
+    if param.choices is not None:
+        return list(param.choices)
+    assert param.low is not None and param.high is not None and param.step is not None
+    count = math.floor((param.high - param.low) / param.step + 1e-9) + 1
+    if param.is_int:
+        return [int(param.low + i * param.step) for i in range(count)]
+    return [round(param.low + i * param.step, 12) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optuna objects
+
+
+def _optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def make_storage(db: Database) -> Any:
+    """Optuna's RDB storage on our database URL.
+
+    On SQLite every Optuna transaction starts with BEGIN IMMEDIATE: Optuna reads then writes in
+    one transaction, and a deferred transaction whose read snapshot went stale fails at once with
+    "database is locked" (the busy timeout does not apply to it); an immediate one waits its turn.
+    """
+    optuna = _optuna()
+    from sqlalchemy import event
+
+    kwargs: dict[str, Any] = (
+        {"connect_args": {"timeout": SQLITE_TIMEOUT_S, "isolation_level": None}}
+        if db.is_sqlite
+        else {"pool_pre_ping": True}
+    )
+    storage = _retry(lambda: optuna.storages.RDBStorage(db.url, engine_kwargs=kwargs))
+    if db.is_sqlite:
+        event.listen(storage.engine, "begin", _begin_immediate)
+    return storage
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _is_transient(error: BaseException) -> bool:
+    text = " ".join(str(e).lower() for e in (error, error.__cause__, error.__context__) if e is not None)
+    return "locked" in text or "busy" in text or "already exists" in text or "unique constraint" in text
+
+
+def _retry(work: Callable[[], T]) -> T:
+    """Optuna storage calls, retried when SQLite is busy or two processes create the tables at once."""
+    for attempt in range(_STORAGE_RETRIES):
+        try:
+            return work()
+        except Exception as error:
+            if not _is_transient(error) or attempt == _STORAGE_RETRIES - 1:
+                raise
+            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def make_sampler(spec: SearchSpec) -> Any:
+    optuna = _optuna()
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler()
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({p.name: grid_values(p) for p in spec.space})
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler()
+    # constant_liar: parallel workers see each other's running trials as bad guesses, so they
+    # do not all sample the same point.
+    return optuna.samplers.TPESampler(constant_liar=True)
+
+
+def make_pruner(study: Study) -> Any:
+    optuna = _optuna()
+    spec = study.search
+    assert spec is not None
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_warmup_steps=1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs(study))
+    return optuna.pruners.NopPruner()
+
+
+def max_epochs(study: Study) -> int:
+    epochs = int(study.base_config().epochs)
+    for param in study.search.space if study.search else ():
+        if param.name == "epochs":
+            epochs = max(epochs, int(max(param.choices)) if param.choices else int(param.high or epochs))
+    return max(1, epochs)
+
+
+def distribution(param: SearchParam, value: Any = None) -> Any:
+    """The Optuna distribution of one dimension, widened to contain ``value`` when given (a trial
+    rerun after the file's space changed)."""
+    optuna = _optuna()
+    dists = optuna.distributions
+    if param.choices is not None:
+        choices = list(param.choices)
+        if value is not None and value not in choices:
+            choices.append(value)
+        return dists.CategoricalDistribution(choices)
+    low, high = param.low, param.high
+    if value is not None:
+        low, high = min(low, value), max(high, value)
+    if param.is_int:
+        step = int(param.step or 1)
+        if value is not None and (int(value) - int(low)) % step:
+            step = 1
+        return dists.IntDistribution(int(low), int(high), log=param.log, step=step)
+    step = param.step
+    if value is not None and step is not None and abs((value - low) / step - round((value - low) / step)) > 1e-8:
+        step = None
+    return dists.FloatDistribution(float(low), float(high), log=param.log, step=step)
+
+
+def suggest(trial: Any, param: SearchParam) -> Any:
+    if param.choices is not None:
+        return trial.suggest_categorical(param.name, list(param.choices))
+    if param.is_int:
+        return trial.suggest_int(param.name, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+    return trial.suggest_float(param.name, float(param.low), float(param.high), step=param.step, log=param.log)
+
+
+@dataclass
+class _Search:
+    """The Optuna study of a harness search, opened by one process."""
+
+    study: Any  # optuna.Study
+    storage: Any
+    study_id: int
+    spec: SearchSpec
+
+
+def open_search(db: Database, study: Study) -> _Search:
+    """Create or load the Optuna study named like the harness study (its tables on first use)."""
+    optuna = _optuna()
+    spec = study.search
+    assert spec is not None
+    storage = make_storage(db)
+    optuna_study = _retry(
+        lambda: optuna.create_study(
+            storage=storage,
+            study_name=study.name,
+            sampler=make_sampler(spec),
+            pruner=make_pruner(study),
+            direction=spec.direction,
+            load_if_exists=True,
+        )
+    )
+    existing = optuna_study.direction.name.lower()
+    if existing != spec.direction:
+        raise SearchSetupError(
+            f"the Optuna study {study.name!r} in this database maximizes/minimizes differently "
+            f"({existing}) from the file ({spec.direction}); rename the study to start a new search"
+        )
+    return _Search(optuna_study, storage, storage.get_study_id_from_name(study.name), spec)
+
+
+def prepare(db: Database, study: Study) -> None:
+    """Before the workers start: Optuna's tables and study exist, and the file's ``enqueue``
+    points are queued (once: points already in the study are skipped)."""
+    search = open_search(db, study)
+    for point in search.spec.enqueue:
+        _retry(lambda point=point: search.study.enqueue_trial(dict(point), skip_if_exists=True))
+
+
+def trials_used(search: _Search) -> int:
+    """Optuna trials that count against ``n_trials`` (all processes together)."""
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    trials = _retry(
+        lambda: search.study.get_trials(
+            deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL, states.RUNNING)
+        )
+    )
+    return sum(1 for t in trials if not t.user_attrs.get(SUPERSEDED))
+
+
+def supersede(search: _Search, number: int | None) -> None:
+    """Fail the Optuna trial of a harness trial that is handed back or taken over, marked so that
+    it does not count against ``n_trials`` (a new Optuna trial replaces it)."""
+    if number is None:
+        return
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    try:
+        trial_id = _retry(lambda: search.storage.get_trial_id_from_study_id_trial_number(search.study_id, number))
+        if _retry(lambda: search.storage.get_trial(trial_id)).state not in (states.RUNNING, states.WAITING):
+            return
+        _retry(lambda: search.storage.set_trial_user_attr(trial_id, SUPERSEDED, True))
+        _retry(lambda: search.storage.set_trial_state_values(trial_id, states.FAIL))
+    except (KeyError, RuntimeError):  # gone, or finished meanwhile by its old owner
+        return
+
+
+def _tell(search: _Search, trial: Any, *, value: float | None = None, state: str = "complete") -> None:
+    optuna = _optuna()
+    states = optuna.trial.TrialState
+    try:
+        if state == "complete" and value is not None and math.isfinite(value):
+            _retry(lambda: search.study.tell(trial, value, skip_if_finished=True))
+        elif state == "pruned":
+            _retry(lambda: search.study.tell(trial, state=states.PRUNED, skip_if_finished=True))
+        else:
+            _retry(lambda: search.study.tell(trial, state=states.FAIL, skip_if_finished=True))
+    except (KeyError, RuntimeError, ValueError):  # superseded meanwhile by another worker
+        return
+
+
+# ----------------------------------------------------------------------------------------------
+# The worker loop
+
+
+def search_loop(ctx: WorkerContext) -> None:
+    """Rerun the search's trials that need it, then sample new ones until ``n_trials`` is used."""
+    study = ctx.study
+    assert study.search is not None
+    search = open_search(ctx.db, study)
+    seed = study.seeds[0]
+    waiting_said = False
+    while ctx.budget.take():
+        claim = store.claim_next(
+            ctx.db,
+            ctx.study_id,
+            ctx.worker,
+            stale_before=ctx.stale_before,
+            retry_failed_before=ctx.retry_failed_before,
+        )
+        if claim is not None:
+            _rerun(ctx, search, claim)
+            waiting_said = False
+            continue
+        if trials_used(search) < search.spec.n_trials:
+            if not _ask_and_run(ctx, search, seed):
+                ctx.budget.give_back()  # nothing trained (a reused or invalid point)
+            waiting_said = False
+            continue
+        ctx.budget.give_back()
+        others = store.live_running(ctx.db, ctx.study_id, stale_before=ctx.stale_before)
+        if others == 0:
+            return
+        if not waiting_said:
+            ctx.echo(f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)")
+            waiting_said = True
+        time.sleep(ctx.poll_seconds)
+
+
+def _rerun(ctx: WorkerContext, search: _Search, claim: Claim) -> None:
+    """A claimed harness trial (interrupted, its worker dead, or a failure to retry) gets a new
+    Optuna trial with the same parameters."""
+    optuna = _optuna()
+    supersede(search, claim.optuna_number)
+    params = {p.name: claim.config.get(p.name) for p in search.spec.space}
+    template = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.RUNNING,
+        params=params,
+        distributions={p.name: distribution(p, params[p.name]) for p in search.spec.space},
+        # fixed_params: a GridSampler must not assign this trial a grid point of its own.
+        system_attrs={"fixed_params": params},
+        user_attrs={HARNESS_TRIAL: claim.row_id},
+    )
+    trial_id = _retry(lambda: search.storage.create_new_trial(search.study_id, template_trial=template))
+    trial = optuna.trial.Trial(search.study, trial_id)
+    number = trial.number
+    if not store.set_optuna_number(ctx.db, claim, number):
+        _tell(search, trial, state="failed")
+        return
+    _run(ctx, search, trial, replace(claim, optuna_number=number))
+
+
+def _ask_and_run(ctx: WorkerContext, search: _Search, seed: int) -> bool:
+    """Sample one point and run it; False when nothing was trained (the point was invalid, or
+    the study already has a result for it)."""
+    trial = _retry(search.study.ask)
+    params = {p.name: suggest(trial, p) for p in search.spec.space}
+    overrides = {**ctx.study.fixed, **params, "seed": seed}
+    label = " ".join(f"{k}={v}" for k, v in params.items())
+    try:
+        config = resolve(overrides)
+    except SpecError as error:
+        reason = "invalid configuration: " + "; ".join(error.problems)
+        store.insert_failed(ctx.db, ctx.study_id, overrides, config_hash(overrides), seed, reason, trial.number)
+        _tell(search, trial, state="failed")
+        ctx.echo(f"optuna trial {trial.number} ({label}): {reason}")
+        return False
+    _retry(lambda: trial.set_user_attr("config_hash", config.config_hash))
+    claim = store.insert_running(
+        ctx.db, ctx.study_id, config.to_dict(), config.config_hash, seed, ctx.worker, trial.number
+    )
+    if claim is None:
+        claim = _existing(ctx, search, trial, config.config_hash, seed, label)
+        if claim is None:
+            return False
+    _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
+    _run(ctx, search, trial, claim)
+    return True
+
+
+def _existing(ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed: int, label: str) -> Claim | None:
+    """The sampled configuration is already in the study: reuse its result instead of training
+    it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed)."""
+    row = store.find_row(ctx.db, ctx.study_id, hash_, seed)
+    if row is None:  # deleted meanwhile; treat the sample as failed rather than loop
+        _tell(search, trial, state="failed")
+        return None
+    metric = search.spec.metric
+    status = row["status"]
+    if status == "complete":
+        value = row.get(metric)
+        _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
+        _tell(search, trial, value=value, state="complete" if value is not None else "failed")
+        ctx.tally.reused += 1
+        ctx.echo(f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {metric} {value}")
+        return None
+    if status == "pruned" or (status == "failed" and not ctx.options.retry_failed):
+        _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
+        _tell(search, trial, state=status)
+        ctx.tally.reused += 1
+        ctx.echo(f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, which was {status}; counted as {status}")
+        return None
+    claim = store.claim_row(
+        ctx.db,
+        row["id"],
+        ctx.worker,
+        stale_before=ctx.stale_before,
+        retry_failed=ctx.options.retry_failed,
+        optuna_number=trial.number,
+    )
+    if claim is None:  # running in another worker right now
+        _tell(search, trial, state="failed")
+        ctx.echo(f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running elsewhere; counted as failed")
+        return None
+    if row.get("optuna_number") is not None and row["optuna_number"] != trial.number:
+        supersede(search, row["optuna_number"])
+    return claim
+
+
+def _run(ctx: WorkerContext, search: _Search, trial: Any, claim: Claim) -> None:
+    from harness.train import TrialPruned
+
+    spec = search.spec
+    # Intermediate values are the k-NN accuracy (what training measures as it goes); they rank
+    # trials the right way round only when the objective is maximized.
+    report = spec.direction == "maximize"
+
+    def on_eval(epoch: int, value: float) -> None:
+        if not report or value is None or not math.isfinite(value):
+            return
+        try:
+            trial.report(float(value), int(epoch))
+            prune = trial.should_prune()
+        except Exception as error:  # a busy database must not fail the trial; it just is not pruned now
+            ctx.echo(f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})")
+            return
+        if prune:
+            raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
+
+    try:
+        finished = run_claim(ctx, claim, on_eval=on_eval)
+    except KeyboardInterrupt:
+        supersede(search, trial.number)
+        raise
+    if finished is None:  # taken over by another worker, which owns the Optuna side now
+        return
+    value = finished.summary.get(spec.metric) if finished.summary else None
+    _tell(search, trial, value=None if value is None else float(value), state=finished.status)
+
+
+def describe(study: Study) -> list[str]:
+    """The search as ``--dry-run`` prints it."""
+    spec = study.search
+    assert spec is not None
+    lines = [
+        f"search {study.name}: {spec.n_trials} trial(s), sampler {spec.sampler}, pruner {spec.pruner}, "
+        f"objective {spec.direction} {spec.metric}, seed {study.seeds[0]}"
+    ]
+    for param in spec.space:
+        if param.choices is not None:
+            lines.append(f"  {param.name}: one of {list(param.choices)}")
+        else:
+            extra = (", log scale" if param.log else "") + (f", step {param.step:g}" if param.step is not None else "")
+            lines.append(f"  {param.name}: {param.low:g} .. {param.high:g}{extra}")
+    for point in spec.enqueue:
+        lines.append("  enqueued first: " + (", ".join(f"{k}={v}" for k, v in point.items()) or "(defaults)"))
+    base = study.base_config(study.seeds[0]).to_dict()
+    fixed = ", ".join(f"{k}={base[k]}" for k in study.fixed)
+    if fixed:
+        lines.append(f"  fixed: {fixed}")
+    if len(study.seeds) > 1:
+        lines.append(f"  note: a search uses the first seed ({study.seeds[0]}) of seeds: {list(study.seeds)}")
+    return lines
+
+
+__all__ = [
+    "SearchSetupError",
+    "describe",
+    "distribution",
+    "grid_values",
+    "make_storage",
+    "open_search",
+    "prepare",
+    "search_loop",
+    "search_problems",
+    "suggest",
+    "supersede",
+    "trials_used",
+]

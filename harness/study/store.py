@@ -1,0 +1,520 @@
+"""The database side of running a study, one short transaction per step.
+
+Registering a study and its trials, claiming one trial at a time, heartbeats and writing results
+all go through ``Database.run`` (one transaction, retried while SQLite reports the file locked).
+Claims are conditional UPDATEs: a row changes hands only if it is still in the state the claimer
+saw, so several processes (on one machine or several sharing a database) never run one trial
+twice. A claim is identified by (row, worker, attempts): a reclaimed trial's old owner, if it is
+still alive, can neither heartbeat nor write its result.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from harness.db import PROVENANCE_FIELDS, SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.spec import KNOB_NAMES, Study, TrialConfig
+
+# A transaction that loses an insert race (two processes registering one study) is retried once:
+# the second attempt sees the winner's rows.
+_INTEGRITY_RETRIES = 3
+
+
+class StudyConflict(Exception):
+    """The study file cannot be reconciled with what the database holds under its name."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What registering a study file changed in the database."""
+
+    study_id: int
+    created: bool
+    file_changed: bool
+    added: tuple[str, ...]  # labels of the trials inserted now
+    kept: int  # trials of the file that were already in the database
+    kept_finished: int  # ... of which have a result (complete, failed or pruned)
+    gone: tuple[str, ...]  # labels of trials in the database that the file no longer has
+    row_ids: tuple[int, ...] | None  # the rows the file asks for; None for a search (all rows)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One trial this worker owns until it writes a result or releases it."""
+
+    row_id: int
+    worker: str
+    attempts: int
+    config: Mapping[str, Any]
+    seed: int
+    previous_status: str
+    previous_worker: str | None
+    optuna_number: int | None
+
+    def trial_config(self, device: str | None = None) -> TrialConfig:
+        # Knobs a newer TrialConfig no longer has are dropped; new ones take their defaults.
+        config = TrialConfig(**{k: v for k, v in self.config.items() if k in KNOB_NAMES})
+        return config.replace(device=device) if device else config
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def naive_utc(moment: datetime | None) -> datetime | None:
+    """The database stores naive UTC times (``utcnow``); accept aware ones too."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trial_label(config: Mapping[str, Any], knobs: Sequence[str]) -> str:
+    parts = [f"{k}={format_value(config.get(k))}" for k in knobs if k != "seed"]
+    parts.append(f"seed={config.get('seed')}")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registering a study
+
+
+def sync_study(db: Database, study: Study) -> SyncReport:
+    """Create or update the study's row and insert its missing trials as pending.
+
+    Existing trials keep their rows and results; trials the file no longer has stay in the
+    database (reported in ``gone``) and are not run. Raises StudyConflict when the name belongs to
+    a study of the other family (search vs grid/ablation).
+    """
+    planned = study.trials() if study.search is None else []
+    for attempt in range(_INTEGRITY_RETRIES):
+        try:
+            return db.run(lambda session: _sync(session, study, planned))
+        except IntegrityError:
+            if attempt == _INTEGRITY_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _sync(session: Session, study: Study, planned: Sequence[TrialConfig]) -> SyncReport:
+    row = session.scalar(select(StudyRow).where(StudyRow.name == study.name))
+    created = row is None
+    file_changed = False
+    if row is None:
+        row = StudyRow(
+            name=study.name,
+            kind=study.kind,
+            description=study.description,
+            file_text=study.text,
+            file_hash=study.text_hash,
+        )
+        session.add(row)
+        session.flush()
+    else:
+        if (row.kind == "search") != (study.kind == "search"):
+            raise StudyConflict(
+                f"study {study.name!r} is in the database as a {row.kind}; the file makes it a "
+                f"{study.kind}. A study cannot change between search and grid/ablate: rename it."
+            )
+        file_changed = row.file_hash != study.text_hash
+        if file_changed:
+            row.kind = study.kind
+            row.description = study.description
+            row.file_text = study.text
+            row.file_hash = study.text_hash
+            row.updated_at = utcnow()
+    existing = session.execute(
+        select(TrialRow.id, TrialRow.config_hash, TrialRow.seed, TrialRow.status, TrialRow.config).where(
+            TrialRow.study_id == row.id
+        )
+    ).all()
+    if study.search is not None:
+        return SyncReport(row.id, created, file_changed, (), len(existing), 0, (), None)
+
+    knobs = study.swept_knobs
+    by_key = {(r.config_hash, r.seed): r for r in existing}
+    wanted = {(c.config_hash, c.seed) for c in planned}
+    missing = [c for c in planned if (c.config_hash, c.seed) not in by_key]
+    if missing:
+        session.execute(
+            insert(TrialRow),
+            [
+                {
+                    "study_id": row.id,
+                    "config": c.to_dict(),
+                    "config_hash": c.config_hash,
+                    "seed": c.seed,
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": utcnow(),
+                }
+                for c in missing
+            ],
+        )
+    kept = [r for key, r in by_key.items() if key in wanted]
+    gone = [r for key, r in by_key.items() if key not in wanted]
+    rows_now = session.execute(
+        select(TrialRow.id, TrialRow.config_hash, TrialRow.seed).where(TrialRow.study_id == row.id)
+    ).all()
+    row_ids = tuple(sorted(r.id for r in rows_now if (r.config_hash, r.seed) in wanted))
+    return SyncReport(
+        study_id=row.id,
+        created=created,
+        file_changed=file_changed,
+        added=tuple(trial_label(c.to_dict(), knobs) for c in missing),
+        kept=len(kept),
+        kept_finished=sum(r.status in ("complete", "failed", "pruned") for r in kept),
+        gone=tuple(trial_label(r.config, knobs) for r in gone),
+        row_ids=row_ids,
+    )
+
+
+def existing_rows(db: Database, study_name: str) -> dict[tuple[str, int], str] | None:
+    """(config hash, seed) -> status of a study's trials; None if the database lacks the study or
+    its tables (read-only: for ``--dry-run``)."""
+
+    def query(session: Session) -> dict[tuple[str, int], str] | None:
+        study_id = session.scalar(select(StudyRow.id).where(StudyRow.name == study_name))
+        if study_id is None:
+            return None
+        rows = session.execute(
+            select(TrialRow.config_hash, TrialRow.seed, TrialRow.status).where(TrialRow.study_id == study_id)
+        ).all()
+        return {(r.config_hash, r.seed): r.status for r in rows}
+
+    return db.run(query)
+
+
+# ----------------------------------------------------------------------------------------------
+# Claiming
+
+
+def claim_next(
+    db: Database,
+    study_id: int,
+    worker: str,
+    *,
+    stale_before: datetime,
+    row_ids: Iterable[int] | None = None,
+    retry_failed_before: datetime | None = None,
+    optuna_number: int | None = None,
+) -> Claim | None:
+    """Atomically take the next runnable trial: pending, running with a heartbeat older than
+    ``stale_before`` (its worker died), or, with ``retry_failed_before``, failed before then."""
+    ids = None if row_ids is None else tuple(row_ids)
+
+    def work(session: Session) -> Claim | None:
+        runnable = [
+            TrialRow.status == "pending",
+            and_(TrialRow.status == "running", or_(TrialRow.heartbeat.is_(None), TrialRow.heartbeat < stale_before)),
+        ]
+        if retry_failed_before is not None:
+            runnable.append(
+                and_(
+                    TrialRow.status == "failed",
+                    or_(TrialRow.ended_at.is_(None), TrialRow.ended_at < retry_failed_before),
+                )
+            )
+        statement = (
+            select(TrialRow.id, TrialRow.status, TrialRow.attempts)
+            .where(TrialRow.study_id == study_id, or_(*runnable))
+            .order_by(TrialRow.id)
+            .limit(16)
+        )
+        if ids is not None:
+            statement = statement.where(TrialRow.id.in_(ids))
+        for candidate in session.execute(statement).all():
+            claim = _take(session, candidate.id, candidate.status, candidate.attempts, worker, stale_before, optuna_number)
+            if claim is not None:
+                return claim
+        return None
+
+    return db.run(work)
+
+
+def claim_row(
+    db: Database,
+    row_id: int,
+    worker: str,
+    *,
+    stale_before: datetime,
+    retry_failed: bool = False,
+    optuna_number: int | None = None,
+) -> Claim | None:
+    """Take one given trial if it is runnable (pending, stale, or failed with ``retry_failed``)."""
+
+    def work(session: Session) -> Claim | None:
+        current = session.execute(
+            select(TrialRow.status, TrialRow.attempts, TrialRow.heartbeat).where(TrialRow.id == row_id)
+        ).one_or_none()
+        if current is None:
+            return None
+        runnable = current.status == "pending" or (current.status == "failed" and retry_failed)
+        if current.status == "running":
+            runnable = current.heartbeat is None or current.heartbeat < stale_before
+        if not runnable:
+            return None
+        return _take(session, row_id, current.status, current.attempts, worker, stale_before, optuna_number)
+
+    return db.run(work)
+
+
+def _take(
+    session: Session,
+    row_id: int,
+    status: str,
+    attempts: int,
+    worker: str,
+    stale_before: datetime,
+    optuna_number: int | None,
+) -> Claim | None:
+    previous = session.execute(
+        select(TrialRow.worker, TrialRow.config, TrialRow.seed, TrialRow.optuna_number).where(TrialRow.id == row_id)
+    ).one()
+    now = utcnow()
+    conditions = [TrialRow.id == row_id, TrialRow.status == status, TrialRow.attempts == attempts]
+    if status == "running":
+        # Re-checked here: the owner may have sent a heartbeat since the candidate was read.
+        conditions.append(or_(TrialRow.heartbeat.is_(None), TrialRow.heartbeat < stale_before))
+    values: dict[str, Any] = {
+        "status": "running",
+        "worker": worker,
+        "heartbeat": now,
+        "started_at": now,
+        "ended_at": None,
+        "reason": None,
+        "attempts": attempts + 1,
+    }
+    if optuna_number is not None:
+        values["optuna_number"] = optuna_number
+    result = session.execute(update(TrialRow).where(*conditions).values(**values))
+    if result.rowcount != 1:
+        return None
+    return Claim(
+        row_id=row_id,
+        worker=worker,
+        attempts=attempts + 1,
+        config=dict(previous.config),
+        seed=previous.seed,
+        previous_status=status,
+        previous_worker=previous.worker,
+        optuna_number=optuna_number if optuna_number is not None else previous.optuna_number,
+    )
+
+
+def insert_running(
+    db: Database, study_id: int, config: Mapping[str, Any], config_hash: str, seed: int, worker: str, optuna_number: int
+) -> Claim | None:
+    """A new trial row (a search's sample), claimed by ``worker``; None if the study already has
+    this configuration and seed (inserted by another process meanwhile)."""
+
+    def work(session: Session) -> Claim:
+        now = utcnow()
+        result = session.execute(
+            insert(TrialRow).values(
+                study_id=study_id,
+                config=dict(config),
+                config_hash=config_hash,
+                seed=seed,
+                status="running",
+                worker=worker,
+                heartbeat=now,
+                started_at=now,
+                attempts=1,
+                optuna_number=optuna_number,
+                created_at=now,
+            )
+        )
+        row_id = int(result.inserted_primary_key[0])
+        return Claim(row_id, worker, 1, dict(config), seed, "new", None, optuna_number)
+
+    try:
+        return db.run(work)
+    except IntegrityError:
+        return None
+
+
+def insert_failed(
+    db: Database, study_id: int, config: Mapping[str, Any], config_hash: str, seed: int, reason: str, optuna_number: int
+) -> bool:
+    """Record a sample that could not even be configured (a failed result, not a crash)."""
+
+    def work(session: Session) -> None:
+        now = utcnow()
+        session.execute(
+            insert(TrialRow).values(
+                study_id=study_id,
+                config=dict(config),
+                config_hash=config_hash,
+                seed=seed,
+                status="failed",
+                reason=reason,
+                worker=worker_name(),
+                started_at=now,
+                ended_at=now,
+                attempts=1,
+                optuna_number=optuna_number,
+                created_at=now,
+            )
+        )
+
+    try:
+        db.run(work)
+    except IntegrityError:
+        return False
+    return True
+
+
+def find_row(db: Database, study_id: int, config_hash: str, seed: int) -> dict[str, Any] | None:
+    """The study's row for one configuration and seed, as a plain dict (status, metrics, ...)."""
+
+    def query(session: Session) -> dict[str, Any] | None:
+        row = session.scalar(
+            select(TrialRow).where(
+                TrialRow.study_id == study_id, TrialRow.config_hash == config_hash, TrialRow.seed == seed
+            )
+        )
+        if row is None:
+            return None
+        return {c.name: getattr(row, c.name) for c in TrialRow.__table__.columns}
+
+    return db.run(query)
+
+
+def live_running(db: Database, study_id: int, *, stale_before: datetime, row_ids: Iterable[int] | None = None) -> int:
+    """How many of the study's trials other workers are running with a fresh heartbeat."""
+    ids = None if row_ids is None else tuple(row_ids)
+
+    def query(session: Session) -> int:
+        statement = select(func.count(TrialRow.id)).where(
+            TrialRow.study_id == study_id, TrialRow.status == "running", TrialRow.heartbeat >= stale_before
+        )
+        if ids is not None:
+            statement = statement.where(TrialRow.id.in_(ids))
+        return int(session.scalar(statement) or 0)
+
+    return db.run(query)
+
+
+def status_counts(db: Database, study_id: int, row_ids: Iterable[int] | None = None) -> dict[str, int]:
+    ids = None if row_ids is None else tuple(row_ids)
+
+    def query(session: Session) -> dict[str, int]:
+        statement = (
+            select(TrialRow.status, func.count(TrialRow.id)).where(TrialRow.study_id == study_id).group_by(TrialRow.status)
+        )
+        if ids is not None:
+            statement = statement.where(TrialRow.id.in_(ids))
+        return {status: int(count) for status, count in session.execute(statement).all()}
+
+    return db.run(query)
+
+
+# ----------------------------------------------------------------------------------------------
+# While a trial runs, and after
+
+
+def _owned(claim: Claim) -> list[Any]:
+    return [
+        TrialRow.id == claim.row_id,
+        TrialRow.worker == claim.worker,
+        TrialRow.attempts == claim.attempts,
+        TrialRow.status == "running",
+    ]
+
+
+def heartbeat(db: Database, claim: Claim) -> bool:
+    """Refresh the claim's heartbeat; False when the claim was lost (reclaimed by another worker)."""
+
+    def work(session: Session) -> bool:
+        result = session.execute(update(TrialRow).where(*_owned(claim)).values(heartbeat=utcnow()))
+        return result.rowcount == 1
+
+    return db.run(work)
+
+
+def set_optuna_number(db: Database, claim: Claim, number: int) -> bool:
+    """Point the claimed trial at the Optuna trial that now runs it."""
+
+    def work(session: Session) -> bool:
+        result = session.execute(update(TrialRow).where(*_owned(claim)).values(optuna_number=number))
+        return result.rowcount == 1
+
+    return db.run(work)
+
+
+def release(db: Database, claim: Claim, reason: str = "interrupted") -> bool:
+    """Hand the trial back as pending (to be rerun), if this worker still owns it."""
+
+    def work(session: Session) -> bool:
+        result = session.execute(update(TrialRow).where(*_owned(claim)).values(status="pending", reason=reason))
+        return result.rowcount == 1
+
+    return db.run(work)
+
+
+def _as_float(value: Any) -> float | None:
+    """A metric value as a float. NaN stays NaN (a diverged metric is a result); SQLite stores
+    it as NULL, PostgreSQL as NaN."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def finish(
+    db: Database,
+    claim: Claim,
+    *,
+    status: str,
+    reason: str | None,
+    summary: Mapping[str, Any],
+    curves: Sequence[tuple[float, int, str, float]],
+    provenance: Mapping[str, Any],
+    started_at: datetime | None,
+    ended_at: datetime | None,
+    config: Mapping[str, Any] | None = None,
+) -> bool:
+    """Write a trial's result and curves in one transaction, only if this worker still owns the
+    claim; False (nothing written) if it was reclaimed meanwhile."""
+    values: dict[str, Any] = {
+        "status": status,
+        "reason": reason,
+        "started_at": naive_utc(started_at),
+        "ended_at": naive_utc(ended_at) or utcnow(),
+        "heartbeat": utcnow(),
+    }
+    values.update({name: _as_float(summary.get(name)) for name in SUMMARY_METRICS})
+    values.update({name: provenance.get(name) for name in PROVENANCE_FIELDS if name in provenance})
+    if config is not None:
+        values["config"] = dict(config)
+    points = [
+        {"trial_id": claim.row_id, "epoch": float(epoch), "step": int(step), "name": str(name), "value": _as_float(value)}
+        for epoch, step, name, value in curves
+    ]
+
+    def work(session: Session) -> bool:
+        result = session.execute(update(TrialRow).where(*_owned(claim)).values(**values))
+        if result.rowcount != 1:
+            return False
+        # Curves of an earlier attempt (a failed trial rerun with --retry-failed) are replaced.
+        session.execute(delete(MetricRow).where(MetricRow.trial_id == claim.row_id))
+        if points:
+            session.execute(insert(MetricRow), points)
+        return True
+
+    return db.run(work)

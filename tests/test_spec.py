@@ -1,0 +1,586 @@
+"""Study files: every validation rule, located messages, expansion, and property-based tests that
+malformed YAML and malformed values always give a clean SpecError naming the file."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.spec import (
+    DEFAULTS,
+    KNOB_NAMES,
+    SpecError,
+    Study,
+    TrialConfig,
+    config_hash,
+    load_study,
+    parse_study,
+    resolve,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as caught:
+        load_study(path)
+    problems = caught.value.problems
+    assert problems, "a SpecError carries at least one problem"
+    for problem in problems:
+        assert problem.startswith(str(path)), f"not located in the file: {problem}"
+    return problems
+
+
+def one_problem(tmp_path: Path, text: str, *fragments: str) -> str:
+    problems = problems_of(tmp_path, text)
+    matching = [p for p in problems if all(f in p for f in fragments)]
+    assert matching, f"no problem mentions {fragments}: {problems}"
+    return matching[0]
+
+
+GRID = """\
+study: t
+dataset: synthetic
+fixed:
+  epochs: 1
+grid:
+  method: [simclr, moco]
+  temperature: [0.1, 0.2]
+seeds: [0, 1]
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# Valid files
+
+
+def test_load_study__grid_expands_the_cartesian_product(tmp_path: Path) -> None:
+    study = load_study(write(tmp_path, GRID))
+    assert study.name == "t" and study.kind == "grid" and study.dataset == "synthetic"
+    trials = study.trials()
+    assert len(trials) == 2 * 2 * 2
+    assert {(t.method, t.temperature, t.seed) for t in trials} == {
+        (m, temp, s) for m in ("simclr", "moco") for temp in (0.1, 0.2) for s in (0, 1)
+    }
+    assert all(t.epochs == 1 and t.dataset == "synthetic" for t in trials)
+    assert study.swept_knobs == ("method", "temperature")
+
+
+def test_load_study__ablate_varies_one_knob_at_a_time(tmp_path: Path) -> None:
+    study = load_study(
+        write(
+            tmp_path,
+            """\
+            study: a
+            fixed: {method: simclr, temperature: 0.5, batch_size: 128}
+            ablate:
+              temperature: [0.1, 0.5, 1.0]
+              batch_size: [64, 128, 256]
+            seeds: [0]
+            """,
+        )
+    )
+    configs = {(t.temperature, t.batch_size) for t in study.trials()}
+    # the base point once, then each value that differs from it, the other knob at its base
+    assert configs == {(0.5, 128), (0.1, 128), (1.0, 128), (0.5, 64), (0.5, 256)}
+
+
+def test_study_trials__knob_a_method_ignores_does_not_multiply_its_trials(tmp_path: Path) -> None:
+    study = load_study(
+        write(
+            tmp_path,
+            """\
+            study: n
+            grid:
+              method: [simclr, byol]
+              temperature: [0.1, 0.2, 0.5]
+            seeds: [0]
+            """,
+        )
+    )
+    trials = study.trials()
+    assert sum(t.method == "simclr" for t in trials) == 3
+    assert sum(t.method == "byol" for t in trials) == 1
+    assert any("temperature" in note and "byol" in note for note in study.notes)
+
+
+def test_study_trials__order_is_stable_and_hashes_are_unique(tmp_path: Path) -> None:
+    path = write(tmp_path, GRID)
+    first = [(t.config_hash, t.seed) for t in load_study(path).trials()]
+    second = [(t.config_hash, t.seed) for t in load_study(path).trials()]
+    assert first == second
+    assert len(set(first)) == len(first)
+
+
+def test_config_hash__excludes_seed_and_device() -> None:
+    base = resolve({"method": "simclr", "seed": 0})
+    assert base.config_hash == base.replace(seed=5).config_hash
+    assert base.config_hash == base.replace(device="cuda:1").config_hash
+    assert base.config_hash != base.replace(temperature=0.3).config_hash
+    assert config_hash(base.to_dict()) == base.config_hash
+
+
+def test_resolve__applies_method_defaults_and_resets_unused_knobs() -> None:
+    moco = resolve({"method": "moco", "batch_size": 64})
+    assert moco.queue_size == 4096 and moco.temperature == 0.2
+    byol = resolve({"method": "byol", "temperature": 0.05})
+    assert byol.temperature == DEFAULTS.temperature
+
+
+def test_load_study__search_parses_space_and_enqueue(tmp_path: Path) -> None:
+    study = load_study(
+        write(
+            tmp_path,
+            """\
+            study: s
+            fixed: {method: simclr}
+            search:
+              n_trials: 12
+              sampler: random
+              pruner: hyperband
+              objective: {metric: linear_top1, direction: maximize}
+              space:
+                temperature: {low: 0.05, high: 1.0, log: true}
+                batch_size: {choices: [64, 128]}
+              enqueue:
+                - {temperature: 0.5, batch_size: 128}
+            seeds: [3, 4]
+            """,
+        )
+    )
+    assert study.kind == "search" and study.search is not None
+    spec = study.search
+    assert (spec.n_trials, spec.sampler, spec.pruner, spec.metric) == (12, "random", "hyperband", "linear_top1")
+    assert [p.name for p in spec.space] == ["temperature", "batch_size"]
+    assert spec.space[0].log and spec.space[1].choices == (64, 128)
+    assert dict(spec.enqueue[0]) == {"temperature": 0.5, "batch_size": 128}
+    assert study.swept_knobs == ("temperature", "batch_size")
+
+
+def test_study__text_hash_follows_the_file_text(tmp_path: Path) -> None:
+    first = load_study(write(tmp_path, GRID))
+    second = load_study(write(tmp_path, GRID + "# a comment\n", name="other.yaml"))
+    assert first.text_hash != second.text_hash
+    assert isinstance(first, Study) and first.text == GRID
+
+
+# ----------------------------------------------------------------------------------------------
+# Syntax and structure
+
+
+def test_load_study__yaml_syntax_error_gives_the_line(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, "study: t\ngrid:\n  method: [simclr, moco\nseeds: [0]\n", "YAML syntax error")
+    assert "line " in problem
+
+
+def test_load_study__unreadable_file_is_a_spec_error(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as caught:
+        load_study(tmp_path / "missing.yaml")
+    assert "missing.yaml" in caught.value.problems[0]
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n", ""])
+def test_load_study__top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
+    one_problem(tmp_path, text, "mapping")
+
+
+def test_load_study__unknown_top_level_key_suggests(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("seeds:", "sedes:"), "sedes", "did you mean 'seeds'")
+
+
+def test_load_study__exactly_one_kind(tmp_path: Path) -> None:
+    one_problem(tmp_path, "study: t\nfixed: {epochs: 1}\n", "exactly one of grid:, ablate: or search:")
+    one_problem(tmp_path, GRID + "ablate:\n  lr: [0.1]\n", "exactly one of")
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "null"])
+def test_load_study__study_name_is_checked(tmp_path: Path, name: str) -> None:
+    text = GRID.replace("study: t", f"study: {name!r}" if name != "null" else "study: null")
+    one_problem(tmp_path, text, ": study:")
+
+
+def test_load_study__every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    problems = problems_of(
+        tmp_path,
+        """\
+        study: t
+        fixed:
+          temprature: 0.1
+          batch_size: 1
+        grid:
+          method: [simclr, mocoo]
+          aug_strength: [0.5, 3.0]
+        seeds: [0, x]
+        """,
+    )
+    text = "\n".join(problems)
+    for fragment in ("fixed.temprature", "fixed.batch_size", "grid.method[1]", "grid.aug_strength[1]", "seeds[1]"):
+        assert fragment in text
+    assert len(problems) >= 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Values: one rule each, located by key path, with what was found and what was expected
+
+
+def test_load_study__unknown_knob_suggests(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, GRID.replace("epochs: 1", "temprature: 0.1"), "fixed.temprature")
+    assert "did you mean 'temperature'" in problem
+
+
+def test_load_study__unknown_swept_knob_suggests(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("  temperature:", "  temperatur:"), "grid.temperatur", "did you mean 'temperature'")
+
+
+def test_load_study__temperature_must_be_positive(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, GRID.replace("[0.1, 0.2]", "[0.1, -0.2]"), "grid.temperature[1]")
+    assert "found -0.2" in problem and "expected a number > 0" in problem
+
+
+def test_load_study__batch_size_at_least_two(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, GRID.replace("epochs: 1", "batch_size: 1"), "fixed.batch_size")
+    assert "found 1" in problem and ">= 2" in problem
+
+
+def test_load_study__wrong_type_says_what_was_expected(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, GRID.replace("epochs: 1", "epochs: ten"), "fixed.epochs")
+    assert "found 'ten'" in problem and "integer" in problem
+
+
+def test_load_study__queue_size_at_least_batch_size_for_moco(tmp_path: Path) -> None:
+    text = """\
+    study: q
+    fixed: {method: moco, batch_size: 256}
+    grid:
+      queue_size: [128, 4096]
+    seeds: [0]
+    """
+    problem = one_problem(tmp_path, text, "queue_size")
+    assert "128" in problem and "queue_size >= batch_size" in problem
+
+
+@pytest.mark.parametrize("value", [-0.1, 2.5])
+def test_load_study__aug_strength_in_0_2(tmp_path: Path, value: float) -> None:
+    problem = one_problem(tmp_path, GRID.replace("epochs: 1", f"aug_strength: {value}"), "fixed.aug_strength")
+    assert "[0, 2]" in problem
+
+
+@pytest.mark.parametrize(
+    ("knob", "value", "suggestion"),
+    [("method", "simclrr", "simclr"), ("backbone", "resnet19", "resnet18"), ("dataset", "fashion_mnist", "fashion-mnist")],
+)
+def test_load_study__names_are_known_with_suggestions(tmp_path: Path, knob: str, value: str, suggestion: str) -> None:
+    problem = one_problem(tmp_path, GRID.replace("epochs: 1", f"{knob}: {value}"), f"fixed.{knob}")
+    assert f"did you mean {suggestion!r}" in problem
+
+
+def test_load_study__top_level_dataset_is_checked(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("dataset: synthetic", "dataset: imagenet"), "dataset", "imagenet")
+
+
+def test_load_study__dataset_contradiction(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("epochs: 1", "dataset: mnist"), "fixed.dataset", "contradicts")
+
+
+@pytest.mark.parametrize("lists", ["[]", "0.1", "{a: 1}"])
+def test_load_study__swept_values_are_non_empty_lists(tmp_path: Path, lists: str) -> None:
+    one_problem(tmp_path, GRID.replace("[0.1, 0.2]", lists), "grid.temperature", "non-empty list")
+
+
+def test_load_study__empty_grid(tmp_path: Path) -> None:
+    one_problem(tmp_path, "study: t\ngrid: {}\n", "grid", "at least one knob")
+
+
+def test_load_study__duplicate_swept_values(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("[0.1, 0.2]", "[0.1, 0.1]"), "grid.temperature[1]", "twice")
+
+
+@pytest.mark.parametrize(("seeds", "where"), [("[0, 1.5]", "seeds[1]"), ("[x]", "seeds[0]"), ("[-1]", "seeds[0]"), ("[]", "seeds"), ("3", "seeds"), ("[1, 1]", "seeds[1]"), ("[true]", "seeds[0]")])
+def test_load_study__seeds_are_distinct_non_negative_integers(tmp_path: Path, seeds: str, where: str) -> None:
+    one_problem(tmp_path, GRID.replace("seeds: [0, 1]", f"seeds: {seeds}"), f": {where}:")
+
+
+def test_load_study__seed_is_not_a_swept_knob(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("  temperature: [0.1, 0.2]", "  seed: [0, 1]"), "grid.seed")
+
+
+def test_load_study__non_finite_number(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("[0.1, 0.2]", "[0.1, .inf]"), "grid.temperature[1]", "finite")
+
+
+def test_load_study__device_names(tmp_path: Path) -> None:
+    load_study(write(tmp_path, GRID.replace("epochs: 1", "device: cuda:1")))
+    one_problem(tmp_path, GRID.replace("epochs: 1", "device: gpu"), "fixed.device")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-checks between knobs and methods
+
+
+def test_load_study__fixed_knob_unused_by_the_method_is_an_error(tmp_path: Path) -> None:
+    text = """\
+    study: u
+    fixed: {method: simclr, queue_size: 4096}
+    grid:
+      temperature: [0.1, 0.2]
+    seeds: [0]
+    """
+    one_problem(tmp_path, text, "fixed.queue_size", "not used by simclr")
+
+
+def test_load_study__swept_knob_no_method_uses_is_an_error(tmp_path: Path) -> None:
+    text = """\
+    study: u
+    grid:
+      method: [simclr, byol]
+      barlow_lambda: [0.001, 0.01]
+    seeds: [0]
+    """
+    one_problem(tmp_path, text, "grid.barlow_lambda", "not used")
+
+
+def test_load_study__swept_knob_for_some_methods_is_a_note(tmp_path: Path) -> None:
+    study = load_study(write(tmp_path, GRID.replace("[simclr, moco]", "[simclr, byol]")))
+    assert len(study.notes) == 1
+    assert "grid.temperature" in study.notes[0] and "byol" in study.notes[0]
+
+
+def test_load_study__batch_size_larger_than_train_size(tmp_path: Path) -> None:
+    one_problem(tmp_path, GRID.replace("epochs: 1", "{train_size: 64, batch_size: 128}").replace("fixed:\n  ", "fixed: "), "batch_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# Searches
+
+SEARCH = """\
+study: s
+fixed: {method: simclr}
+search:
+  n_trials: 8
+  space:
+    temperature: {low: 0.05, high: 1.0, log: true}
+    lr: {low: 0.0001, high: 0.01}
+seeds: [0]
+"""
+
+
+def test_load_study__search_bounds_low_below_high(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, SEARCH.replace("{low: 0.05, high: 1.0", "{low: 1.0, high: 0.05"), "search.space.temperature")
+    assert "low < high" in problem
+
+
+def test_load_study__search_log_needs_positive_low(tmp_path: Path) -> None:
+    text = SEARCH.replace("lr: {low: 0.0001, high: 0.01}", "weight_decay: {low: 0, high: 0.01, log: true}")
+    one_problem(tmp_path, text, "search.space.weight_decay")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where"),
+    [
+        ("n_trials: 8", "n_trials: 0", "search.n_trials"),
+        ("n_trials: 8", "n_trials: 8\n  sampler: tpee", "search.sampler"),
+        ("n_trials: 8", "n_trials: 8\n  pruner: medain", "search.pruner"),
+        ("n_trials: 8", "n_trials: 8\n  objective: {metric: knn_top5}", "search.objective.metric"),
+        ("n_trials: 8", "n_trials: 8\n  objective: {direction: up}", "search.objective.direction"),
+        ("n_trials: 8", "n_trials: 8\n  trails: 3", "search.trails"),
+        ("temperature: {low", "temprature: {low", "search.space.temprature"),
+        ("lr: {low: 0.0001, high: 0.01}", "lr: {choices: []}", "search.space.lr.choices"),
+        ("lr: {low: 0.0001, high: 0.01}", "lr: {low: 0.0001, hgh: 0.01}", "search.space.lr"),
+        ("lr: {low: 0.0001, high: 0.01}", "optimizer: {low: 1, high: 2}", "search.space.optimizer"),
+    ],
+)
+def test_load_study__search_keys_are_checked(tmp_path: Path, old: str, new: str, where: str) -> None:
+    one_problem(tmp_path, SEARCH.replace(old, new), where)
+
+
+def test_load_study__search_unknown_sampler_suggests(tmp_path: Path) -> None:
+    one_problem(tmp_path, SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: randm"), "did you mean 'random'")
+
+
+def test_load_study__knob_both_fixed_and_searched(tmp_path: Path) -> None:
+    one_problem(tmp_path, SEARCH.replace("{method: simclr}", "{method: simclr, lr: 0.001}"), "search.space.lr", "fixed")
+
+
+def test_load_study__enqueue_must_name_searched_knobs(tmp_path: Path) -> None:
+    text = SEARCH.replace("seeds: [0]", "  enqueue:\n    - {batch_size: 64}\nseeds: [0]")
+    one_problem(tmp_path, text, "search.enqueue[0].batch_size", "not in search.space")
+
+
+def test_load_study__enqueue_values_are_checked(tmp_path: Path) -> None:
+    text = SEARCH.replace("seeds: [0]", "  enqueue:\n    - {temperature: -1}\nseeds: [0]")
+    one_problem(tmp_path, text, "search.enqueue[0].temperature", "> 0")
+
+
+def test_load_study__cmaes_rejects_categorical_dimensions(tmp_path: Path) -> None:
+    text = SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: cmaes").replace(
+        "lr: {low: 0.0001, high: 0.01}", "batch_size: {choices: [64, 128]}"
+    )
+    one_problem(tmp_path, text, "search.sampler", "cmaes")
+
+
+def test_load_study__grid_sampler_needs_discrete_dimensions(tmp_path: Path) -> None:
+    one_problem(tmp_path, SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: grid"), "search.sampler", "grid")
+
+
+def test_load_study__search_knob_unused_by_the_method(tmp_path: Path) -> None:
+    one_problem(tmp_path, SEARCH.replace("lr: {low", "queue_size: {choices: [1024]}\n    lr: {low"), "search.space.queue_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in study files
+
+
+def test_builtin_studies__all_valid() -> None:
+    files = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"quickstart", "method-comparison", "temperature", "batch-size", "queue-size", "aug-strength", "search-simclr"} <= names
+    for file in files:
+        study = load_study(file)
+        assert study.description, f"{file.name} has no description"
+        assert study.text.lstrip().startswith("#"), f"{file.name} has no comment header"
+
+
+def test_spec__does_not_import_torch() -> None:
+    code = "import sys, harness.spec; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Property-based: malformed input always gives a clean, located SpecError
+
+
+def _assert_clean(text: str, source: str = "fuzz.yaml") -> None:
+    try:
+        study = parse_study(text, source=source)
+    except SpecError as error:
+        assert error.problems
+        for problem in error.problems:
+            assert problem.startswith(source), problem
+        return
+    # Whatever validates must expand without surprises.
+    if study.search is None:
+        assert all(isinstance(t, TrialConfig) for t in study.trials())
+    else:
+        study.base_config()
+
+
+_YAML_PIECES = st.sampled_from(
+    [*"abc:-[]{}'\"!&*#|>%@` \n\t0123456789.,?", "study: x\n", "grid:\n", "  method: [simclr]\n", "seeds: [0]\n",
+     "!!python/object:os.system ", "&a ", "*a", "\x00", "\ufeff", "é", "search:\n", "  space:\n", "fixed: {", "  - "]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_YAML_PIECES, max_size=40).map("".join))
+def test_parse_study__malformed_yaml_gives_a_located_spec_error(text: str) -> None:
+    _assert_clean(text)
+
+
+_BASES: tuple[dict[str, Any], ...] = (
+    {
+        "study": "g",
+        "dataset": "synthetic",
+        "fixed": {"method": "moco", "batch_size": 32, "queue_size": 64, "epochs": 2},
+        "grid": {"temperature": [0.1, 0.2], "lr": [0.001]},
+        "seeds": [0, 1],
+    },
+    {
+        "study": "a",
+        "fixed": {"backbone": "small_cnn"},
+        "ablate": {"method": ["simclr", "byol"], "aug_strength": [0.5, 1.5], "batch_size": [64, 128]},
+        "seeds": [0],
+    },
+    {
+        "study": "s",
+        "fixed": {"method": "simclr", "epochs": 3},
+        "search": {
+            "n_trials": 5,
+            "sampler": "tpe",
+            "pruner": "median",
+            "objective": {"metric": "knn_top1", "direction": "maximize"},
+            "space": {
+                "temperature": {"low": 0.05, "high": 1.0, "log": True},
+                "batch_size": {"choices": [32, 64]},
+                "lr": {"low": 0.0001, "high": 0.01, "step": 0.0001},
+            },
+            "enqueue": [{"temperature": 0.5, "batch_size": 64}],
+        },
+        "seeds": [0],
+    },
+)
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.sampled_from(["simclr", "moco", "random_init", "swav", "tpe", "grid", "cmaes", "hyperband", "knn_top1", "cuda:x", "1e-3"]),
+    st.sampled_from([0, 1, 2, -1, 0.0, 1.5, 2.5, 1e9, float("inf")]),
+)
+_KEYS = st.one_of(
+    st.sampled_from([*KNOB_NAMES, "study", "grid", "ablate", "search", "fixed", "seeds", "dataset", "space", "low", "high", "log", "step", "choices"]),
+    st.text(max_size=6),
+    st.integers(),
+    st.booleans(),
+)
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)), max_leaves=10)
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found.extend(_paths(value, (*prefix, key)))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found.extend(_paths(value, (*prefix, index)))
+    return found
+
+
+@st.composite
+def _mutated_studies(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid study with one to three values replaced, removed or added anywhere in it."""
+    doc = copy.deepcopy(draw(st.sampled_from(_BASES)))
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(_paths(doc)[1:]))
+        parent: Any = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            parent[path[-1]] = draw(_VALUES)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent[path[-1]], dict):
+            parent[path[-1]][draw(_KEYS)] = draw(_VALUES)
+        elif isinstance(parent[path[-1]], list):
+            parent[path[-1]].append(draw(_VALUES))
+        if not _paths(doc)[1:]:
+            break
+    return doc
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_mutated_studies())
+def test_parse_study__malformed_values_give_located_spec_errors(doc: dict[str, Any]) -> None:
+    _assert_clean(yaml.safe_dump(doc, allow_unicode=True))
+
+
+@pytest.mark.xfail(strict=True, reason="spec.parse_study lets yaml's RecursionError escape (reported to the spec owner)")
+def test_parse_study__deeply_nested_yaml_is_a_spec_error() -> None:
+    with pytest.raises(SpecError):
+        parse_study("[" * 5000 + "]" * 5000, source="deep.yaml")
