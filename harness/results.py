@@ -51,7 +51,7 @@ def trials_frame(db: Database | str | Path | None = None, study: str | None = No
         statement = select(TrialRow, StudyRow.name).join(StudyRow).order_by(TrialRow.id)
         if study is not None:
             statement = statement.where(StudyRow.name == study)
-        return list(session.execute(statement).tuples())  # type: ignore[attr-defined]
+        return [tuple(row) for row in session.execute(statement)]  # type: ignore[attr-defined]
 
     rows = database.run(query)
     records = []
@@ -81,7 +81,7 @@ def metrics_frame(db: Database | str | Path | None = None, study: str | None = N
         )
         if study is not None:
             statement = statement.where(StudyRow.name == study)
-        return list(session.execute(statement).tuples())  # type: ignore[attr-defined]
+        return [tuple(row) for row in session.execute(statement)]  # type: ignore[attr-defined]
 
     columns = ["trial_id", "epoch", "step", "name", "value", "study"]
     return pd.DataFrame.from_records(database.run(query), columns=columns)

@@ -179,8 +179,10 @@ METHOD_KNOBS: dict[str, frozenset[str]] = {
     "supervised": frozenset(),
 }
 METHOD_SPECIFIC_KNOBS: frozenset[str] = frozenset().union(*METHOD_KNOBS.values())
-# Training knobs a method without training ignores; not an error for random_init, since a
-# method comparison fixes them for every method alike.
+# Training knobs a method without training ignores: not an error for random_init (a method
+# comparison fixes them for every method alike), and reset to their defaults in its resolved
+# configuration, so a batch-size sweep does not multiply its identical trials.
+UNTRAINED_METHODS: frozenset[str] = frozenset({"random_init"})
 TRAINING_KNOBS: frozenset[str] = frozenset(
     {"epochs", "optimizer", "lr", "weight_decay", "warmup_epochs", "batch_size", "aug_strength"}
 )
@@ -387,6 +389,9 @@ def resolve(overrides: Mapping[str, Any]) -> TrialConfig:
     used = METHOD_KNOBS.get(method, frozenset())
     for knob in METHOD_SPECIFIC_KNOBS - used:
         merged.pop(knob, None)
+    if method in UNTRAINED_METHODS:
+        for knob in TRAINING_KNOBS:
+            merged.pop(knob, None)
     for knob in METHOD_DEFAULTS.get(method, {}):
         merged.setdefault(knob, METHOD_DEFAULTS[method][knob])
     config = TrialConfig(**merged)
@@ -409,7 +414,7 @@ def cross_check(config: TrialConfig) -> list[str]:
             f"queue_size: found {config.queue_size} for swav with batch_size {config.batch_size}, "
             "expected 0 (no queue) or >= batch_size"
         )
-    if config.train_size is not None and config.train_size < config.batch_size and config.method != "random_init":
+    if config.train_size is not None and config.train_size < config.batch_size and config.method not in UNTRAINED_METHODS:
         problems.append(
             f"batch_size: found {config.batch_size} with train_size {config.train_size}, "
             "expected batch_size <= train_size"
@@ -480,7 +485,7 @@ class Study:
             return tuple(p.name for p in self.search.space)
         keys: list[str] = []
         for point in self.points:
-            keys.extend(k for k in point if k not in self.fixed and k not in keys)
+            keys.extend(k for k in point if k not in keys)
         return tuple(keys)
 
     def trials(self) -> list[TrialConfig]:

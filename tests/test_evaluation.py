@@ -117,6 +117,20 @@ def test_linear_probe__same_seed_same_result() -> None:
     assert runs[0] == runs[1]
 
 
+def test_linear_probe__works_under_no_grad() -> None:
+    train, train_labels = _features(14, 100, 8, 3)
+    expected = evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=3, epochs=2)
+    with torch.no_grad():
+        assert evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=3, epochs=2) == expected
+
+
+def test_linear_probe__restores_thread_count() -> None:
+    threads = torch.get_num_threads()
+    train, train_labels = _features(15, 50, 4, 2)
+    evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=2, epochs=1)
+    assert torch.get_num_threads() == threads
+
+
 def test_linear_probe__top5_of_fewer_classes_is_all() -> None:
     train, train_labels = _features(13, 60, 4, 3)
     _, top5 = evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=3, epochs=1)

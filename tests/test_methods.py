@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +36,15 @@ TINY: dict[str, Any] = {
 }
 PER_METHOD: dict[str, dict[str, Any]] = {"moco": {"queue_size": 16}}
 MOMENTUM_METHODS = ("moco", "byol", "dino")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny batches: one intra-op thread avoids thread hand-offs that cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(name: str, **overrides: Any) -> TrialConfig:

@@ -24,8 +24,8 @@ from harness.reports import cli as report_cli
 from harness.reports.data import accuracy_factor, load
 from harness.reports.plots import pareto_front
 from harness.reports.style import format_number, method_colour
-from harness.reports.tables import comparison_frame
-from harness.spec import METHOD_NAMES
+from harness.reports.tables import comparison_frame, comparison_table
+from harness.spec import METHOD_NAMES, parse_study
 
 sys.path.insert(0, str(Path(__file__).parent))
 import report_fixtures as fx
@@ -181,6 +181,18 @@ def test_comparison_table__diverged_seed_shown_as_nan(reports: Path) -> None:
     assert diverged[4].endswith("(1 nan)")  # final loss: two finite seeds and a NaN
 
 
+def test_comparison_table__unrecorded_columns_dropped_and_named(tmp_path: Path) -> None:
+    db = Database(tmp_path / "no-probe.db")
+    study_id = fx._add_study(db, fx.EMPTY_TEXT, fx.T0)
+    for index, config in enumerate(parse_study(fx.EMPTY_TEXT).trials()):
+        summary = {**fx._summary(config, 0), "linear_top1": None, "linear_top5": None}
+        fx._add_trial(db, study_id, config, index, summary=summary, curves=False)
+    data = load(db, "not-started")
+    table, missing = comparison_table(comparison_frame(data))
+    assert [m.column for m in missing] == ["linear_top1", "linear_top5"]
+    assert "linear top-1 (%)" not in table.columns and "k-NN top-1 (%)" in table.columns
+
+
 def test_comparison_table__single_seed_has_no_spread(reports: Path) -> None:
     rows = _md_rows(_markdown(reports, "moco-ablation"))
     assert rows and all(cells[0] == "1" for cells in rows.values())
@@ -279,8 +291,9 @@ def test_figures__axes_labelled_with_units(reports: Path) -> None:
 def test_report__deterministic_for_the_same_database(
     database: Database, reports: Path, tmp_path: Path
 ) -> None:
-    again = build_report(database, "method-grid", tmp_path / "again")
-    first = reports / "method-grid"
+    # The search: its fANOVA importances are the part most likely to vary between builds.
+    again = build_report(database, "lr-search", tmp_path / "again")
+    first = reports / "lr-search"
     names = sorted(str(p.relative_to(first)) for p in first.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
     _match, mismatch, errors = filecmp.cmpfiles(first, again, names, shallow=False)
@@ -348,9 +361,13 @@ def test_search__history_importances_and_best_trials(database: Database, reports
 
 
 def test_search__importances_with_too_few_trials_say_so(tmp_path: Path) -> None:
+    import matplotlib as mpl
+
     db = Database(tmp_path / "few.db")
     fx.fill_search(db, points=fx.SEARCH_POINTS[:1])
+    settings = dict(mpl.rcParams)
     out = build_report(db, "lr-search", tmp_path / "report")
+    assert dict(mpl.rcParams) == settings, "a build leaves matplotlib's global settings alone"
     markdown = (out / "report.md").read_text()
     assert "Parameter importances could not be computed from 1 complete trial(s)" in markdown
     assert "### Best trials" in markdown
@@ -362,6 +379,10 @@ def test_search__without_optuna_study_falls_back_to_trials(tmp_path: Path) -> No
     markdown = (build_report(db, "lr-search", tmp_path / "report") / "report.md").read_text()
     assert "could not be read from the database" in markdown
     assert "the harness's trials" in markdown and "| 1 | 6 |" in markdown
+    tables = db.run(
+        lambda session: session.connection().exec_driver_sql("SELECT name FROM sqlite_master").fetchall()
+    )
+    assert ("studies",) not in tables, "reading the Optuna study creates none of its tables"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +427,19 @@ def test_cli__missing_database_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
     assert report_cli.main(_parse(["x", "--db", str(tmp_path / "absent.db")])) == 2
     assert "no database" in capsys.readouterr().err
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_cli__database_without_harness_tables_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).execute("CREATE TABLE unrelated (x INTEGER)").connection.close()
+    assert report_cli.main(_parse(["--all", "--db", str(path)])) == 2
+    assert "cannot read the harness tables" in capsys.readouterr().err
+    tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert tables == [("unrelated",)], "a report creates nothing in the database"
 
 
 def test_cli__study_and_all_are_exclusive(database: Database) -> None:

@@ -450,6 +450,7 @@ def test_builtin_studies__all_valid() -> None:
     assert {"quickstart", "method-comparison", "temperature", "batch-size", "queue-size", "aug-strength", "search-simclr"} <= names
     for file in files:
         study = load_study(file)
+        assert study.name == file.stem, f"{file.name}: the study name should be the file's name"
         assert study.description, f"{file.name} has no description"
         assert study.text.lstrip().startswith("#"), f"{file.name} has no comment header"
 

@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 import inspect
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from harness.bench.cases import DIRECTIONS, cases, kernel_names, parse_kernels
 from harness.bench.compare import compare, format_table, parse_threshold
@@ -20,6 +21,7 @@ from harness.bench.runner import DTYPES, FULL, QUICK, Result, resolve_device, ru
 from harness.bench.storage import is_json_path, load_baseline, new_run_id, store, write_json
 
 DEFAULT_MAX_SLOWDOWN = "10%"
+T = TypeVar("T")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="both",
         choices=["both", *DIRECTIONS],
         help="forward, forward+backward or both (default)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads during the run (default: torch's); 1 keeps ratios stable on a busy machine",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument(
@@ -137,6 +145,19 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_with_threads(threads: int | None, work: Callable[[], T]) -> T:
+    """Run ``work`` with ``threads`` torch CPU threads, restoring the previous count afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return work()
+    finally:
+        torch.set_num_threads(previous)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``harness bench`` with parsed arguments; returns the exit status."""
     if getattr(args, "what", "kernels") == "pipeline":
@@ -149,6 +170,8 @@ def main(args: argparse.Namespace) -> int:
         return _error(str(error))
     if args.rounds is not None and args.rounds < 1:
         return _error("--rounds must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        return _error("--threads must be at least 1")
 
     from harness.db import Database
     from harness.provenance import collect
@@ -171,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
     )
     shape_set = "quick" if args.quick else device.type
     selected = cases(kernels, shape_set)
-    results = run_cases(selected, device, DTYPES[args.dtype], config)
+    results = _run_with_threads(args.threads, lambda: run_cases(selected, device, DTYPES[args.dtype], config))
     rows = [r.as_dict() for r in results]
     provenance = collect(str(device))
     run_id = new_run_id()

@@ -58,6 +58,7 @@ class Change:
 class Comparison:
     changes: list[Change]
     max_slowdown: float
+    notes: tuple[str, ...] = ()
 
     @property
     def compared(self) -> list[Change]:
@@ -81,12 +82,18 @@ def compare(
 ) -> Comparison:
     base = {_key(row): row for row in baseline if row["impl"] != "reference"}
     changes: list[Change] = []
+    threads: set[str] = set()
     for row in current:
         if row["impl"] == "reference":
             continue
         key = _key(row)
         now = row["ratio_to_reference"]
-        old = base.get(key, {}).get("ratio_to_reference")
+        old_row = base.get(key, {})
+        old = old_row.get("ratio_to_reference")
+        old_threads = (old_row.get("params") or {}).get("threads")
+        new_threads = (row.get("params") or {}).get("threads")
+        if old is not None and old_threads != new_threads:
+            threads.add(f"{key[0]}: {old_threads} -> {new_threads}")
         if old is None or now is None or not old > 0:
             changes.append(Change(key, old, now, None, "new"))
             continue
@@ -95,7 +102,12 @@ def compare(
         verdict = "SLOWER" if change > max_slowdown else "faster" if change < -max_slowdown else "ok"
         changes.append(Change(key, old, now, change, verdict))
     changes.sort(key=lambda c: -abs(c.change) if c.change is not None else math.inf)
-    return Comparison(changes, max_slowdown)
+    notes: tuple[str, ...] = ()
+    if threads:
+        notes = (
+            f"CPU thread counts differ from the baseline ({'; '.join(sorted(threads))}): ratios may move",
+        )
+    return Comparison(changes, max_slowdown, notes)
 
 
 def format_table(comparison: Comparison) -> str:
@@ -124,4 +136,4 @@ def format_table(comparison: Comparison) -> str:
         f"{len(comparison.compared)} compared, {len(comparison.failures)} slower than the baseline by more than "
         f"{comparison.max_slowdown * 100:g}%: {'PASS' if comparison.passed else 'FAIL'}"
     )
-    return "\n".join([*text, "", summary])
+    return "\n".join([*text, "", *comparison.notes, summary])

@@ -92,7 +92,12 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, config: RunCo
         timings = time_interleaved(
             calls, device, rounds=config.rounds, min_round_s=config.min_round_s, warmup=config.warmup
         )
-        reference = timings["reference"].median_s
+        # The ratio of the best rounds: on a shared machine other processes only ever add time, so
+        # the minimum is the estimate they disturb least (timeit's advice); median and IQR are kept.
+        reference = timings["reference"].min_s
+        params = dict(case.params)
+        if device.type == "cpu":
+            params["threads"] = torch.get_num_threads()
         for impl, timing in timings.items():
             peak = peak_extra_bytes(calls[impl], device) if config.measure_memory else None
             results.append(
@@ -100,7 +105,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, config: RunCo
                     kernel=case.kernel.name,
                     impl=impl,
                     case=case.name,
-                    params=dict(case.params),
+                    params=params,
                     device=device.type,
                     dtype=str(dtype).removeprefix("torch."),
                     direction=direction,
@@ -109,7 +114,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, config: RunCo
                     min_s=timing.min_s,
                     rounds=timing.rounds,
                     peak_mem_bytes=peak,
-                    ratio_to_reference=1.0 if impl == "reference" else timing.median_s / reference,
+                    ratio_to_reference=1.0 if impl == "reference" else timing.min_s / reference,
                 )
             )
     return results

@@ -20,6 +20,7 @@ recipe functions map the single ``strength`` knob onto them (table in docs/DATA.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -148,18 +149,25 @@ def _stats_tensor(
 ) -> torch.Tensor:
     """Per-channel statistic as a float32 ``(1, C, 1, 1)`` tensor; None means 0.5."""
     if values is None:
-        seq: list[float] = [0.5] * channels
+        seq: tuple[float, ...] = (0.5,) * channels
     elif isinstance(values, numbers.Real):
-        seq = [float(values)] * channels
+        seq = (float(values),) * channels
     else:
-        seq = [float(v) for v in values]
+        seq = tuple(float(v) for v in values)
         if len(seq) == 1:
             seq = seq * channels
     if len(seq) != channels:
         raise ValueError(f"{name} must have 1 or {channels} entries (one per channel), got {len(seq)}")
     if name == "std" and min(seq) <= 0:
-        raise ValueError(f"std must be positive, got {seq}")
-    return torch.tensor(seq, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+        raise ValueError(f"std must be positive, got {list(seq)}")
+    return _constant(seq, device).view(1, channels, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...] | tuple[tuple[float, ...], ...], device: torch.device) -> torch.Tensor:
+    """A small float32 constant on ``device``, made once: a host-to-device copy per batch would
+    stall the CUDA stream for nothing."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _pair(size: int | tuple[int, int] | None, default: tuple[int, int], name: str) -> tuple[int, int]:
@@ -343,7 +351,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue6 = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1), 6.0)
     sat_v = chroma  # s * v == chroma
     # HSV -> RGB without branches: channel n uses k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B.
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(offsets + hue6.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (maxc.unsqueeze(1) - sat_v.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
@@ -433,7 +441,7 @@ def augment(
     n_views = len(recipes)
     n = n_views * batch
     u = _uniform(n, generator, device)
-    params = torch.tensor([_recipe_row(r) for r in recipes], dtype=torch.float32, device=device)
+    params = _constant(tuple(tuple(_recipe_row(r)) for r in recipes), device)
     p = dict(zip(_PARAM_NAMES, params.repeat_interleave(batch, dim=0).unbind(dim=1)))
 
     # 1. Random resized crop + flip. Up to _CROP_ATTEMPTS (area, ratio) pairs per sample, the first

@@ -243,13 +243,18 @@ def _source_key(paths: Sequence[Path]) -> str:
 
 
 def _cached_decode(
-    stem: str, sources: Sequence[Path], decode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    name: str, sources: Sequence[Path], decode: Callable[[], tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``decode()`` once per source version: in-process first, then on disk, then for real."""
+    """``decode()`` once per version of the source files: in-process first, then on disk, then for real.
+
+    The file name is ``{name}-{hash of the paths}-{hash of paths, sizes, mtimes}.pt``: a new version
+    of a source replaces its own older cache file, never that of another copy of the dataset.
+    """
+    where = hashlib.sha256(json.dumps([str(p.resolve()) for p in sources]).encode()).hexdigest()[:8]
+    stem = f"{name}-{where}"
     key = _source_key(sources)
-    memory_key = (stem, key)
     with _MEMORY_LOCK:
-        hit = _MEMORY_CACHE.get(memory_key)
+        hit = _MEMORY_CACHE.get((stem, key))
     if hit is not None:
         return hit
 
@@ -266,7 +271,10 @@ def _cached_decode(
         result = decode()
         _write_cache(folder, path, stem, result)
     with _MEMORY_LOCK:
-        _MEMORY_CACHE[memory_key] = result
+        # Forget older versions of the same source: only the current one can be asked for again.
+        for stale in [k for k in _MEMORY_CACHE if k[0] == stem]:
+            del _MEMORY_CACHE[stale]
+        _MEMORY_CACHE[(stem, key)] = result
     return result
 
 
@@ -350,7 +358,11 @@ def _load_fashion_mnist(split: str, *, root: str | Path | None = None, download:
     for base in _candidate_roots(root):
         folders += [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
     folders.append(SYSTEM_FASHION_MNIST_DIR)
-    pair = next((p for p in map(lambda f: _find_idx_pair(f, split), folders) if p is not None), None)
+    pair = None
+    for folder in folders:
+        pair = _find_idx_pair(folder, split)
+        if pair is not None:
+            break
     if pair is None and download:
         import torchvision
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -61,3 +65,33 @@ def normalize_scaled(x: Tensor, scale: float = 1.0, eps: float = 1e-12) -> Tenso
     """
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
     return x * (scale / norms)
+
+
+F = TypeVar("F", bound=Callable[..., Tensor])
+
+
+def autocast_off(fn: F) -> F:
+    """Run a loss with autocast disabled on its inputs' device.
+
+    The losses choose their own precision (:func:`compute_dtype`); under an enclosing autocast their
+    matrix products would silently drop back to 16 bits and the custom backward passes would meet
+    mixed dtypes. Costs nothing when autocast is off.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if first is None or not torch.is_autocast_enabled(first.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def autocast_disabled(tensor: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on ``tensor``'s device, for custom backward passes: autograd runs them under the
+    autocast state of the ``backward()`` call, not of the forward pass."""
+    if torch.is_autocast_enabled(tensor.device.type):
+        return torch.autocast(tensor.device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from harness.losses._common import autocast_disabled
+
 # Default block: about 2M logits (8 MiB in float32) per row block, measured as fast as larger
 # blocks on the CPU while keeping the extra memory small.
 _BLOCK_ELEMENTS = 1 << 21
@@ -64,10 +66,11 @@ class _FullSelfLSE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_lse: Tensor) -> Tensor:
         z, p = ctx.saved_tensors  # type: ignore[attr-defined]
-        g = grad_lse.unsqueeze(1)
-        grad = torch.mm(p, z).mul_(g)
-        grad.addmm_(p.T, z * g)
-        return grad
+        with autocast_disabled(z):
+            g = grad_lse.unsqueeze(1)
+            grad = torch.mm(p, z).mul_(g)
+            grad.addmm_(p.T, z * g)
+            return grad
 
 
 class _ChunkedSelfLSE(torch.autograd.Function):
@@ -89,20 +92,21 @@ class _ChunkedSelfLSE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_lse: Tensor) -> tuple[Tensor, None]:
         z, lse = ctx.saved_tensors  # type: ignore[attr-defined]
-        chunk: int = ctx.chunk  # type: ignore[attr-defined]
-        m = z.shape[0]
-        grad = torch.empty_like(z)
-        g_cols = grad_lse.unsqueeze(0)
-        for start in range(0, m, chunk):
-            stop = min(start + chunk, m)
-            s = z[start:stop] @ z.T
-            s.diagonal(offset=start).fill_(float("-inf"))
-            # The block of Pᵀ, from the symmetry of S: P_ji = exp(S_ij - lse_j).
-            transposed = (s - lse.unsqueeze(0)).exp_().mul_(g_cols)
-            s.sub_(lse[start:stop].unsqueeze(1)).exp_().mul_(grad_lse[start:stop].unsqueeze(1))
-            s.add_(transposed)
-            torch.mm(s, z, out=grad[start:stop])
-        return grad, None
+        with autocast_disabled(z):
+            chunk: int = ctx.chunk  # type: ignore[attr-defined]
+            m = z.shape[0]
+            grad = torch.empty_like(z)
+            g_cols = grad_lse.unsqueeze(0)
+            for start in range(0, m, chunk):
+                stop = min(start + chunk, m)
+                s = z[start:stop] @ z.T
+                s.diagonal(offset=start).fill_(float("-inf"))
+                # The block of Pᵀ, from the symmetry of S: P_ji = exp(S_ij - lse_j).
+                transposed = (s - lse.unsqueeze(0)).exp_().mul_(g_cols)
+                s.sub_(lse[start:stop].unsqueeze(1)).exp_().mul_(grad_lse[start:stop].unsqueeze(1))
+                s.add_(transposed)
+                torch.mm(s, z, out=grad[start:stop])
+            return grad, None
 
 
 def self_excluded_lse(z: Tensor, *, chunk_size: int | None = None, chunked: bool | None = None) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -22,6 +23,7 @@ NAME = "barlow_twins"
 BN_EPS = 1e-5
 
 
+@autocast_off
 def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3, *, impl: str = "fast") -> Tensor:
     """``Σ_i (1 - C_ii)² + λ Σ_{i≠j} C_ij²`` with ``C`` the cross-correlation of the standardized views.
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -22,6 +23,7 @@ from harness.losses._common import (
 NAME = "byol"
 
 
+@autocast_off
 def byol(p: Tensor, z: Tensor, *, impl: str = "fast") -> Tensor:
     """Mean of ``‖p̂ - ẑ‖² = 2 - 2 cos(p, z)`` over the batch.
 

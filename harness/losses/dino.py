@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -19,10 +20,12 @@ from harness.losses._common import (
     compute_dtype,
     upcast,
 )
+from harness.losses._soft_ce import soft_target_cross_entropy
 
 NAME = "dino"
 
 
+@autocast_off
 def dino(
     student: Tensor,
     teacher: Tensor,
@@ -44,9 +47,10 @@ def dino(
         teacher: ``(N, K)`` teacher logits (detached inside).
         center: ``(K,)`` running center of the teacher logits.
         student_temp, teacher_temp: τ_s and τ_t.
-        impl: ``"reference"`` (both distributions materialized) or ``"fast"`` (the teacher softmax
-            under ``no_grad``; ``-Σ t log_softmax(s) = logsumexp(s) - t·s`` since each teacher row
-            sums to one, so the student's ``(N, K)`` log-softmax is not written).
+        impl: ``"reference"`` (both distributions materialized, autograd through ``log_softmax``)
+            or ``"fast"`` (the teacher softmax under ``no_grad``; the cross-entropy as one custom
+            autograd function that keeps only the student's softmax and whose backward pass is
+            ``(softmax(s / τ_s) - t) / (N τ_s)``).
 
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
@@ -70,5 +74,4 @@ def dino(
         return torch.sum(-t * s, dim=-1).mean()
     with torch.no_grad():
         t = F.softmax((teacher - center) / teacher_temp, dim=-1)
-    s = student / student_temp
-    return (torch.logsumexp(s, dim=-1) - (t * s).sum(dim=-1)).mean()
+    return soft_target_cross_entropy(student, t, 1.0 / student_temp)

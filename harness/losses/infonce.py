@@ -13,6 +13,8 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from harness.losses._common import (
+    autocast_disabled,
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -26,6 +28,7 @@ from harness.losses._common import (
 NAME = "infonce"
 
 
+@autocast_off
 def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, impl: str = "fast") -> Tensor:
     """MoCo's InfoNCE: for each query, the key of the same image against the queue of negatives.
 
@@ -94,11 +97,12 @@ class _InfoNCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         q, k, queue, p_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
-        scale = grad / q.shape[0]
-        # d/d l_pos = p_pos - 1, d/d l_neg = p_neg (per anchor, times the mean's 1/N).
-        w_pos = ((p_pos - 1) * scale).unsqueeze(1)
-        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        grad_q = torch.mm(p_neg, queue).mul_(scale).add_(k * w_pos) if needs[0] else None
-        grad_k = q * w_pos if needs[1] else None
-        grad_queue = (p_neg.T @ q) * scale if needs[2] else None
-        return grad_q, grad_k, grad_queue
+        with autocast_disabled(q):
+            scale = grad / q.shape[0]
+            # d/d l_pos = p_pos - 1, d/d l_neg = p_neg (per anchor, times the mean's 1/N).
+            w_pos = ((p_pos - 1) * scale).unsqueeze(1)
+            needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+            grad_q = torch.mm(p_neg, queue).mul_(scale).add_(k * w_pos) if needs[0] else None
+            grad_k = q * w_pos if needs[1] else None
+            grad_queue = (p_neg.T @ q) * scale if needs[2] else None
+            return grad_q, grad_k, grad_queue

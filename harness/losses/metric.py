@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from harness.losses._common import (
+    autocast_disabled,
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -16,6 +19,7 @@ from harness.losses._common import (
 )
 
 
+@autocast_off
 def triplet(
     anchor: Tensor, positive: Tensor, negative: Tensor, margin: float = 1.0, *, impl: str = "fast"
 ) -> Tensor:
@@ -27,8 +31,9 @@ def triplet(
     Args:
         anchor, positive, negative: ``(N, D)`` each.
         margin: α, the required gap between the squared distances.
-        impl: ``"reference"`` (both squared distances) or ``"fast"`` (their difference as one
-            reduction, ``(n - p)·(2a - p - n)``).
+        impl: ``"reference"`` (both squared distances, autograd through them) or ``"fast"`` (a
+            custom autograd function: the forward pass keeps the two difference vectors and the
+            hinge's active set, the backward pass writes ``±2 w (a - p)``, ``±2 w (a - n)`` directly).
 
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
@@ -45,11 +50,34 @@ def triplet(
         d_pos = (a - p).pow(2).sum(dim=1)
         d_neg = (a - n).pow(2).sum(dim=1)
         return F.relu(d_pos - d_neg + margin).mean()
-    # ‖a-p‖² - ‖a-n‖² = (n - p)·(2a - p - n): one reduction instead of two.
-    gap = ((n - p) * (2 * a - p - n)).sum(dim=1)
-    return F.relu(gap + margin).mean()
+    return _Triplet.apply(a, p, n, float(margin))
 
 
+class _Triplet(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, a: Tensor, p: Tensor, n: Tensor, margin: float) -> Tensor:
+        to_positive = a - p
+        to_negative = a - n
+        gap = (to_positive * to_positive).sum(dim=1) - (to_negative * to_negative).sum(dim=1) + margin
+        active = gap > 0
+        ctx.save_for_backward(to_positive, to_negative, active)
+        return gap.clamp_min(0).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        to_positive, to_negative, active = ctx.saved_tensors  # type: ignore[attr-defined]
+        with autocast_disabled(to_positive):
+            # d gap / d a = 2(a-p) - 2(a-n), d gap / d p = -2(a-p), d gap / d n = 2(a-n); only active rows.
+            w = (active.to(to_positive.dtype) * (2 * grad / active.shape[0])).unsqueeze(1)
+            grad_p = to_positive * -w
+            grad_n = to_negative * w
+            needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+            grad_a = -(grad_p + grad_n) if needs[0] else None
+            return grad_a, grad_p if needs[1] else None, grad_n if needs[2] else None, None
+
+
+@autocast_off
 def npair(anchor: Tensor, positive: Tensor, *, impl: str = "fast") -> Tensor:
     """Multi-class N-pair loss: ``mean_i log(1 + Σ_{j≠i} exp(a_i·p_j - a_i·p_i))``.
 

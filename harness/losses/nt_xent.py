@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -28,6 +29,7 @@ NAME = "nt_xent"
 NT_XENT_IMPLS: tuple[str, ...] = ("reference", "fast", "chunked")
 
 
+@autocast_off
 def nt_xent(
     z1: Tensor,
     z2: Tensor,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_impl,
     check_matrix,
     check_positive,
@@ -24,6 +25,7 @@ from harness.losses._lse import self_excluded_lse
 NAME = "supcon"
 
 
+@autocast_off
 def supcon(z: Tensor, labels: Tensor, temperature: float = 0.1, *, impl: str = "fast") -> Tensor:
     """``mean_i -1/|P(i)| Σ_{p∈P(i)} log( exp(z_i·z_p/τ) / Σ_{a≠i} exp(z_i·z_a/τ) )``.
 

@@ -7,11 +7,14 @@ Distances: Lightspeed Computation of Optimal Transport".
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -20,31 +23,34 @@ from harness.losses._common import (
     compute_dtype,
     upcast,
 )
+from harness.losses._soft_ce import soft_target_cross_entropy
 
 NAME = "swav"
 
 
+@autocast_off
 def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *, impl: str = "fast") -> Tensor:
     """Equipartitioned soft cluster codes from prototype scores, with no gradient.
 
     Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
-    Assignments", Algorithm 1 (``distributed_sinkhorn`` on one process): ``Q = exp(scores / ε)``,
-    then ``iterations`` rounds of normalizing the prototypes (rows of ``Qᵀ``) to 1/K and the samples
-    to 1/N; returned scaled so that each sample's code sums to one.
+    Assignments", Algorithm 1 (``distributed_sinkhorn`` on one process): ``Q = exp(scores / ε)``
+    normalized to sum 1, then ``iterations`` rounds of normalizing each prototype's mass to 1/K
+    and each sample's to 1/N; returned times N so that each sample's code sums to one.
 
     Args:
         scores: ``(N, K)`` scores of N samples against K prototypes (a method with a queue passes
             the batch and the queue stacked, and keeps the first N rows).
         epsilon: ε > 0, the entropic regularization (smaller = sharper codes).
-        iterations: Sinkhorn-Knopp rounds (≥ 0).
-        impl: ``"reference"`` (the official loop: four passes over the ``(K, N)`` matrix per round)
-            or ``"fast"`` (the same iteration on two scaling vectors, ``Q = diag(r) P diag(c)``:
-            one matrix-vector product per half-round, ``Q`` written once at the end).
+        iterations: Sinkhorn-Knopp rounds (≥ 0; SwAV uses 3).
+        impl: ``"reference"`` (the official loop, in the log domain: each normalization a
+            log-sum-exp, so nothing underflows or overflows at any ε) or ``"fast"`` (the first round
+            in the log domain, which leaves a kernel ``P`` whose rows sum to one and whose columns
+            all have an entry ≥ 1/(NK); the remaining rounds on two scaling vectors,
+            ``Q = diag(r) P diag(c)``, one matrix-vector product per half-round).
 
     Returns:
-        ``(N, K)`` codes, rows summing to one, in the compute dtype (float32 for 16-bit scores).
-        ``scores.max()`` is subtracted before the exponential (it cancels in the normalization), so
-        no ε overflows; a prototype whose every score underflows gets zero mass instead of NaN.
+        ``(N, K)`` codes, each row summing to one (for ``iterations ≥ 1``), in the compute dtype
+        (float32 for 16-bit scores).
     """
     check_impl("sinkhorn", impl)
     check_matrix("sinkhorn", "scores", scores)
@@ -60,33 +66,33 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *, impl
 
 
 def _sinkhorn_reference(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
-    tiny = torch.finfo(scores.dtype).tiny
-    q = torch.exp((scores - scores.max()) / epsilon).T  # (K, N)
-    k, b = q.shape
-    q /= q.sum().clamp_min(tiny)
+    n, k = scores.shape
+    log_q = scores / epsilon
+    log_q = log_q - torch.logsumexp(log_q.reshape(-1), dim=0)  # Q /= sum(Q)
     for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True).clamp_min(tiny)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
-        q /= b
-    q *= b
-    return q.T
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(k)  # each prototype: 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)  # each sample: 1/N
+    return torch.exp(log_q + math.log(n))
 
 
 def _sinkhorn_fast(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
-    tiny = torch.finfo(scores.dtype).tiny
     n, k = scores.shape
-    p = torch.exp((scores - scores.max()) / epsilon)  # (N, K), entries in (0, 1]
-    # Q = diag(r) P diag(c). The reference's first step (divide by the total) only rescales r,
-    # which the first prototype normalization absorbs into c; it matters only with 0 iterations.
-    r = torch.full((n,), 1.0, dtype=p.dtype, device=p.device) / p.sum().clamp_min(tiny)
+    a = scores / epsilon
+    if iterations == 0:
+        return a.sub_(torch.logsumexp(a.reshape(-1), dim=0)).exp_().mul_(n)
+    # Round one in the log domain. The total and the 1/K, 1/N constants cancel: after it
+    # Q = P / N with P = exp(a - L_k - R_i), L the prototypes' and R the samples' log-sum-exp.
+    a.sub_(torch.logsumexp(a, dim=0, keepdim=True))
+    p = a.sub_(torch.logsumexp(a, dim=1, keepdim=True)).exp_()
+    r = torch.full((n,), 1.0 / n, dtype=p.dtype, device=p.device)
     c = torch.ones(k, dtype=p.dtype, device=p.device)
-    for _ in range(iterations):
-        c = c / ((p.T @ r) * c * k).clamp_min(tiny)
-        r = r / ((p @ c) * r * n).clamp_min(tiny)
+    for _ in range(iterations - 1):
+        c = (p.T @ r).mul_(k).reciprocal_()
+        r = (p @ c).mul_(n).reciprocal_()
     return p.mul_(r.unsqueeze(1)).mul_(c.unsqueeze(0)).mul_(n)
 
 
+@autocast_off
 def swav(
     scores1: Tensor,
     scores2: Tensor,
@@ -110,9 +116,8 @@ def swav(
         temperature: τ of the prediction softmax.
         epsilon, sinkhorn_iterations: passed to :func:`sinkhorn`.
         impl: ``"reference"`` (codes by the official loop; ``Σ q log_softmax`` materialized) or
-            ``"fast"`` (codes by the scaling-vector Sinkhorn; the cross-entropy as
-            ``logsumexp(s / τ) - q·s / τ``, valid because each code sums to one, so no
-            ``(N, K)`` log-softmax is written).
+            ``"fast"`` (codes by the scaling-vector Sinkhorn; each cross-entropy one custom
+            autograd function that keeps only the softmax, backward ``(softmax(s / τ) - q) / (N τ)``).
 
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
@@ -131,7 +136,7 @@ def swav(
         p1 = F.log_softmax(scores1 / temperature, dim=1)
         p2 = F.log_softmax(scores2 / temperature, dim=1)
         return -0.5 * ((q1 * p2).sum(dim=1).mean() + (q2 * p1).sum(dim=1).mean())
-    s1 = scores1 / temperature
-    s2 = scores2 / temperature
-    cross = (q2 * s1).sum(dim=1) + (q1 * s2).sum(dim=1)
-    return 0.5 * (torch.logsumexp(s1, dim=1) + torch.logsumexp(s2, dim=1) - cross).mean()
+    scale = 1.0 / temperature
+    return 0.5 * (
+        soft_target_cross_entropy(scores1, q2, scale) + soft_target_cross_entropy(scores2, q1, scale)
+    )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harness.losses._common import (
+    autocast_off,
     check_batch,
     check_impl,
     check_matrix,
@@ -24,6 +25,7 @@ NAME = "vicreg"
 VAR_EPS = 1e-4
 
 
+@autocast_off
 def vicreg(
     z1: Tensor,
     z2: Tensor,

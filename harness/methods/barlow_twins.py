@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from harness.losses import barlow_twins
-from harness.methods.base import Method, encode_views, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import TrialConfig
 
 
@@ -32,4 +32,5 @@ class BarlowTwins(Method):
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
-        return barlow_twins(z1, z2, lambd=self.config.barlow_lambda, impl=self.config.loss_impl)
+        with fp32_loss(z1):
+            return barlow_twins(z1, z2, lambd=self.config.barlow_lambda, impl=self.config.loss_impl)

@@ -19,6 +19,7 @@ The training loop (``harness.train``) drives a method like this::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -198,3 +199,12 @@ def encode_views(encoder: Callable[[Tensor], Tensor], views: Iterable[Tensor]) -
         outputs.extend(encoder(batch).split([v.shape[0] for v in group]))
         start = end
     return outputs
+
+
+def fp32_loss(reference: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast off around a loss on ``reference``'s device. The heads run in bf16 under the
+    training loop's autocast, but ``harness.losses`` compute in float32 (they upcast 16-bit inputs):
+    with autocast on, their matrix products would drop back to bf16 (logits ``/ 0.1`` keep about
+    two significant digits) and their custom backward passes would meet mixed dtypes. The loss
+    matrices are small next to the backbone, so this costs nothing measurable."""
+    return torch.autocast(reference.device.type, enabled=False)

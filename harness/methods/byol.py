@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.losses import byol
-from harness.methods.base import Method, encode_views, frozen_copy, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import TrialConfig
 
 
@@ -44,7 +44,8 @@ class BYOL(Method):
             t1, t2 = encode_views(self._target, views[:2])
         impl = self.config.loss_impl
         # Grill et al. 2020, eq. 2: the sum of the two directions.
-        return byol(p1, t2, impl=impl) + byol(p2, t1, impl=impl)
+        with fp32_loss(p1):
+            return byol(p1, t2, impl=impl) + byol(p2, t1, impl=impl)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]

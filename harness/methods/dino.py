@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.losses import dino
-from harness.methods.base import Method, encode_views, frozen_copy, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import TrialConfig
 
 N_GLOBAL = 2
@@ -85,13 +85,14 @@ class DINO(Method):
             "impl": config.loss_impl,
         }
         # Every (teacher crop, student crop) pair except a crop with itself (Algorithm 1).
-        terms = [
-            dino(s, t, self.center, **kwargs)
-            for i, t in enumerate(teacher)
-            for v, s in enumerate(student)
-            if v != i
-        ]
-        loss = torch.stack(terms).mean()
+        with fp32_loss(self.center):
+            terms = [
+                dino(s, t, self.center, **kwargs)
+                for i, t in enumerate(teacher)
+                for v, s in enumerate(student)
+                if v != i
+            ]
+            loss = torch.stack(terms).mean()
         self._update_center(teacher)
         return loss
 

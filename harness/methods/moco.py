@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.losses import infonce
-from harness.methods.base import Method, encode_views, frozen_copy, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import TrialConfig
 
 
@@ -60,7 +60,8 @@ class MoCo(Method):
             keys = [F.normalize(k, dim=1) for k in encode_views(self._keys, views[1::-1] if symmetric else views[1:2])]
         # The negatives are the queue before this batch's keys enter it (He et al. 2020, Alg. 1).
         kwargs = {"temperature": self.config.temperature, "impl": self.config.loss_impl}
-        losses = [infonce(q, k, self.queue, **kwargs) for q, k in zip(queries, keys)]
+        with fp32_loss(self.queue):
+            losses = [infonce(q, k, self.queue, **kwargs) for q, k in zip(queries, keys)]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
         self._enqueue(torch.cat(keys))
         return loss

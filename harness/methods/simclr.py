@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from harness.losses import nt_xent
-from harness.methods.base import Method, encode_views, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import TrialConfig
 
 
@@ -24,7 +24,8 @@ class SimCLR(Method):
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
-        return nt_xent(z1, z2, temperature=self.config.temperature, impl=self.config.loss_impl)
+        with fp32_loss(z1):
+            return nt_xent(z1, z2, temperature=self.config.temperature, impl=self.config.loss_impl)
 
     def embed(self, x: Tensor) -> Tensor:
         return self.projector(self.backbone(x))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from harness.losses import byol
-from harness.methods.base import Method, encode_views, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import TrialConfig
 
 
@@ -34,5 +34,6 @@ class SimSiam(Method):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         impl = self.config.loss_impl
         # byol(p, z) is the mean of 2 - 2 cos(p, z), so -cos = byol / 2 - 1.
-        distance = byol(p1, z2.detach(), impl=impl) + byol(p2, z1.detach(), impl=impl)
+        with fp32_loss(p1):
+            distance = byol(p1, z2.detach(), impl=impl) + byol(p2, z1.detach(), impl=impl)
         return distance / 4 - 1

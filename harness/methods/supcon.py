@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from harness.losses import supcon
-from harness.methods.base import Method, encode_views, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import TrialConfig
 
 
@@ -32,4 +32,5 @@ class SupCon(Method):
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         # The loss normalizes the projections itself (Khosla et al. 2020, sec. 3.2).
         z = torch.stack(encode_views(self.embed, views[:2]), dim=1)  # (N, 2, proj_dim)
-        return supcon(z, labels, temperature=self.config.temperature, impl=self.config.loss_impl)
+        with fp32_loss(z):
+            return supcon(z, labels, temperature=self.config.temperature, impl=self.config.loss_impl)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.losses import sinkhorn, swav
-from harness.methods.base import Method, encode_views, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import TrialConfig
 
 # Caron et al. 2020 compute codes from the two global crops only ("crops_for_assign").
@@ -61,21 +61,24 @@ class SwAV(Method):
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         config = self.config
-        embeddings = [F.normalize(z, dim=1) for z in encode_views(self.embed, views)]  # (B, proj_dim) each
-        scores = [self.prototypes(z) for z in embeddings]  # (B, swav_prototypes) each
-        if len(views) == N_GLOBAL and config.queue_size == 0:
-            return swav(
-                scores[0],
-                scores[1],
-                temperature=config.temperature,
-                epsilon=config.swav_epsilon,
-                sinkhorn_iterations=config.swav_iterations,
-                impl=config.loss_impl,
-            )
-        codes = self._codes(scores[:N_GLOBAL])
-        if config.queue_size > 0:
-            self._enqueue(embeddings[:N_GLOBAL])
-        return swapped_prediction(codes, scores, config.temperature)
+        projections = encode_views(self.embed, views)  # (B, proj_dim) per crop
+        # Scores, codes and loss in float32, like the queue's scores (see fp32_loss).
+        with fp32_loss(projections[0]):
+            embeddings = [F.normalize(z.float(), dim=1) for z in projections]
+            scores = [self.prototypes(z) for z in embeddings]  # (B, swav_prototypes) per crop
+            if len(views) == N_GLOBAL and config.queue_size == 0:
+                return swav(
+                    scores[0],
+                    scores[1],
+                    temperature=config.temperature,
+                    epsilon=config.swav_epsilon,
+                    sinkhorn_iterations=config.swav_iterations,
+                    impl=config.loss_impl,
+                )
+            codes = self._codes(scores[:N_GLOBAL])
+            if config.queue_size > 0:
+                self._enqueue(embeddings[:N_GLOBAL])
+            return swapped_prediction(codes, scores, config.temperature)
 
     @torch.no_grad()
     def _codes(self, global_scores: list[Tensor]) -> list[Tensor]:
@@ -83,9 +86,9 @@ class SwAV(Method):
         prototypes join the batch's when the queue is full."""
         codes = []
         for i, batch_scores in enumerate(global_scores):
-            batch = batch_scores.detach().float()
+            batch = batch_scores.detach()
             if self.queue_full:
-                batch = torch.cat([batch, self.queue[i] @ self.prototypes.weight.float().t()])
+                batch = torch.cat([batch, self.queue[i] @ self.prototypes.weight.t()])
             assignment = sinkhorn(
                 batch, self.config.swav_epsilon, self.config.swav_iterations, impl=self.config.loss_impl
             )
@@ -127,7 +130,7 @@ def swapped_prediction(codes: list[Tensor], scores: list[Tensor], temperature: f
     Each code row sums to one, so the cross-entropy is ``logsumexp(s_v / T) - q_i . s_v / T``: one
     log-sum-exp per crop, shared by the two global crops' terms, and no ``(B, K)`` log-softmax.
     """
-    logits = [s.float() / temperature for s in scores]
+    logits = [s / temperature for s in scores]
     log_partition = [torch.logsumexp(s, dim=1) for s in logits]  # (B,) per crop
     total = logits[0].new_zeros(())
     for i, q in enumerate(codes):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from harness.losses import vicreg
-from harness.methods.base import Method, encode_views, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import TrialConfig
 
 
@@ -35,11 +35,12 @@ class VICReg(Method):
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
         config = self.config
-        return vicreg(
-            z1,
-            z2,
-            sim_coeff=config.vicreg_sim_coeff,
-            std_coeff=config.vicreg_std_coeff,
-            cov_coeff=config.vicreg_cov_coeff,
-            impl=config.loss_impl,
-        )
+        with fp32_loss(z1):
+            return vicreg(
+                z1,
+                z2,
+                sim_coeff=config.vicreg_sim_coeff,
+                std_coeff=config.vicreg_std_coeff,
+                cov_coeff=config.vicreg_cov_coeff,
+                impl=config.loss_impl,
+            )

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from harness.db import DEFAULT_DB_PATH, Database, resolve_url
 from harness.reports.data import UnknownStudyError, study_names
 from harness.reports.render import DEFAULT_OUT_ROOT, HTML_NAME, build_all, build_report
@@ -47,13 +49,19 @@ def main(args: argparse.Namespace) -> int:
         return _error("give a study name or --all, not both")
     if not args.all and not args.study:
         return _error("give a study name or --all")
-    database = Database(url)
+    # A report only reads: no table is created in a database that lacks them.
+    database = Database(url, create=False)
     started = time.perf_counter()
     try:
+        try:
+            known = study_names(database)
+        except SQLAlchemyError as error:
+            return _error(
+                f"cannot read the harness tables of {url} ({type(error).__name__}: {error.args[0] if error.args else error})"
+            )
         if args.all:
             index = build_all(database, out_root=args.out if args.out is not None else DEFAULT_OUT_ROOT)
-            count = len(study_names(database))
-            print(f"wrote {count} report(s) and {index} in {time.perf_counter() - started:.1f} s")
+            print(f"wrote {len(known)} report(s) and {index} in {time.perf_counter() - started:.1f} s")
             return 0
         try:
             out = build_report(database, args.study, args.out)

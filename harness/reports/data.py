@@ -197,7 +197,9 @@ def reads_knob(method: str, knob: str) -> bool:
 def configuration_label(row: pd.Series | dict[str, Any], knobs: tuple[str, ...]) -> str:
     method = str(row.get("method", "?"))
     parts = [
-        f"{k}={format_knob_value(_plain(row.get(k)))}" for k in knobs if k in row and reads_knob(method, k)
+        f"{k}={format_knob_value(plain_value(row.get(k)))}"
+        for k in knobs
+        if k in row and reads_knob(method, k)
     ]
     return f"{method} · {', '.join(parts)}" if parts else method
 
@@ -226,7 +228,7 @@ def ablation_base(
     return base
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """pandas turns None into NaN in numeric columns; a knob's None (the whole split) comes back."""
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -236,7 +238,7 @@ def _plain(value: Any) -> Any:
 
 
 def knob_sort_key(value: Any) -> tuple[int, float, str]:
-    value = _plain(value)
+    value = plain_value(value)
     if value is None:
         return (0, 0.0, "")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -271,9 +273,9 @@ def _annotate(
                 for k in knobs
                 if k in row
                 and reads_knob(method, k)
-                and format_knob_value(_plain(row[k])) != bases[method].get(k)
+                and format_knob_value(plain_value(row[k])) != bases[method].get(k)
             ]
-            parts = [f"{k}={format_knob_value(_plain(row[k]))}" for k in changed]
+            parts = [f"{k}={format_knob_value(plain_value(row[k]))}" for k in changed]
             labels.append(f"{method} · {', '.join(parts)}" if parts else f"{method} · base")
             first = min((knobs.index(k) for k in changed), default=-1)
             orders.append((method_rank(method), first, *(knob_sort_key(row.get(k)) for k in knobs)))
@@ -321,6 +323,6 @@ def group_order(trials: pd.DataFrame) -> list[str]:
 
 
 def most_common(values: list[Any]) -> Any:
-    counts = Counter(format_knob_value(_plain(v)) for v in values)
+    counts = Counter(format_knob_value(plain_value(v)) for v in values)
     best = max(counts.values())
     return sorted(k for k, c in counts.items() if c == best)[0]

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullLocator
 
-from harness.reports.data import ReportData, _plain, ablation_base, reads_knob
+from harness.reports.data import ReportData, ablation_base, plain_value, reads_knob
 from harness.reports.search import SearchSummary
 from harness.reports.style import METRICS, MIB, format_knob_value, is_finite, method_colour, method_rank
 from harness.reports.tables import display_values
@@ -63,7 +63,7 @@ def _new_figure(
 
 
 def _numeric(values: list[Any]) -> bool:
-    plain = [_plain(v) for v in values]
+    plain = [plain_value(v) for v in values]
     return (
         bool(plain)
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in plain if v is not None)
@@ -143,7 +143,7 @@ def _ablation_rows(data: ReportData, knob: str) -> tuple[pd.DataFrame, str | Non
         keep = [
             all(
                 not reads_knob(str(row["method"]), o)
-                or format_knob_value(_plain(row[o])) == bases[row["method"]].get(o)
+                or format_knob_value(plain_value(row[o])) == bases[row["method"]].get(o)
                 for o in others
             )
             for _, row in complete.iterrows()
@@ -155,7 +155,7 @@ def _ablation_rows(data: ReportData, knob: str) -> tuple[pd.DataFrame, str | Non
         frame = complete.copy()
         frame[column] = [
             ", ".join(
-                f"{o}={format_knob_value(_plain(row[o]))}"
+                f"{o}={format_knob_value(plain_value(row[o]))}"
                 for o in others
                 if reads_knob(str(row["method"]), o)
             )
@@ -210,7 +210,7 @@ def _ablation_figure(
     figure, axes = _new_figure(4.3 * len(panels) + 1.6, 3.6, ncols=len(panels))
     hue_order = _hue_order(rows)
     palette = {m: method_colour(m) for m in hue_order}
-    values = [_plain(v) for v in rows[knob]]
+    values = [plain_value(v) for v in rows[knob]]
     numeric = _numeric(values)
     for index, column in enumerate(panels):
         ax = axes[0][index]
@@ -226,14 +226,16 @@ def _ablation_figure(
             continue
         users = frame[frame["method"].map(lambda m: reads_knob(str(m), knob))]
         ignoring = frame[~frame["method"].map(lambda m: reads_knob(str(m), knob))]
+        # Only the methods drawn as lines enter seaborn's legend; the others get a dashed line.
+        drawn = [m for m in hue_order if m in set(users["method"])]
         if numeric:
             frame_x = users.assign(
-                x=[float(_plain(v)) if _plain(v) is not None else np.nan for v in users[knob]]
+                x=[float(plain_value(v)) if plain_value(v) is not None else np.nan for v in users[knob]]
             )
             frame_x = frame_x[frame_x["x"].notna()]
             if scatter:
                 sns.scatterplot(
-                    frame_x, x="x", y="y", hue="method", hue_order=hue_order, palette=palette, ax=ax, s=36
+                    frame_x, x="x", y="y", hue="method", hue_order=drawn, palette=palette, ax=ax, s=36
                 )
             elif not frame_x.empty:
                 sns.lineplot(
@@ -241,7 +243,7 @@ def _ablation_figure(
                     x="x",
                     y="y",
                     hue="method",
-                    hue_order=hue_order,
+                    hue_order=drawn,
                     palette=palette,
                     style=style,
                     errorbar="sd",
@@ -254,15 +256,15 @@ def _ablation_figure(
                 ax, list(frame_x["x"]), "x", force_log=_searched_log(data, knob), value_ticks=not scatter
             )
         else:
-            order = sorted({format_knob_value(_plain(v)) for v in users[knob]})
-            frame_x = users.assign(x=[format_knob_value(_plain(v)) for v in users[knob]])
+            order = sorted({format_knob_value(plain_value(v)) for v in users[knob]})
+            frame_x = users.assign(x=[format_knob_value(plain_value(v)) for v in users[knob]])
             if scatter:
                 sns.stripplot(
                     frame_x,
                     x="x",
                     y="y",
                     hue="method",
-                    hue_order=hue_order,
+                    hue_order=drawn,
                     palette=palette,
                     order=order,
                     ax=ax,
@@ -275,7 +277,7 @@ def _ablation_figure(
                     x="x",
                     y="y",
                     hue="method",
-                    hue_order=hue_order,
+                    hue_order=drawn,
                     palette=palette,
                     order=order,
                     errorbar="sd",
@@ -294,11 +296,21 @@ def _ablation_figure(
         ax.set_xlabel(knob_label(knob))
         ax.set_ylabel(axis_label(column))
         ax.set_title(axis_label(column).split(" (")[0])
-        if index == len(panels) - 1:
-            _legend_outside(ax)
-        else:
-            _drop_legend(ax)
+    _shared_legend([a for a in axes[0] if a.get_visible()])
     return figure
+
+
+def _shared_legend(axes: list[Any]) -> None:
+    """One legend, outside the last panel, from the panel that draws the most (a method without
+    a loss, such as random_init, is missing from the loss panel only)."""
+    if not axes:
+        return
+    richest = max(axes, key=lambda a: (len(a.get_legend_handles_labels()[1]), -axes.index(a)))
+    handles, labels = richest.get_legend_handles_labels()
+    for ax in axes:
+        _drop_legend(ax)
+    if handles:
+        axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
 
 
 def _searched_log(data: ReportData, knob: str) -> bool:

@@ -223,7 +223,9 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
         "alignment, uniformity, memory and time."
     )
     if missing:
-        notes.append(f"Not recorded by any trial: {', '.join(m.short for m in missing)}.")
+        notes.append(
+            f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
+        )
     document.add(Paragraph(" ".join(notes)))
 
 

@@ -12,12 +12,15 @@ from typing import Any
 import pandas as pd
 
 from harness.db import Database
-from harness.reports.data import ACCURACY_COLUMNS, ReportData, _plain
+from harness.reports.data import ACCURACY_COLUMNS, ReportData, plain_value
 from harness.reports.document import Cell, Table
 from harness.reports.style import METRICS, format_knob_value, format_number, is_finite, metric_decimals
 from harness.reports.tables import metric_label
 
 BEST_TRIALS = 10
+# User attributes harness.study.search sets on Optuna trials.
+SUPERSEDED = "harness_superseded"
+HARNESS_TRIAL = "harness_trial_id"
 # Optuna's trial states in the harness's words.
 _STATES: dict[str, str] = {
     "COMPLETE": "complete",
@@ -72,10 +75,12 @@ def _from_optuna(
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        storage = optuna.storages.RDBStorage(db.url, skip_compatibility_check=True)
+        storage = optuna.storages.RDBStorage(db.url, skip_compatibility_check=True, skip_table_creation=True)
         try:
             study = optuna.load_study(study_name=name, storage=storage)
-            trials = study.get_trials(deepcopy=False)
+            # A trial the harness handed back or took over is failed and marked superseded: a new
+            # Optuna trial replaced it, so it is not part of the search's history.
+            trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SUPERSEDED)]
             records = []
             for trial in sorted(trials, key=lambda t: t.number):
                 value = trial.value if trial.state == TrialState.COMPLETE and trial.values else None
@@ -85,7 +90,7 @@ def _from_optuna(
                     "number": trial.number,
                     "state": _STATES.get(trial.state.name, trial.state.name.lower()),
                     "value": float(value) * factor if is_finite(value) else math.nan,
-                    "harness_trial": trial.user_attrs.get("harness_trial_id"),
+                    "harness_trial": trial.user_attrs.get(HARNESS_TRIAL),
                 }
                 for param in sorted(trial.params):
                     record[f"param_{param}"] = trial.params[param]
@@ -147,7 +152,7 @@ def _from_trials(data: ReportData, metric: str, maximize: bool, params: list[str
                 "harness_trial": int(row["trial_id"]),
             }
             for param in params:
-                record[f"param_{param}"] = _plain(row.get(param))
+                record[f"param_{param}"] = plain_value(row.get(param))
             records.append(record)
     summary = SearchSummary(
         metric, maximize, "harness", _with_best(pd.DataFrame.from_records(records), maximize), params
@@ -204,7 +209,7 @@ def best_trials_table(summary: SearchSummary, data: ReportData) -> Table | None:
                 Cell(str(int(row["number"]))),
                 Cell(", ".join(str(i) for i in sorted(harness_ids)) or "–"),
                 Cell(format_number(row["value"], decimals), bold=rank == 1),
-                *(Cell(format_knob_value(_plain(row.get(f"param_{p}")))) for p in params),
+                *(Cell(format_knob_value(plain_value(row.get(f"param_{p}")))) for p in params),
             )
         )
     return Table(

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from harness.reports.data import ReportData, _plain, group_order
+from harness.reports.data import ReportData, group_order, plain_value
 from harness.reports.document import Cell, Table
 from harness.reports.style import (
     METRICS,
@@ -84,7 +84,7 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
             "is_reference": bool(first["is_reference"]),
         }
         for knob in data.label_knobs:
-            record[knob] = _plain(first.get(knob))
+            record[knob] = plain_value(first.get(knob))
         for metric in TABLE_METRICS:
             if metric.column not in rows.columns:
                 continue
@@ -122,15 +122,13 @@ def search_objective(data: ReportData) -> tuple[str, bool] | None:
 
 
 def shown_metrics(frame: pd.DataFrame) -> tuple[list[Metric], list[Metric]]:
-    """(metrics with at least one value, metrics no configuration recorded)."""
+    """(metrics with a finite value somewhere, metrics without any). SQLite stores NaN as NULL,
+    so a column with no finite value is one no trial recorded (or one where every trial
+    diverged); the report names it rather than showing a column of 'nan'."""
     shown, missing = [], []
     for metric in TABLE_METRICS:
         key = f"{metric.column}_mean"
-        has = key in frame.columns and any(
-            math.isfinite(v) or nf
-            for v, nf in zip(frame[key], frame[f"{metric.column}_nonfinite"])
-            if v is not None
-        )
+        has = key in frame.columns and any(math.isfinite(v) for v in frame[key])
         (shown if has else missing).append(metric)
     return shown, missing
 
@@ -140,7 +138,8 @@ def best_values(frame: pd.DataFrame, metric: Metric) -> float:
     competitors); NaN when there is none."""
     key = f"{metric.column}_mean"
     candidates = [v for v, ref in zip(frame[key], frame["is_reference"]) if not ref and math.isfinite(v)]
-    if not candidates:
+    # A lone candidate is not "best" of anything: bolding every cell of one row says nothing.
+    if len(candidates) < 2:
         return math.nan
     return max(candidates) if metric.higher_is_better else min(candidates)
 
@@ -185,7 +184,7 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
 def _values(trials: pd.DataFrame, column: str) -> list[Any]:
     if column not in trials.columns:
         return []
-    values = {format_knob_value(_plain(v)): _plain(v) for v in trials[column]}
+    values = {format_knob_value(plain_value(v)): plain_value(v) for v in trials[column]}
     return [
         values[k]
         for k in sorted(
@@ -290,7 +289,8 @@ def provenance_table(data: ReportData) -> Table | None:
     trials = data.trials
     if trials.empty:
         return None
-    ran = trials[trials["status"].isin(["complete", "failed", "pruned", "running"])]
+    # Finished trials only: a running one may not have recorded its provenance yet.
+    ran = trials[trials["status"].isin(["complete", "failed", "pruned"])]
     if ran.empty:
         return None
     keys = ("git_commit", "git_dirty", "torch_version", "cuda_version", "device_name", "host")
@@ -345,7 +345,9 @@ def bench_table(bench: pd.DataFrame) -> Table | None:
         for _, row in run[run["impl"] == "reference"].iterrows()
     }
     others = run[run["impl"] != "reference"]
-    ordered = sorted(others.iterrows(), key=lambda item: tuple(natural_key(str(item[1][k])) for k in [*keys, "impl"]))
+    ordered = sorted(
+        others.iterrows(), key=lambda item: tuple(natural_key(str(item[1][k])) for k in [*keys, "impl"])
+    )
     rows = []
     for _, row in ordered:
         ref = reference.get(tuple(row[k] for k in keys))

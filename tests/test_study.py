@@ -1,0 +1,465 @@
+"""Running studies: expansion into pending rows, atomic claims, heartbeats and takeover, results
+written once, interrupts, changed files, and the acceptance runs (concurrent runners, kill -9)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from harness.db import SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.spec import SpecError, TrialConfig, load_study
+from harness.study import (
+    RunOptions,
+    StudyConflict,
+    claim_next,
+    finish,
+    heartbeat,
+    release,
+    run_study,
+    sync_study,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A real trial of a few seconds on the CPU (generated data, no files).
+TINY = {
+    "dataset": "synthetic",
+    "train_size": 64,
+    "test_size": 32,
+    "batch_size": 32,
+    "proj_hidden_dim": 32,
+    "proj_dim": 16,
+    "linear_epochs": 2,
+    "knn_k": 5,
+}
+
+
+def study_file(tmp_path: Path, grid: dict[str, list[Any]], *, name: str = "tiny", fixed: dict[str, Any] | None = None, seeds: str = "[0]", file: str = "study.yaml") -> Path:
+    fixed_items = {**TINY, "epochs": 1, "eval_every": 1, **(fixed or {})}
+    lines = [f"study: {name}", "description: a tiny test study", "fixed:"]
+    lines += [f"  {k}: {v}" for k, v in fixed_items.items()]
+    lines.append("grid:")
+    lines += [f"  {k}: [{', '.join(str(v) for v in values)}]" for k, values in grid.items()]
+    lines.append(f"seeds: {seeds}")
+    path = tmp_path / file
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class FakeRecord:
+    status: str
+    reason: str | None
+    summary: dict[str, float | None]
+    curves: list[tuple[float, int, str, float]]
+    provenance: dict[str, Any]
+    started_at: datetime
+    ended_at: datetime
+
+
+@dataclass
+class FakeTrainer:
+    """Stands in for harness.train.run_trial: instant, deterministic, and scriptable."""
+
+    fail_on: Callable[[TrialConfig], str | None] = lambda config: None
+    interrupt_on_call: int | None = None
+    raise_on_call: int | None = None
+    calls: list[TrialConfig] = field(default_factory=list)
+
+    def __call__(self, config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> FakeRecord:
+        self.calls.append(config)
+        if self.interrupt_on_call == len(self.calls):
+            raise KeyboardInterrupt
+        if self.raise_on_call == len(self.calls):
+            raise ValueError("a bug in the trainer")
+        started = utcnow()
+        reason = self.fail_on(config)
+        summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
+        summary.update(knn_top1=0.5 + config.lr, final_loss=1.0 if reason is None else float("nan"))
+        curves = [(0.5, 1, "loss", 2.0), (1.0, 2, "loss", 1.0), (1.0, 2, "knn_top1", 0.5)]
+        return FakeRecord(
+            status="failed" if reason else "complete",
+            reason=reason,
+            summary=summary,
+            curves=curves,
+            provenance={"git_commit": "abc123", "host": "test"},
+            started_at=started,
+            ended_at=utcnow(),
+        )
+
+
+def quiet(_: str) -> None:
+    return None
+
+
+def rows(db: Database, study: str = "tiny") -> list[TrialRow]:
+    return db.run(
+        lambda s: list(s.scalars(select(TrialRow).join(StudyRow).where(StudyRow.name == study).order_by(TrialRow.id)))
+    )
+
+
+def metric_count(db: Database, trial_id: int) -> int:
+    return db.run(lambda s: s.scalar(select(func.count(MetricRow.id)).where(MetricRow.trial_id == trial_id)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registering a study
+
+
+def test_sync_study__inserts_one_pending_row_per_trial(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"method": ["simclr", "byol"], "lr": [0.001, 0.002]}, seeds="[0, 1]"))
+    db = Database(tmp_path / "h.db")
+    report = sync_study(db, study)
+    assert report.created and len(report.added) == 8 and report.kept == 0
+    stored = rows(db)
+    assert len(stored) == 8 and {r.status for r in stored} == {"pending"}
+    assert {(r.config_hash, r.seed) for r in stored} == {(c.config_hash, c.seed) for c in study.trials()}
+    assert all(TrialConfig(**r.config) in study.trials() for r in stored)
+    study_row = db.run(lambda s: s.scalar(select(StudyRow)))
+    assert study_row.file_text == study.text and study_row.file_hash == study.text_hash and study_row.kind == "grid"
+
+    again = sync_study(db, study)
+    assert not again.created and not again.file_changed and again.added == () and again.kept == 8
+    assert len(rows(db)) == 8
+
+
+def test_sync_study__deduplicates_trials_a_method_ignores(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"method": ["simclr", "byol"], "temperature": [0.1, 0.2, 0.5]}))
+    db = Database(tmp_path / "h.db")
+    sync_study(db, study)
+    assert sorted(r.config["method"] for r in rows(db)) == ["byol", "simclr", "simclr", "simclr"]
+
+
+def test_sync_study__changed_file_adds_points_keeps_results_and_reports_the_rest(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    first = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
+    trainer = FakeTrainer()
+    run_study(first, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=quiet)
+    assert len(trainer.calls) == 3
+    before = {r.config["lr"]: (r.id, r.knn_top1, r.ended_at) for r in rows(db)}
+
+    changed = load_study(study_file(tmp_path, {"lr": [0.002, 0.003, 0.004, 0.005]}))
+    report = sync_study(db, changed)
+    assert report.file_changed and not report.created
+    assert report.added == ("lr=0.004 seed=0", "lr=0.005 seed=0")
+    assert report.kept == 2 and report.kept_finished == 2
+    assert report.gone == ("lr=0.001 seed=0",)
+
+    lines: list[str] = []
+    trainer = FakeTrainer()
+    run_study(changed, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=lines.append)
+    assert sorted(c.lr for c in trainer.calls) == [0.004, 0.005]  # neither old results nor the dropped point rerun
+    after = {r.config["lr"]: (r.id, r.knn_top1, r.ended_at) for r in rows(db)}
+    for lr in (0.001, 0.002, 0.003):
+        assert after[lr] == before[lr]
+    assert {r.status for r in rows(db)} == {"complete"}
+    assert db.run(lambda s: s.scalar(select(StudyRow.file_text))) == changed.text
+
+
+def test_sync_study__changed_file_says_what_changed(tmp_path: Path) -> None:
+    first = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
+    run_study(first, RunOptions(db=str(tmp_path / "h.db"), max_trials=1), run_trial=FakeTrainer(), echo=quiet)
+    changed = load_study(study_file(tmp_path, {"lr": [0.002, 0.003]}))
+    lines: list[str] = []
+    run_study(changed, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(), echo=lines.append)
+    text = "\n".join(lines)
+    assert "the file changed since the last run" in text
+    assert "+ lr=0.003 seed=0" in text
+    assert "no longer in the file" in text and "- lr=0.001 seed=0" in text
+
+
+def test_sync_study__search_and_grid_cannot_share_a_name(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    sync_study(db, load_study(study_file(tmp_path, {"lr": [0.001]})))
+    search = tmp_path / "search.yaml"
+    search.write_text("study: tiny\nsearch:\n  n_trials: 2\n  space:\n    lr: {low: 0.001, high: 0.01}\n")
+    with pytest.raises(StudyConflict, match="rename"):
+        sync_study(db, load_study(search))
+
+
+# ----------------------------------------------------------------------------------------------
+# Claims and heartbeats
+
+
+def test_claim_next__each_trial_goes_to_exactly_one_of_many_claimers(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    study = load_study(study_file(tmp_path, {"lr": [0.001 * i for i in range(1, 9)]}))
+    report = sync_study(db, study)
+    claimed: list[int] = []
+    lock = threading.Lock()
+    stale = utcnow() - timedelta(hours=1)
+
+    def claimer(index: int) -> None:
+        mine = Database(tmp_path / "h.db")
+        while True:
+            claim = claim_next(mine, report.study_id, f"w{index}", stale_before=stale)
+            if claim is None:
+                return
+            with lock:
+                claimed.append(claim.row_id)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(claimed) == sorted(report.row_ids or ())
+    assert all(r.status == "running" and r.attempts == 1 for r in rows(db))
+
+
+def test_claim_next__takes_over_a_trial_whose_heartbeat_stopped(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    report = sync_study(db, load_study(study_file(tmp_path, {"lr": [0.001]})))
+    dead = claim_next(db, report.study_id, "dead", stale_before=utcnow())
+    assert dead is not None
+    # Fresh heartbeat: not taken.
+    assert claim_next(db, report.study_id, "alive", stale_before=utcnow() - timedelta(seconds=60)) is None
+    # Heartbeat older than the timeout: taken over, attempt 2.
+    alive = claim_next(db, report.study_id, "alive", stale_before=utcnow() + timedelta(seconds=1))
+    assert alive is not None and alive.row_id == dead.row_id and alive.attempts == 2
+    assert alive.previous_status == "running" and alive.previous_worker == "dead"
+    # The old owner can neither heartbeat, nor write a result, nor hand the trial back.
+    assert not heartbeat(db, dead)
+    kwargs: dict[str, Any] = {
+        "status": "complete", "reason": None, "summary": {"knn_top1": 0.1}, "curves": [(1.0, 1, "loss", 1.0)],
+        "provenance": {}, "started_at": None, "ended_at": None,
+    }
+    assert not finish(db, dead, **kwargs)
+    assert not release(db, dead)
+    assert heartbeat(db, alive)
+    assert finish(db, alive, **{**kwargs, "summary": {"knn_top1": 0.9}})
+    [row] = rows(db)
+    assert row.status == "complete" and row.knn_top1 == 0.9 and row.worker == "alive"
+    assert metric_count(db, row.id) == 1
+
+
+def test_claim_next__never_takes_a_complete_trial(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
+    run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(), echo=quiet)
+    report = sync_study(db, study)
+    future = utcnow() + timedelta(days=1)
+    assert claim_next(db, report.study_id, "w", stale_before=future, retry_failed_before=future) is None
+    trainer = FakeTrainer()
+    run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=quiet)
+    assert trainer.calls == []
+
+
+def test_finish__writes_summary_provenance_and_curves_together(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    study = load_study(study_file(tmp_path, {"lr": [0.001]}))
+    run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(), echo=quiet)
+    [row] = rows(db)
+    assert row.status == "complete" and row.reason is None and row.attempts == 1
+    assert row.knn_top1 == pytest.approx(0.501) and row.final_loss == 1.0
+    assert row.git_commit == "abc123" and row.host == "test"
+    assert row.started_at is not None and row.ended_at is not None and row.started_at <= row.ended_at
+    assert metric_count(db, row.id) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def test_run_study__failed_trial_is_a_result_and_the_study_goes_on(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
+    trainer = FakeTrainer(fail_on=lambda c: "diverged at step 3" if c.lr == 0.002 else None)
+    result = run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=quiet)
+    assert result.exit_code == 0 and result.tally.failed == 1 and result.tally.complete == 2
+    by_lr = {r.config["lr"]: r for r in rows(Database(tmp_path / "h.db"))}
+    assert by_lr[0.002].status == "failed" and by_lr[0.002].reason == "diverged at step 3"
+    assert by_lr[0.001].status == by_lr[0.003].status == "complete"
+
+
+def test_run_study__trainer_exception_is_recorded_as_failed(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
+    result = run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(raise_on_call=1), echo=quiet)
+    assert result.exit_code == 0
+    first, second = rows(Database(tmp_path / "h.db"))
+    assert first.status == "failed" and first.reason is not None and first.reason.startswith("ValueError: a bug in the trainer")
+    assert second.status == "complete"
+
+
+def test_run_study__failed_trials_rerun_only_with_retry_failed(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
+    options = RunOptions(db=str(tmp_path / "h.db"))
+    run_study(study, options, run_trial=FakeTrainer(fail_on=lambda c: "out of memory" if c.lr == 0.002 else None), echo=quiet)
+    trainer = FakeTrainer()
+    run_study(study, options, run_trial=trainer, echo=quiet)
+    assert trainer.calls == []
+    trainer = FakeTrainer()
+    run_study(study, RunOptions(db=str(tmp_path / "h.db"), retry_failed=True), run_trial=trainer, echo=quiet)
+    assert [c.lr for c in trainer.calls] == [0.002]
+    retried = [r for r in rows(Database(tmp_path / "h.db")) if r.config["lr"] == 0.002][0]
+    assert retried.status == "complete" and retried.attempts == 2 and retried.reason is None
+    assert metric_count(Database(tmp_path / "h.db"), retried.id) == 3  # the failed attempt's curves replaced
+
+
+def test_run_study__ctrl_c_hands_the_trial_back_and_a_rerun_finishes(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
+    options = RunOptions(db=str(tmp_path / "h.db"))
+    lines: list[str] = []
+    result = run_study(study, options, run_trial=FakeTrainer(interrupt_on_call=2), echo=lines.append)
+    assert result.exit_code == 130 and result.tally.interrupted
+    statuses = [(r.status, r.reason) for r in rows(Database(tmp_path / "h.db"))]
+    assert statuses == [("complete", None), ("pending", "interrupted"), ("pending", None)]
+    assert any("interrupted" in line for line in lines)
+    trainer = FakeTrainer()
+    assert run_study(study, options, run_trial=trainer, echo=quiet).exit_code == 0
+    assert [c.lr for c in trainer.calls] == [0.002, 0.003]
+    assert {r.status for r in rows(Database(tmp_path / "h.db"))} == {"complete"}
+
+
+def test_run_study__max_trials_stops_early(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
+    trainer = FakeTrainer()
+    run_study(study, RunOptions(db=str(tmp_path / "h.db"), max_trials=2), run_trial=trainer, echo=quiet)
+    assert len(trainer.calls) == 2
+    assert sorted(r.status for r in rows(Database(tmp_path / "h.db"))) == ["complete", "complete", "pending"]
+
+
+def test_run_study__device_override_is_not_part_of_the_configuration(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001]}))
+    trainer = FakeTrainer()
+    run_study(study, RunOptions(db=str(tmp_path / "h.db"), device="cpu"), run_trial=trainer, echo=quiet)
+    assert trainer.calls[0].device == "cpu"
+    [row] = rows(Database(tmp_path / "h.db"))
+    assert row.config["device"] == "cpu" and row.config_hash == study.trials()[0].config_hash
+
+
+@pytest.mark.slow
+def test_run_study__diverging_trial_is_recorded_failed_and_the_study_continues(tmp_path: Path) -> None:
+    # A real trial: SGD at an absurd learning rate makes Barlow Twins' loss non-finite.
+    path = study_file(tmp_path, {"lr": [0.001, 1e10]}, fixed={"method": "barlow_twins", "optimizer": "sgd", "log_every": 1})
+    result = run_study(load_study(path), RunOptions(db=str(tmp_path / "h.db"), progress=False), echo=quiet)
+    assert result.exit_code == 0
+    by_lr = {r.config["lr"]: r for r in rows(Database(tmp_path / "h.db"))}
+    assert by_lr[1e10].status == "failed" and by_lr[1e10].reason is not None
+    assert by_lr[1e10].reason.startswith("diverged at step")
+    assert by_lr[0.001].status == "complete" and by_lr[0.001].knn_top1 is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Acceptance: processes
+
+
+def harness(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_harness_run__malformed_file_leaves_the_database_byte_identical(tmp_path: Path) -> None:
+    from harness.cli import main
+
+    dbdir = tmp_path / "db"
+    dbdir.mkdir()
+    good = study_file(tmp_path, {"lr": [0.001, 0.002]})
+    run_study(load_study(good), RunOptions(db=str(dbdir / "h.db")), run_trial=FakeTrainer(), echo=quiet)
+    before = files_digest(dbdir)
+    assert "h.db" in before
+    bad = tmp_path / "bad.yaml"
+    # Same study name, one new valid point and one invalid one: nothing at all may be written.
+    bad.write_text(good.read_text().replace("lr: [0.001, 0.002]", "lr: [0.001, 0.002, 0.003, -1]"))
+    with pytest.raises(SpecError):
+        load_study(bad)
+    assert main(["run", str(bad), "--db", str(dbdir / "h.db")]) == 2
+    assert files_digest(dbdir) == before
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("study: tiny\ngrid: [\n")
+    assert main(["run", str(syntax), "--db", str(dbdir / "h.db")]) == 2
+    assert files_digest(dbdir) == before
+
+
+@pytest.mark.slow
+def test_harness_run__two_concurrent_runners_split_an_8_point_study(tmp_path: Path) -> None:
+    path = study_file(tmp_path, {"lr": [round(0.001 * i, 4) for i in range(1, 9)]})
+    runners = [harness("run", str(path), "--db", "h.db", "--no-progress", cwd=tmp_path) for _ in range(2)]
+    outputs = [runner.communicate(timeout=240)[0] for runner in runners]
+    for runner, output in zip(runners, outputs):
+        assert runner.returncode == 0, output
+        assert "locked" not in output.lower(), output
+    db = Database(tmp_path / "h.db")
+    stored = rows(db)
+    assert len(stored) == 8
+    assert all(r.status == "complete" and r.attempts == 1 for r in stored), [(r.status, r.attempts) for r in stored]
+    assert len({r.worker for r in stored}) == 2, "both runners should have taken trials"
+    counts = {metric_count(db, r.id) for r in stored}
+    assert len(counts) == 1 and counts.pop() > 0  # every trial's curves written once
+
+
+@pytest.mark.slow
+def test_harness_run__kill_9_mid_trial_then_rerun_completes_every_trial_once(tmp_path: Path) -> None:
+    path = study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}, fixed={"epochs": 2})
+    timeout = "3"
+    runner = harness("run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path)
+    victim = _wait_for_running_trial(tmp_path / "h.db", runner)
+    time.sleep(0.5)  # well inside the trial (it takes seconds)
+    runner.send_signal(signal.SIGKILL)
+    runner.communicate(timeout=30)
+    with sqlite3.connect(tmp_path / "h.db", timeout=30) as connection:
+        status = connection.execute("SELECT status FROM harness_trial WHERE id = ?", (victim,)).fetchone()[0]
+    assert status == "running"  # left behind by the dead process
+
+    rerun = harness("run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path)
+    output = rerun.communicate(timeout=240)[0]
+    assert rerun.returncode == 0, output
+    assert "taking over" in output
+    db = Database(tmp_path / "h.db")
+    stored = rows(db)
+    assert all(r.status == "complete" for r in stored), output
+    attempts = {r.id: r.attempts for r in stored}
+    assert attempts[victim] == 2 and all(n == 1 for i, n in attempts.items() if i != victim)
+    counts = {metric_count(db, r.id) for r in stored}
+    assert len(counts) == 1  # the rerun trial's curves are there once, like every other trial's
+
+
+def _wait_for_running_trial(path: Path, runner: subprocess.Popen[str], limit: float = 120.0) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert runner.poll() is None, "the runner ended before a trial started"
+        if path.exists():
+            try:
+                with sqlite3.connect(path, timeout=30) as connection:
+                    found = connection.execute("SELECT id FROM harness_trial WHERE status = 'running' LIMIT 1").fetchone()
+            except sqlite3.OperationalError:  # tables not created yet
+                found = None
+            if found:
+                return int(found[0])
+        time.sleep(0.1)
+    raise AssertionError("no trial started running in time")
+
+
+def test_study_module__imports_neither_torch_nor_optuna() -> None:
+    code = "import sys, harness.study, harness.cli; sys.exit(bool({'torch', 'optuna'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False).returncode == 0
+
+
+def test_run_options__heartbeat_interval_is_a_fraction_of_the_timeout() -> None:
+    assert RunOptions(heartbeat_timeout=3).heartbeat_interval == pytest.approx(0.5)
+    assert RunOptions(heartbeat_timeout=600).heartbeat_interval == 10.0
+
