@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("study", metavar="STUDY.yaml", help="the study file")
     _add_db(run)
-    run.add_argument("--device", type=_device, help="run every trial on this device (auto, cpu, cuda, cuda:N)")
+    run.add_argument(
+        "--device", type=_device, help="run every trial on this device (auto, cpu, cuda, cuda:N)"
+    )
     run.add_argument(
         "--workers",
         type=_positive_int,
@@ -101,9 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes on this machine, each claiming trials (one per GPU where there are several)",
     )
-    run.add_argument("--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials")
-    run.add_argument("--dry-run", action="store_true", help="print the expanded trials and notes; write nothing")
-    run.add_argument("--retry-failed", action="store_true", help="rerun trials that failed (by default a failure is a result)")
+    run.add_argument(
+        "--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
+    )
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="rerun trials that failed (by default a failure is a result)",
+    )
     run.add_argument(
         "--heartbeat-timeout",
         type=_positive_seconds,
@@ -112,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a running trial without a heartbeat for this long is taken over and rerun (default: {DEFAULT_HEARTBEAT_TIMEOUT:g})",
     )
     progress = run.add_mutually_exclusive_group()
-    progress.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress bars")
+    progress.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="show progress bars"
+    )
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     run.set_defaults(handler=_cmd_run)
 
@@ -124,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("study", metavar="STUDY", nargs="?", help="a study name (default: every study)")
     _add_db(status)
-    status.add_argument("--top", type=_positive_int, default=5, metavar="K", help="best trials shown (default: 5)")
+    status.add_argument(
+        "--top", type=_positive_int, default=5, metavar="K", help="best trials shown (default: 5)"
+    )
     status.set_defaults(handler=_cmd_status)
 
     for name, (_, help_text, description) in _DELEGATED.items():
@@ -140,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("study", metavar="STUDY", help="the study name")
     _add_db(export)
-    export.add_argument("--format", choices=("csv", "parquet"), default="csv", help="file format (default: csv)")
+    export.add_argument(
+        "--format", choices=("csv", "parquet"), default="csv", help="file format (default: csv)"
+    )
     export.add_argument("--out", metavar="PATH", help="output file (default: results/STUDY.csv or .parquet)")
     export.set_defaults(handler=_cmd_export)
     return parser
@@ -174,7 +190,9 @@ def _delegate(command: str, rest: list[str]) -> int:
             return _error(command, f"not available yet: {module_name} does not exist", 2)
         return _error(command, f"not available: importing {module_name} failed: {error}", 2)
     except Exception as error:  # a broken sibling package must not take the whole CLI down
-        return _error(command, f"not available: importing {module_name} failed: {type(error).__name__}: {error}", 2)
+        return _error(
+            command, f"not available: importing {module_name} failed: {type(error).__name__}: {error}", 2
+        )
     if not hasattr(module, "add_arguments") or not hasattr(module, "main"):
         return _error(command, f"not available yet: {module_name} has no add_arguments/main", 2)
     parser = argparse.ArgumentParser(prog=f"harness {command}", description=description)
@@ -183,6 +201,8 @@ def _delegate(command: str, rest: list[str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from harness.spec import SpecError, load_study
     from harness.study import (
         RunOptions,
@@ -202,6 +222,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise SpecError(problems)
     except SpecError as error:
         print(error, file=sys.stderr)
+        return 2
+    except RecursionError:  # absurdly deep YAML nesting, which the parser cannot handle
+        print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
     if args.dry_run:
         existing = None
@@ -227,6 +250,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return run_study(study, options).exit_code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
+    except SQLAlchemyError as error:  # unreachable server, wrong URL, not a database
+        return _error(
+            "run", f"database error: {type(error).__name__}: {error.args[0] if error.args else error}", 1
+        )
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -242,7 +269,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except UnknownStudy as error:
         return _error("status", str(error), 1)
     except SQLAlchemyError as error:
-        return _error("status", f"cannot read the database: {type(error).__name__}: {error.args[0] if error.args else error}", 1)
+        return _error(
+            "status",
+            f"cannot read the database: {type(error).__name__}: {error.args[0] if error.args else error}",
+            1,
+        )
     print("\n".join(lines))
     db.dispose()
     return 0
@@ -264,7 +295,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except SQLAlchemyError as error:
         return _error("export", f"cannot read the database: {type(error).__name__}", 1)
     if args.study not in known:
-        return _error("export", f"no study named {args.study!r}" + (f" (studies: {', '.join(known)})" if known else ""), 1)
+        return _error(
+            "export",
+            f"no study named {args.study!r}" + (f" (studies: {', '.join(known)})" if known else ""),
+            1,
+        )
     frame = trials_frame(db, args.study)
     out = Path(args.out) if args.out else Path("results") / f"{args.study}.{args.format}"
     out.parent.mkdir(parents=True, exist_ok=True)

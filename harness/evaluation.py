@@ -51,7 +51,9 @@ def extract_features(
     training mode is restored. ``device`` defaults to the encoder's.
     """
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
-        raise ValueError(f"images must be uint8 (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+        raise ValueError(
+            f"images must be uint8 (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+        )
     if device is None:
         first = next(encoder.parameters(), None)
         device = first.device if first is not None else images_uint8.device

@@ -354,7 +354,7 @@ def coerce_knob(name: str, value: Any) -> tuple[Any, str | None]:
 
 def check_knob(name: str, value: Any) -> str | None:
     """None if ``value`` is acceptable for knob ``name``, else what was expected."""
-    if name not in _CHECKS or value is None and name not in ("train_size", "test_size"):
+    if name not in _CHECKS or (value is None and name not in ("train_size", "test_size")):
         return None
     predicate, expected = _CHECKS[name]
     try:

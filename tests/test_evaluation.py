@@ -64,7 +64,9 @@ def test_knn_top1__chunking_invariant(chunk_size: int) -> None:
     reference = evaluation.knn_predict(train, train_labels, test, k=20, num_classes=10, chunk_size=50)
     chunked = evaluation.knn_predict(train, train_labels, test, k=20, num_classes=10, chunk_size=chunk_size)
     assert torch.equal(reference, chunked)
-    accuracy = evaluation.knn_top1(train, train_labels, test, test_labels, k=20, num_classes=10, chunk_size=chunk_size)
+    accuracy = evaluation.knn_top1(
+        train, train_labels, test, test_labels, k=20, num_classes=10, chunk_size=chunk_size
+    )
     assert accuracy == pytest.approx((reference == test_labels).float().mean().item())
 
 
@@ -78,7 +80,9 @@ def test_knn_top1__k_clipped_to_train_size() -> None:
 
 def test_knn_top1__separated_clusters_perfect() -> None:
     labels = torch.arange(4).repeat_interleave(10)
-    features = torch.eye(4)[labels] * 10 + 0.1 * torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    features = torch.eye(4)[labels] * 10 + 0.1 * torch.randn(
+        40, 4, generator=torch.Generator().manual_seed(0)
+    )
     assert evaluation.knn_top1(features, labels, features, labels, k=5, num_classes=4) == 1.0
 
 
@@ -111,7 +115,9 @@ def test_linear_probe__same_seed_same_result() -> None:
     train, train_labels = _features(11, 300, 16, 5)
     test, test_labels = _features(12, 100, 16, 5)
     runs = [
-        evaluation.linear_probe(train, train_labels, test, test_labels, num_classes=5, epochs=3, batch_size=32, seed=4)
+        evaluation.linear_probe(
+            train, train_labels, test, test_labels, num_classes=5, epochs=3, batch_size=32, seed=4
+        )
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -121,7 +127,10 @@ def test_linear_probe__works_under_no_grad() -> None:
     train, train_labels = _features(14, 100, 8, 3)
     expected = evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=3, epochs=2)
     with torch.no_grad():
-        assert evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=3, epochs=2) == expected
+        assert (
+            evaluation.linear_probe(train, train_labels, train, train_labels, num_classes=3, epochs=2)
+            == expected
+        )
 
 
 def test_linear_probe__restores_thread_count() -> None:
@@ -188,7 +197,9 @@ def test_alignment_uniformity__identical_views_align() -> None:
 class _Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -199,12 +210,16 @@ def test_extract_features__identity_view_in_eval_mode() -> None:
     encoder = _Encoder()
     encoder(torch.randn(16, 2, 8, 8))  # give BN non-trivial running statistics
     encoder.train()
-    images = torch.randint(0, 256, (10, 2, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(
+        0, 256, (10, 2, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     mean, std = (0.3, 0.6), (0.2, 0.4)
     features = evaluation.extract_features(encoder, images, mean=mean, std=std, batch_size=3)
     assert encoder.training, "the encoder's training mode is restored"
     encoder.eval()
-    expected_input = (images.float() / 255 - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(1, 2, 1, 1)
+    expected_input = (images.float() / 255 - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(
+        1, 2, 1, 1
+    )
     with torch.no_grad():
         expected = encoder(expected_input)
     assert features.dtype == torch.float32

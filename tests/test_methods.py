@@ -231,11 +231,15 @@ def test_method__ema_target_follows_momentum_formula(name: str) -> None:
     views = views_for(method)
     method.on_train_start(total_steps=10, steps_per_epoch=5)
     optimizer = torch.optim.SGD(method.optimizer_parameters(), lr=0.5)
-    targets_before = [[p.detach().clone() for p in target.parameters()] for target, _ in method.momentum_pairs()]
+    targets_before = [
+        [p.detach().clone() for p in target.parameters()] for target, _ in method.momentum_pairs()
+    ]
     step_index = 3
     method.training_loss(views, LABELS).backward()
     optimizer.step()
-    online_after_step = [[p.detach().clone() for p in online.parameters()] for _, online in method.momentum_pairs()]
+    online_after_step = [
+        [p.detach().clone() for p in online.parameters()] for _, online in method.momentum_pairs()
+    ]
     method.after_optimizer_step(step_index)
     base = method.config.momentum
     # MoCo's momentum is constant; BYOL and DINO follow Grill et al. 2020's cosine schedule.
@@ -304,7 +308,9 @@ def test_dino__center_follows_momentum_formula() -> None:
 
 def test_dino__teacher_temperature_warms_up_in_epochs() -> None:
     method = build(
-        tiny_config("dino", dino_warmup_teacher_temp=0.04, dino_teacher_temp=0.07, dino_warmup_teacher_temp_epochs=3)
+        tiny_config(
+            "dino", dino_warmup_teacher_temp=0.04, dino_teacher_temp=0.07, dino_warmup_teacher_temp_epochs=3
+        )
     )
     assert method.teacher_temperature() == pytest.approx(0.04)
     method.on_train_start(total_steps=100, steps_per_epoch=10)

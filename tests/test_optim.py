@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -23,7 +24,7 @@ def test_lr_at__warms_up_linearly_then_decays_by_cosine_to_zero() -> None:
     assert lr_at(middle, total, warmup, base) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(100, total, warmup, base) == pytest.approx(0.0, abs=1e-12)
     values = [lr_at(s, total, warmup, base) for s in range(warmup, total)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_lars__scales_the_step_by_the_trust_ratio_and_skips_biases() -> None:

@@ -164,7 +164,12 @@ def test_load_study__search_parses_space_and_enqueue(tmp_path: Path) -> None:
     )
     assert study.kind == "search" and study.search is not None
     spec = study.search
-    assert (spec.n_trials, spec.sampler, spec.pruner, spec.metric) == (12, "random", "hyperband", "linear_top1")
+    assert (spec.n_trials, spec.sampler, spec.pruner, spec.metric) == (
+        12,
+        "random",
+        "hyperband",
+        "linear_top1",
+    )
     assert [p.name for p in spec.space] == ["temperature", "batch_size"]
     assert spec.space[0].log and spec.space[1].choices == (64, 128)
     assert dict(spec.enqueue[0]) == {"temperature": 0.5, "batch_size": 128}
@@ -183,7 +188,9 @@ def test_study__text_hash_follows_the_file_text(tmp_path: Path) -> None:
 
 
 def test_load_study__yaml_syntax_error_gives_the_line(tmp_path: Path) -> None:
-    problem = one_problem(tmp_path, "study: t\ngrid:\n  method: [simclr, moco\nseeds: [0]\n", "YAML syntax error")
+    problem = one_problem(
+        tmp_path, "study: t\ngrid:\n  method: [simclr, moco\nseeds: [0]\n", "YAML syntax error"
+    )
     assert "line " in problem
 
 
@@ -228,7 +235,13 @@ def test_load_study__every_problem_is_reported_at_once(tmp_path: Path) -> None:
         """,
     )
     text = "\n".join(problems)
-    for fragment in ("fixed.temprature", "fixed.batch_size", "grid.method[1]", "grid.aug_strength[1]", "seeds[1]"):
+    for fragment in (
+        "fixed.temprature",
+        "fixed.batch_size",
+        "grid.method[1]",
+        "grid.aug_strength[1]",
+        "seeds[1]",
+    ):
         assert fragment in text
     assert len(problems) >= 5
 
@@ -243,7 +256,12 @@ def test_load_study__unknown_knob_suggests(tmp_path: Path) -> None:
 
 
 def test_load_study__unknown_swept_knob_suggests(tmp_path: Path) -> None:
-    one_problem(tmp_path, GRID.replace("  temperature:", "  temperatur:"), "grid.temperatur", "did you mean 'temperature'")
+    one_problem(
+        tmp_path,
+        GRID.replace("  temperature:", "  temperatur:"),
+        "grid.temperatur",
+        "did you mean 'temperature'",
+    )
 
 
 def test_load_study__temperature_must_be_positive(tmp_path: Path) -> None:
@@ -281,9 +299,15 @@ def test_load_study__aug_strength_in_0_2(tmp_path: Path, value: float) -> None:
 
 @pytest.mark.parametrize(
     ("knob", "value", "suggestion"),
-    [("method", "simclrr", "simclr"), ("backbone", "resnet19", "resnet18"), ("dataset", "fashion_mnist", "fashion-mnist")],
+    [
+        ("method", "simclrr", "simclr"),
+        ("backbone", "resnet19", "resnet18"),
+        ("dataset", "fashion_mnist", "fashion-mnist"),
+    ],
 )
-def test_load_study__names_are_known_with_suggestions(tmp_path: Path, knob: str, value: str, suggestion: str) -> None:
+def test_load_study__names_are_known_with_suggestions(
+    tmp_path: Path, knob: str, value: str, suggestion: str
+) -> None:
     problem = one_problem(tmp_path, GRID.replace("epochs: 1", f"{knob}: {value}"), f"fixed.{knob}")
     assert f"did you mean {suggestion!r}" in problem
 
@@ -309,7 +333,18 @@ def test_load_study__duplicate_swept_values(tmp_path: Path) -> None:
     one_problem(tmp_path, GRID.replace("[0.1, 0.2]", "[0.1, 0.1]"), "grid.temperature[1]", "twice")
 
 
-@pytest.mark.parametrize(("seeds", "where"), [("[0, 1.5]", "seeds[1]"), ("[x]", "seeds[0]"), ("[-1]", "seeds[0]"), ("[]", "seeds"), ("3", "seeds"), ("[1, 1]", "seeds[1]"), ("[true]", "seeds[0]")])
+@pytest.mark.parametrize(
+    ("seeds", "where"),
+    [
+        ("[0, 1.5]", "seeds[1]"),
+        ("[x]", "seeds[0]"),
+        ("[-1]", "seeds[0]"),
+        ("[]", "seeds"),
+        ("3", "seeds"),
+        ("[1, 1]", "seeds[1]"),
+        ("[true]", "seeds[0]"),
+    ],
+)
 def test_load_study__seeds_are_distinct_non_negative_integers(tmp_path: Path, seeds: str, where: str) -> None:
     one_problem(tmp_path, GRID.replace("seeds: [0, 1]", f"seeds: {seeds}"), f": {where}:")
 
@@ -360,7 +395,11 @@ def test_load_study__swept_knob_for_some_methods_is_a_note(tmp_path: Path) -> No
 
 
 def test_load_study__batch_size_larger_than_train_size(tmp_path: Path) -> None:
-    one_problem(tmp_path, GRID.replace("epochs: 1", "{train_size: 64, batch_size: 128}").replace("fixed:\n  ", "fixed: "), "batch_size")
+    one_problem(
+        tmp_path,
+        GRID.replace("epochs: 1", "{train_size: 64, batch_size: 128}").replace("fixed:\n  ", "fixed: "),
+        "batch_size",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +418,9 @@ seeds: [0]
 
 
 def test_load_study__search_bounds_low_below_high(tmp_path: Path) -> None:
-    problem = one_problem(tmp_path, SEARCH.replace("{low: 0.05, high: 1.0", "{low: 1.0, high: 0.05"), "search.space.temperature")
+    problem = one_problem(
+        tmp_path, SEARCH.replace("{low: 0.05, high: 1.0", "{low: 1.0, high: 0.05"), "search.space.temperature"
+    )
     assert "low < high" in problem
 
 
@@ -408,11 +449,18 @@ def test_load_study__search_keys_are_checked(tmp_path: Path, old: str, new: str,
 
 
 def test_load_study__search_unknown_sampler_suggests(tmp_path: Path) -> None:
-    one_problem(tmp_path, SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: randm"), "did you mean 'random'")
+    one_problem(
+        tmp_path, SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: randm"), "did you mean 'random'"
+    )
 
 
 def test_load_study__knob_both_fixed_and_searched(tmp_path: Path) -> None:
-    one_problem(tmp_path, SEARCH.replace("{method: simclr}", "{method: simclr, lr: 0.001}"), "search.space.lr", "fixed")
+    one_problem(
+        tmp_path,
+        SEARCH.replace("{method: simclr}", "{method: simclr, lr: 0.001}"),
+        "search.space.lr",
+        "fixed",
+    )
 
 
 def test_load_study__enqueue_must_name_searched_knobs(tmp_path: Path) -> None:
@@ -433,11 +481,17 @@ def test_load_study__cmaes_rejects_categorical_dimensions(tmp_path: Path) -> Non
 
 
 def test_load_study__grid_sampler_needs_discrete_dimensions(tmp_path: Path) -> None:
-    one_problem(tmp_path, SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: grid"), "search.sampler", "grid")
+    one_problem(
+        tmp_path, SEARCH.replace("n_trials: 8", "n_trials: 8\n  sampler: grid"), "search.sampler", "grid"
+    )
 
 
 def test_load_study__search_knob_unused_by_the_method(tmp_path: Path) -> None:
-    one_problem(tmp_path, SEARCH.replace("lr: {low", "queue_size: {choices: [1024]}\n    lr: {low"), "search.space.queue_size")
+    one_problem(
+        tmp_path,
+        SEARCH.replace("lr: {low", "queue_size: {choices: [1024]}\n    lr: {low"),
+        "search.space.queue_size",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +501,15 @@ def test_load_study__search_knob_unused_by_the_method(tmp_path: Path) -> None:
 def test_builtin_studies__all_valid() -> None:
     files = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
     names = {f.stem for f in files}
-    assert {"quickstart", "method-comparison", "temperature", "batch-size", "queue-size", "aug-strength", "search-simclr"} <= names
+    assert {
+        "quickstart",
+        "method-comparison",
+        "temperature",
+        "batch-size",
+        "queue-size",
+        "aug-strength",
+        "search-simclr",
+    } <= names
     for file in files:
         study = load_study(file)
         assert study.name == file.stem, f"{file.name}: the study name should be the file's name"
@@ -480,8 +542,23 @@ def _assert_clean(text: str, source: str = "fuzz.yaml") -> None:
 
 
 _YAML_PIECES = st.sampled_from(
-    [*"abc:-[]{}'\"!&*#|>%@` \n\t0123456789.,?", "study: x\n", "grid:\n", "  method: [simclr]\n", "seeds: [0]\n",
-     "!!python/object:os.system ", "&a ", "*a", "\x00", "\ufeff", "é", "search:\n", "  space:\n", "fixed: {", "  - "]
+    [
+        *"abc:-[]{}'\"!&*#|>%@` \n\t0123456789.,?",
+        "study: x\n",
+        "grid:\n",
+        "  method: [simclr]\n",
+        "seeds: [0]\n",
+        "!!python/object:os.system ",
+        "&a ",
+        "*a",
+        "\x00",
+        "\ufeff",
+        "é",
+        "search:\n",
+        "  space:\n",
+        "fixed: {",
+        "  - ",
+    ]
 )
 
 
@@ -529,16 +606,51 @@ _SCALARS = st.one_of(
     st.integers(-(10**20), 10**20),
     st.floats(allow_nan=True),
     st.text(max_size=8),
-    st.sampled_from(["simclr", "moco", "random_init", "swav", "tpe", "grid", "cmaes", "hyperband", "knn_top1", "cuda:x", "1e-3"]),
+    st.sampled_from(
+        [
+            "simclr",
+            "moco",
+            "random_init",
+            "swav",
+            "tpe",
+            "grid",
+            "cmaes",
+            "hyperband",
+            "knn_top1",
+            "cuda:x",
+            "1e-3",
+        ]
+    ),
     st.sampled_from([0, 1, 2, -1, 0.0, 1.5, 2.5, 1e9, float("inf")]),
 )
 _KEYS = st.one_of(
-    st.sampled_from([*KNOB_NAMES, "study", "grid", "ablate", "search", "fixed", "seeds", "dataset", "space", "low", "high", "log", "step", "choices"]),
+    st.sampled_from(
+        [
+            *KNOB_NAMES,
+            "study",
+            "grid",
+            "ablate",
+            "search",
+            "fixed",
+            "seeds",
+            "dataset",
+            "space",
+            "low",
+            "high",
+            "log",
+            "step",
+            "choices",
+        ]
+    ),
     st.text(max_size=6),
     st.integers(),
     st.booleans(),
 )
-_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)), max_leaves=10)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)),
+    max_leaves=10,
+)
 
 
 def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -581,7 +693,45 @@ def test_parse_study__malformed_values_give_located_spec_errors(doc: dict[str, A
     _assert_clean(yaml.safe_dump(doc, allow_unicode=True))
 
 
-@pytest.mark.xfail(strict=True, reason="spec.parse_study lets yaml's RecursionError escape (reported to the spec owner)")
+@pytest.mark.xfail(
+    strict=True, reason="spec.parse_study lets yaml's RecursionError escape (reported to the spec owner)"
+)
 def test_parse_study__deeply_nested_yaml_is_a_spec_error() -> None:
     with pytest.raises(SpecError):
         parse_study("[" * 5000 + "]" * 5000, source="deep.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# The documentation lists every knob with its current defaults
+
+
+def _doc_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def test_docs__studies_md_lists_every_knob_with_its_defaults() -> None:
+    from harness.spec import METHOD_DEFAULTS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "STUDIES.md").read_text()
+    rows = {
+        cells[0].strip("`"): cells
+        for line in text.splitlines()
+        if line.startswith("| `")
+        for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]
+    }
+    for knob in KNOB_NAMES:
+        assert knob in rows, f"docs/STUDIES.md does not list the knob {knob}"
+        default = getattr(DEFAULTS, knob)
+        assert rows[knob][2] == f"`{_doc_value(default)}`", (
+            f"{knob}: the doc says {rows[knob][2]}, the code {default!r}"
+        )
+        per_method = ", ".join(
+            f"{m} {_doc_value(d[knob])}"
+            for m, d in METHOD_DEFAULTS.items()
+            if knob in d and d[knob] != default
+        )
+        assert rows[knob][3] == (per_method or "-"), f"{knob}: per-method defaults differ from the code"

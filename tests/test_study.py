@@ -48,7 +48,15 @@ TINY = {
 }
 
 
-def study_file(tmp_path: Path, grid: dict[str, list[Any]], *, name: str = "tiny", fixed: dict[str, Any] | None = None, seeds: str = "[0]", file: str = "study.yaml") -> Path:
+def study_file(
+    tmp_path: Path,
+    grid: dict[str, list[Any]],
+    *,
+    name: str = "tiny",
+    fixed: dict[str, Any] | None = None,
+    seeds: str = "[0]",
+    file: str = "study.yaml",
+) -> Path:
     fixed_items = {**TINY, "epochs": 1, "eval_every": 1, **(fixed or {})}
     lines = [f"study: {name}", "description: a tiny test study", "fixed:"]
     lines += [f"  {k}: {v}" for k, v in fixed_items.items()]
@@ -80,7 +88,9 @@ class FakeTrainer:
     raise_on_call: int | None = None
     calls: list[TrialConfig] = field(default_factory=list)
 
-    def __call__(self, config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> FakeRecord:
+    def __call__(
+        self, config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None
+    ) -> FakeRecord:
         self.calls.append(config)
         if self.interrupt_on_call == len(self.calls):
             raise KeyboardInterrupt
@@ -108,7 +118,9 @@ def quiet(_: str) -> None:
 
 def rows(db: Database, study: str = "tiny") -> list[TrialRow]:
     return db.run(
-        lambda s: list(s.scalars(select(TrialRow).join(StudyRow).where(StudyRow.name == study).order_by(TrialRow.id)))
+        lambda s: list(
+            s.scalars(select(TrialRow).join(StudyRow).where(StudyRow.name == study).order_by(TrialRow.id))
+        )
     )
 
 
@@ -121,7 +133,9 @@ def metric_count(db: Database, trial_id: int) -> int:
 
 
 def test_sync_study__inserts_one_pending_row_per_trial(tmp_path: Path) -> None:
-    study = load_study(study_file(tmp_path, {"method": ["simclr", "byol"], "lr": [0.001, 0.002]}, seeds="[0, 1]"))
+    study = load_study(
+        study_file(tmp_path, {"method": ["simclr", "byol"], "lr": [0.001, 0.002]}, seeds="[0, 1]")
+    )
     db = Database(tmp_path / "h.db")
     report = sync_study(db, study)
     assert report.created and len(report.added) == 8 and report.kept == 0
@@ -130,7 +144,11 @@ def test_sync_study__inserts_one_pending_row_per_trial(tmp_path: Path) -> None:
     assert {(r.config_hash, r.seed) for r in stored} == {(c.config_hash, c.seed) for c in study.trials()}
     assert all(TrialConfig(**r.config) in study.trials() for r in stored)
     study_row = db.run(lambda s: s.scalar(select(StudyRow)))
-    assert study_row.file_text == study.text and study_row.file_hash == study.text_hash and study_row.kind == "grid"
+    assert (
+        study_row.file_text == study.text
+        and study_row.file_hash == study.text_hash
+        and study_row.kind == "grid"
+    )
 
     again = sync_study(db, study)
     assert not again.created and not again.file_changed and again.added == () and again.kept == 8
@@ -162,7 +180,8 @@ def test_sync_study__changed_file_adds_points_keeps_results_and_reports_the_rest
     lines: list[str] = []
     trainer = FakeTrainer()
     run_study(changed, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=lines.append)
-    assert sorted(c.lr for c in trainer.calls) == [0.004, 0.005]  # neither old results nor the dropped point rerun
+    # Neither the old results nor the point dropped from the file run again.
+    assert sorted(c.lr for c in trainer.calls) == [0.004, 0.005]
     after = {r.config["lr"]: (r.id, r.knn_top1, r.ended_at) for r in rows(db)}
     for lr in (0.001, 0.002, 0.003):
         assert after[lr] == before[lr]
@@ -235,8 +254,13 @@ def test_claim_next__takes_over_a_trial_whose_heartbeat_stopped(tmp_path: Path) 
     # The old owner can neither heartbeat, nor write a result, nor hand the trial back.
     assert not heartbeat(db, dead)
     kwargs: dict[str, Any] = {
-        "status": "complete", "reason": None, "summary": {"knn_top1": 0.1}, "curves": [(1.0, 1, "loss", 1.0)],
-        "provenance": {}, "started_at": None, "ended_at": None,
+        "status": "complete",
+        "reason": None,
+        "summary": {"knn_top1": 0.1},
+        "curves": [(1.0, 1, "loss", 1.0)],
+        "provenance": {},
+        "started_at": None,
+        "ended_at": None,
     }
     assert not finish(db, dead, **kwargs)
     assert not release(db, dead)
@@ -287,24 +311,35 @@ def test_run_study__failed_trial_is_a_result_and_the_study_goes_on(tmp_path: Pat
 
 def test_run_study__trainer_exception_is_recorded_as_failed(tmp_path: Path) -> None:
     study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
-    result = run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(raise_on_call=1), echo=quiet)
+    result = run_study(
+        study, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(raise_on_call=1), echo=quiet
+    )
     assert result.exit_code == 0
     first, second = rows(Database(tmp_path / "h.db"))
-    assert first.status == "failed" and first.reason is not None and first.reason.startswith("ValueError: a bug in the trainer")
+    assert (
+        first.status == "failed"
+        and first.reason is not None
+        and first.reason.startswith("ValueError: a bug in the trainer")
+    )
     assert second.status == "complete"
 
 
 def test_run_study__failed_trials_rerun_only_with_retry_failed(tmp_path: Path) -> None:
     study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
     options = RunOptions(db=str(tmp_path / "h.db"))
-    run_study(study, options, run_trial=FakeTrainer(fail_on=lambda c: "out of memory" if c.lr == 0.002 else None), echo=quiet)
+    run_study(
+        study,
+        options,
+        run_trial=FakeTrainer(fail_on=lambda c: "out of memory" if c.lr == 0.002 else None),
+        echo=quiet,
+    )
     trainer = FakeTrainer()
     run_study(study, options, run_trial=trainer, echo=quiet)
     assert trainer.calls == []
     trainer = FakeTrainer()
     run_study(study, RunOptions(db=str(tmp_path / "h.db"), retry_failed=True), run_trial=trainer, echo=quiet)
     assert [c.lr for c in trainer.calls] == [0.002]
-    retried = [r for r in rows(Database(tmp_path / "h.db")) if r.config["lr"] == 0.002][0]
+    retried = next(r for r in rows(Database(tmp_path / "h.db")) if r.config["lr"] == 0.002)
     assert retried.status == "complete" and retried.attempts == 2 and retried.reason is None
     assert metric_count(Database(tmp_path / "h.db"), retried.id) == 3  # the failed attempt's curves replaced
 
@@ -344,7 +379,9 @@ def test_run_study__device_override_is_not_part_of_the_configuration(tmp_path: P
 @pytest.mark.slow
 def test_run_study__diverging_trial_is_recorded_failed_and_the_study_continues(tmp_path: Path) -> None:
     # A real trial: SGD at an absurd learning rate makes Barlow Twins' loss non-finite.
-    path = study_file(tmp_path, {"lr": [0.001, 1e10]}, fixed={"method": "barlow_twins", "optimizer": "sgd", "log_every": 1})
+    path = study_file(
+        tmp_path, {"lr": [0.001, 1e10]}, fixed={"method": "barlow_twins", "optimizer": "sgd", "log_every": 1}
+    )
     result = run_study(load_study(path), RunOptions(db=str(tmp_path / "h.db"), progress=False), echo=quiet)
     assert result.exit_code == 0
     by_lr = {r.config["lr"]: r for r in rows(Database(tmp_path / "h.db"))}
@@ -370,7 +407,9 @@ def harness(*args: str, cwd: Path) -> subprocess.Popen[str]:
 
 
 def files_digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def test_harness_run__malformed_file_leaves_the_database_byte_identical(tmp_path: Path) -> None:
@@ -406,7 +445,9 @@ def test_harness_run__two_concurrent_runners_split_an_8_point_study(tmp_path: Pa
     db = Database(tmp_path / "h.db")
     stored = rows(db)
     assert len(stored) == 8
-    assert all(r.status == "complete" and r.attempts == 1 for r in stored), [(r.status, r.attempts) for r in stored]
+    assert all(r.status == "complete" and r.attempts == 1 for r in stored), [
+        (r.status, r.attempts) for r in stored
+    ]
     assert len({r.worker for r in stored}) == 2, "both runners should have taken trials"
     counts = {metric_count(db, r.id) for r in stored}
     assert len(counts) == 1 and counts.pop() > 0  # every trial's curves written once
@@ -416,7 +457,9 @@ def test_harness_run__two_concurrent_runners_split_an_8_point_study(tmp_path: Pa
 def test_harness_run__kill_9_mid_trial_then_rerun_completes_every_trial_once(tmp_path: Path) -> None:
     path = study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}, fixed={"epochs": 2})
     timeout = "3"
-    runner = harness("run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path)
+    runner = harness(
+        "run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path
+    )
     victim = _wait_for_running_trial(tmp_path / "h.db", runner)
     time.sleep(0.5)  # well inside the trial (it takes seconds)
     runner.send_signal(signal.SIGKILL)
@@ -425,7 +468,9 @@ def test_harness_run__kill_9_mid_trial_then_rerun_completes_every_trial_once(tmp
         status = connection.execute("SELECT status FROM harness_trial WHERE id = ?", (victim,)).fetchone()[0]
     assert status == "running"  # left behind by the dead process
 
-    rerun = harness("run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path)
+    rerun = harness(
+        "run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path
+    )
     output = rerun.communicate(timeout=240)[0]
     assert rerun.returncode == 0, output
     assert "taking over" in output
@@ -445,7 +490,9 @@ def _wait_for_running_trial(path: Path, runner: subprocess.Popen[str], limit: fl
         if path.exists():
             try:
                 with sqlite3.connect(path, timeout=30) as connection:
-                    found = connection.execute("SELECT id FROM harness_trial WHERE status = 'running' LIMIT 1").fetchone()
+                    found = connection.execute(
+                        "SELECT id FROM harness_trial WHERE status = 'running' LIMIT 1"
+                    ).fetchone()
             except sqlite3.OperationalError:  # tables not created yet
                 found = None
             if found:
@@ -462,4 +509,3 @@ def test_study_module__imports_neither_torch_nor_optuna() -> None:
 def test_run_options__heartbeat_interval_is_a_fraction_of_the_timeout() -> None:
     assert RunOptions(heartbeat_timeout=3).heartbeat_interval == pytest.approx(0.5)
     assert RunOptions(heartbeat_timeout=600).heartbeat_interval == 10.0
-

@@ -101,7 +101,8 @@ def compare(
         # Symmetric band: an equally large improvement is reported (a baseline worth refreshing).
         verdict = "SLOWER" if change > max_slowdown else "faster" if change < -max_slowdown else "ok"
         changes.append(Change(key, old, now, change, verdict))
-    changes.sort(key=lambda c: -abs(c.change) if c.change is not None else math.inf)
+    # Failures first (worst first), then the rest by how far they moved, new cases last.
+    changes.sort(key=lambda c: (not c.failed, c.change is None, -abs(c.change or 0.0)))
     notes: tuple[str, ...] = ()
     if threads:
         notes = (

@@ -45,7 +45,9 @@ class DINO(Method):
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         hidden = config.proj_hidden_dim
-        self.projector = mlp([self.feature_dim, hidden, hidden, config.proj_dim], batch_norm=False, activation=nn.GELU)
+        self.projector = mlp(
+            [self.feature_dim, hidden, hidden, config.proj_dim], batch_norm=False, activation=nn.GELU
+        )
         self.last_layer = nn.Linear(config.proj_dim, config.dino_out_dim, bias=False)
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_projector = frozen_copy(self.projector)

@@ -57,7 +57,10 @@ class MoCo(Method):
         symmetric = self.config.moco_symmetric
         queries = encode_views(self.embed, views[:2] if symmetric else views[:1])  # (N, proj_dim) each
         with torch.no_grad():
-            keys = [F.normalize(k, dim=1) for k in encode_views(self._keys, views[1::-1] if symmetric else views[1:2])]
+            keys = [
+                F.normalize(k, dim=1)
+                for k in encode_views(self._keys, views[1::-1] if symmetric else views[1:2])
+            ]
         # The negatives are the queue before this batch's keys enter it (He et al. 2020, Alg. 1).
         kwargs = {"temperature": self.config.temperature, "impl": self.config.loss_impl}
         with fp32_loss(self.queue):

@@ -16,4 +16,6 @@ class RandomInit(Method):
     trainable = False
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
-        raise RuntimeError("random_init is not trained; the training loop skips methods with trainable = False")
+        raise RuntimeError(
+            "random_init is not trained; the training loop skips methods with trainable = False"
+        )

@@ -23,7 +23,9 @@ class SimSiam(Method):
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
-        self.projector = mlp([self.feature_dim, config.proj_hidden_dim, config.proj_dim], last_batch_norm=True)
+        self.projector = mlp(
+            [self.feature_dim, config.proj_hidden_dim, config.proj_dim], last_batch_norm=True
+        )
         self.predictor = mlp([config.proj_dim, config.pred_hidden_dim, config.proj_dim])
 
     def embed(self, x: Tensor) -> Tensor:

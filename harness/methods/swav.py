@@ -97,11 +97,12 @@ class SwAV(Method):
 
     @torch.no_grad()
     def _enqueue(self, embeddings: list[Tensor]) -> None:
-        """Ring buffer per global crop; out of place since this step's codes may refer to it."""
+        """Write the global crops' embeddings ``(B, D)`` into their queues, a ring buffer each
+        (the oldest rows are overwritten). The queue never enters the autograd graph."""
         size = self.config.queue_size
         new = torch.stack([z.detach()[-size:] for z in embeddings]).to(self.queue.dtype)  # (2, B, D)
         rows = (self.queue_count + torch.arange(new.shape[1], device=new.device)) % size
-        self.queue = self.queue.index_copy(1, rows, new)
+        self.queue.index_copy_(1, rows, new)
         self.queue_count += new.shape[1]
 
     def after_optimizer_step(self, step: int) -> None:

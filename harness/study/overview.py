@@ -42,7 +42,9 @@ def open_existing(url: str | Path | None) -> Database:
     """The database, without creating it: FileNotFoundError when a SQLite file does not exist."""
     path = sqlite_file(url)
     if path is not None and not path.exists():
-        raise FileNotFoundError(f"no database at {path} (nothing has run yet; `harness run STUDY.yaml` creates it)")
+        raise FileNotFoundError(
+            f"no database at {path} (nothing has run yet; `harness run STUDY.yaml` creates it)"
+        )
     return Database(url, create=False)
 
 
@@ -100,21 +102,29 @@ def status_lines(db: Database, name: str | None = None, *, top: int = 5, failure
         studies = list(session.scalars(statement))
         result = []
         for study in studies:
-            trials = list(session.scalars(select(TrialRow).where(TrialRow.study_id == study.id).order_by(TrialRow.id)))
+            trials = list(
+                session.scalars(select(TrialRow).where(TrialRow.study_id == study.id).order_by(TrialRow.id))
+            )
             result.append((study, trials))
         return result
 
     data = db.run(query)
     if name is not None and not data:
         known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))
-        raise UnknownStudy(f"no study named {name!r} in the database" + (f" (studies: {', '.join(known)})" if known else ""))
+        raise UnknownStudy(
+            f"no study named {name!r} in the database" + (f" (studies: {', '.join(known)})" if known else "")
+        )
     if not data:
         return ["no studies in the database yet (`harness run STUDY.yaml` adds one)"]
     lines: list[str] = []
     for study_row, trials in data:
         if lines:
             lines.append("")
-        lines.extend(_study_lines(study_row, trials, top=top if name else min(top, 3), failures=failures if name else 3))
+        lines.extend(
+            _study_lines(
+                study_row, trials, top=top if name else min(top, 3), failures=failures if name else 3
+            )
+        )
     return lines
 
 
@@ -123,8 +133,12 @@ def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failu
     counts = {s: sum(t.status == s for t in trials) for s in STATUS_ORDER}
     count_text = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "no trials"
     updated = study_row.updated_at.strftime("%Y-%m-%d %H:%M") if study_row.updated_at else "?"
-    lines = [f"{study_row.name} ({study_row.kind}, file of {updated} UTC): {len(trials)} trial(s): {count_text}"]
-    knobs = list(parsed.swept_knobs) if parsed is not None else compared_knobs([t.config or {} for t in trials])
+    lines = [
+        f"{study_row.name} ({study_row.kind}, file of {updated} UTC): {len(trials)} trial(s): {count_text}"
+    ]
+    knobs = (
+        list(parsed.swept_knobs) if parsed is not None else compared_knobs([t.config or {} for t in trials])
+    )
 
     def label(trial: TrialRow) -> str:
         parts = [f"{k}={store.format_value((trial.config or {}).get(k))}" for k in knobs]
@@ -150,14 +164,19 @@ def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failu
     failed = [t for t in trials if t.status == "failed"]
     if failed:
         lines.append("  failed (kept as results; `harness run --retry-failed` reruns them):")
-        lines.extend(f"    #{t.id}  {label(t)}: {t.reason or 'no reason recorded'}" for t in failed[:failures])
+        lines.extend(
+            f"    #{t.id}  {label(t)}: {t.reason or 'no reason recorded'}" for t in failed[:failures]
+        )
         if len(failed) > failures:
             lines.append(f"    ... and {len(failed) - failures} more")
     running = [t for t in trials if t.status == "running"]
     if running:
         now = utcnow()
         lines.append("  running:")
-        lines.extend(f"    #{t.id}  {label(t)}: {t.worker}, heartbeat {_ago(t.heartbeat, now)}" for t in running[:failures])
+        lines.extend(
+            f"    #{t.id}  {label(t)}: {t.worker}, heartbeat {_ago(t.heartbeat, now)}"
+            for t in running[:failures]
+        )
     interrupted = [t for t in trials if t.status == "pending" and t.reason]
     if interrupted:
         lines.append(f"  {len(interrupted)} pending trial(s) were {interrupted[0].reason} and will be rerun")

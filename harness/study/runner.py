@@ -29,14 +29,18 @@ from harness.study.store import Claim, SyncReport
 DEFAULT_HEARTBEAT_TIMEOUT = 90.0
 # A worker with nothing to claim while other workers' trials run waits for them, so that it can
 # take over a trial whose worker dies; it polls this often (at most).
-MAX_POLL_SECONDS = 10.0
+MAX_POLL_SECONDS = 2.0
 
 
 class TrialRunner(Protocol):
     """``harness.train.run_trial``'s signature (injectable, for tests)."""
 
     def __call__(
-        self, config: Any, *, on_eval: Callable[[int, float], None] | None = None, progress: bool | None = None
+        self,
+        config: Any,
+        *,
+        on_eval: Callable[[int, float], None] | None = None,
+        progress: bool | None = None,
     ) -> Any: ...
 
 
@@ -211,7 +215,9 @@ def run_claim(
     worker took the trial over). KeyboardInterrupt hands the trial back and propagates."""
     config = claim.trial_config(ctx.options.device)
     if claim.previous_status == "running":
-        ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): taking over from {claim.previous_worker}, whose heartbeat stopped")
+        ctx.echo(
+            f"trial #{claim.row_id} ({ctx.label(claim.config)}): taking over from {claim.previous_worker}, whose heartbeat stopped"
+        )
     elif claim.previous_status == "failed":
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
     ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {config.device}")
@@ -246,7 +252,9 @@ def run_claim(
             written = (not beat.lost) and store.finish(ctx.db, claim, config=config.to_dict(), **outcome)
     except KeyboardInterrupt:
         if store.release(ctx.db, claim, "interrupted"):
-            ctx.echo(f"trial #{claim.row_id}: interrupted; set back to pending (run the study again to resume)")
+            ctx.echo(
+                f"trial #{claim.row_id}: interrupted; set back to pending (run the study again to resume)"
+            )
         raise
     seconds = time.perf_counter() - started
     if not written:
@@ -258,7 +266,9 @@ def run_claim(
         return None
     status = str(outcome["status"])
     ctx.tally.add(status)
-    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): {describe_outcome(status, outcome, seconds)}")
+    ctx.echo(
+        f"trial #{claim.row_id} ({ctx.label(claim.config)}): {describe_outcome(status, outcome, seconds)}"
+    )
     return Finished(status, dict(outcome["summary"] or {}))
 
 
@@ -288,11 +298,15 @@ def grid_loop(ctx: WorkerContext) -> None:
         )
         if claim is None:
             ctx.budget.give_back()
-            others = store.live_running(ctx.db, ctx.study_id, stale_before=ctx.stale_before, row_ids=ctx.row_ids)
+            others = store.live_running(
+                ctx.db, ctx.study_id, stale_before=ctx.stale_before, row_ids=ctx.row_ids
+            )
             if others == 0:
                 return
             if not waiting_said:
-                ctx.echo(f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)")
+                ctx.echo(
+                    f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)"
+                )
                 waiting_said = True
             time.sleep(ctx.poll_seconds)
             continue
@@ -326,7 +340,9 @@ def describe_sync(study: Study, report: SyncReport, limit: int = 10) -> list[str
             f"{len(report.added)} trial(s) added, {report.kept} kept ({report.kept_finished} with results)"
         )
     else:
-        lines.append(f"study {study.name} ({study.kind}): {total} trial(s), {report.kept_finished} with results")
+        lines.append(
+            f"study {study.name} ({study.kind}): {total} trial(s), {report.kept_finished} with results"
+        )
     if report.added and not report.created:
         lines.extend(f"  + {label}" for label in report.added[:limit])
         if len(report.added) > limit:
@@ -350,7 +366,8 @@ def run_study(
     ``options.workers`` worker processes. Raises StudyConflict / SearchSetupError before running
     anything when the file cannot be run against this database."""
     say = echo or _print
-    db = Database(options.db)
+    db = store.open_database(options.db)
+    store.check_kind(db, study)
     if study.search is not None:
         from harness.study import search
 
@@ -472,7 +489,7 @@ def _worker_entry(spec: _WorkerSpec, shared_budget: Any, tallies: Any) -> None:
     def echo(line: str) -> None:
         print(prefix + line, flush=True)
 
-    db = Database(spec.options.db)
+    db = store.open_database(spec.options.db)
     ctx = WorkerContext(
         db=db,
         study=spec.study,
@@ -490,7 +507,9 @@ def _worker_entry(spec: _WorkerSpec, shared_budget: Any, tallies: Any) -> None:
     sys.exit(code)
 
 
-def _run_workers(study: Study, options: RunOptions, report: SyncReport, started: datetime) -> tuple[int, RunTally]:
+def _run_workers(
+    study: Study, options: RunOptions, report: SyncReport, started: datetime
+) -> tuple[int, RunTally]:
     spawn = multiprocessing.get_context("spawn")
     shared_budget = spawn.Value("i", 0)
     tallies = spawn.Queue()
@@ -508,19 +527,37 @@ def _run_workers(study: Study, options: RunOptions, report: SyncReport, started:
             progress=False,  # interleaved progress bars are unreadable
         )
         spec = _WorkerSpec(study, worker_options, report.study_id, report.row_ids, started, index, threads)
-        process = spawn.Process(target=_worker_entry, args=(spec, shared_budget, tallies), name=f"harness-worker-{index}")
+        process = spawn.Process(
+            target=_worker_entry, args=(spec, shared_budget, tallies), name=f"harness-worker-{index}"
+        )
         process.start()
         processes.append(process)
-    _print(f"started {len(processes)} workers: " + ", ".join(f"w{i} on {d or 'the configured device'}" for i, d in enumerate(devices)))
+    _print(
+        f"started {len(processes)} workers: "
+        + ", ".join(f"w{i} on {d or 'the configured device'}" for i, d in enumerate(devices))
+    )
     interrupted = False
-    for process in processes:
-        while True:
-            try:
-                process.join()
-                break
-            except KeyboardInterrupt:
-                # The workers got the same Ctrl-C and hand their trials back; wait for them.
-                interrupted = True
+
+    def forward_sigterm(signum: int, frame: object) -> None:
+        # Ctrl-C reaches every process of the terminal's group; SIGTERM (a scheduler) only us.
+        nonlocal interrupted
+        interrupted = True
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    try:
+        for process in processes:
+            while True:
+                try:
+                    process.join()
+                    break
+                except KeyboardInterrupt:
+                    # The workers got the same Ctrl-C and hand their trials back; wait for them.
+                    interrupted = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     tally = RunTally()
     while True:
         try:

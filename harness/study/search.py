@@ -11,16 +11,20 @@ excepted, across all processes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.db import Database
 from harness.spec import SearchParam, SearchSpec, SpecError, Study, config_hash, resolve
-from harness.study import store
+from harness.study import overview, store
 from harness.study.runner import WorkerContext, run_claim
 from harness.study.store import Claim
 
@@ -175,7 +179,11 @@ def distribution(param: SearchParam, value: Any = None) -> Any:
             step = 1
         return dists.IntDistribution(int(low), int(high), log=param.log, step=step)
     step = param.step
-    if value is not None and step is not None and abs((value - low) / step - round((value - low) / step)) > 1e-8:
+    if (
+        value is not None
+        and step is not None
+        and abs((value - low) / step - round((value - low) / step)) > 1e-8
+    ):
         step = None
     return dists.FloatDistribution(float(low), float(high), log=param.log, step=step)
 
@@ -184,8 +192,12 @@ def suggest(trial: Any, param: SearchParam) -> Any:
     if param.choices is not None:
         return trial.suggest_categorical(param.name, list(param.choices))
     if param.is_int:
-        return trial.suggest_int(param.name, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
-    return trial.suggest_float(param.name, float(param.low), float(param.high), step=param.step, log=param.log)
+        return trial.suggest_int(
+            param.name, int(param.low), int(param.high), step=int(param.step or 1), log=param.log
+        )
+    return trial.suggest_float(
+        param.name, float(param.low), float(param.high), step=param.step, log=param.log
+    )
 
 
 @dataclass
@@ -243,6 +255,40 @@ def trials_used(search: _Search) -> int:
     return sum(1 for t in trials if not t.user_attrs.get(SUPERSEDED))
 
 
+@contextmanager
+def sampling_lock(db: Database, study_name: str) -> Iterator[None]:
+    """Serializes "count the trials, then ask for one" across processes, so that several workers
+    together make exactly ``n_trials`` trials: a file lock for SQLite (its processes share one
+    machine), an advisory lock for PostgreSQL, none elsewhere."""
+    path = overview.sqlite_file(db.url)
+    key = hashlib.sha256(f"{db.url}|{study_name}".encode()).hexdigest()
+    if path is not None:
+        import fcntl
+
+        lock_file = Path(tempfile.gettempdir()) / f"harness-search-{key[:16]}.lock"
+        with open(lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    if db.engine.dialect.name == "postgresql":
+        from sqlalchemy import text
+
+        lock_id = int(key[:15], 16)
+        with db.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": lock_id})
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": lock_id})
+                connection.commit()
+        return
+    yield
+
+
 def supersede(search: _Search, number: int | None) -> None:
     """Fail the Optuna trial of a harness trial that is handed back or taken over, marked so that
     it does not count against ``n_trials`` (a new Optuna trial replaces it)."""
@@ -251,7 +297,9 @@ def supersede(search: _Search, number: int | None) -> None:
     optuna = _optuna()
     states = optuna.trial.TrialState
     try:
-        trial_id = _retry(lambda: search.storage.get_trial_id_from_study_id_trial_number(search.study_id, number))
+        trial_id = _retry(
+            lambda: search.storage.get_trial_id_from_study_id_trial_number(search.study_id, number)
+        )
         if _retry(lambda: search.storage.get_trial(trial_id)).state not in (states.RUNNING, states.WAITING):
             return
         _retry(lambda: search.storage.set_trial_user_attr(trial_id, SUPERSEDED, True))
@@ -297,8 +345,10 @@ def search_loop(ctx: WorkerContext) -> None:
             _rerun(ctx, search, claim)
             waiting_said = False
             continue
-        if trials_used(search) < search.spec.n_trials:
-            if not _ask_and_run(ctx, search, seed):
+        with sampling_lock(ctx.db, study.name):
+            trial = _retry(search.study.ask) if trials_used(search) < search.spec.n_trials else None
+        if trial is not None:
+            if not _ask_and_run(ctx, search, trial, seed):
                 ctx.budget.give_back()  # nothing trained (a reused or invalid point)
             waiting_said = False
             continue
@@ -307,7 +357,9 @@ def search_loop(ctx: WorkerContext) -> None:
         if others == 0:
             return
         if not waiting_said:
-            ctx.echo(f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)")
+            ctx.echo(
+                f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)"
+            )
             waiting_said = True
         time.sleep(ctx.poll_seconds)
 
@@ -335,35 +387,55 @@ def _rerun(ctx: WorkerContext, search: _Search, claim: Claim) -> None:
     _run(ctx, search, trial, replace(claim, optuna_number=number))
 
 
-def _ask_and_run(ctx: WorkerContext, search: _Search, seed: int) -> bool:
-    """Sample one point and run it; False when nothing was trained (the point was invalid, or
-    the study already has a result for it)."""
-    trial = _retry(search.study.ask)
+def _ask_and_run(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> bool:
+    """Sample one point in a new Optuna trial and run it; False when nothing was trained (the
+    point was invalid, or the study already has a result for it)."""
+    try:
+        claim = _configure(ctx, search, trial, seed)
+    except KeyboardInterrupt:
+        supersede(search, trial.number)
+        raise
+    except Exception as error:  # e.g. an enqueued value Optuna rejects: a failed sample, not a crash
+        _tell(search, trial, state="failed")
+        ctx.echo(
+            f"optuna trial {trial.number}: could not be set up ({type(error).__name__}: {error}); counted as failed"
+        )
+        return False
+    if claim is None:
+        return False
+    _run(ctx, search, trial, claim)
+    return True
+
+
+def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | None:
+    """The sampled configuration's harness trial, claimed; None when there is nothing to train."""
     params = {p.name: suggest(trial, p) for p in search.spec.space}
     overrides = {**ctx.study.fixed, **params, "seed": seed}
-    label = " ".join(f"{k}={v}" for k, v in params.items())
+    label = " ".join(f"{k}={store.format_value(v)}" for k, v in params.items())
     try:
         config = resolve(overrides)
     except SpecError as error:
         reason = "invalid configuration: " + "; ".join(error.problems)
-        store.insert_failed(ctx.db, ctx.study_id, overrides, config_hash(overrides), seed, reason, trial.number)
+        store.insert_failed(
+            ctx.db, ctx.study_id, overrides, config_hash(overrides), seed, reason, trial.number
+        )
         _tell(search, trial, state="failed")
         ctx.echo(f"optuna trial {trial.number} ({label}): {reason}")
-        return False
+        return None
     _retry(lambda: trial.set_user_attr("config_hash", config.config_hash))
     claim = store.insert_running(
         ctx.db, ctx.study_id, config.to_dict(), config.config_hash, seed, ctx.worker, trial.number
     )
     if claim is None:
         claim = _existing(ctx, search, trial, config.config_hash, seed, label)
-        if claim is None:
-            return False
-    _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
-    _run(ctx, search, trial, claim)
-    return True
+    if claim is not None:
+        _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
+    return claim
 
 
-def _existing(ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed: int, label: str) -> Claim | None:
+def _existing(
+    ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed: int, label: str
+) -> Claim | None:
     """The sampled configuration is already in the study: reuse its result instead of training
     it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed)."""
     row = store.find_row(ctx.db, ctx.study_id, hash_, seed)
@@ -377,13 +449,17 @@ def _existing(ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed:
         _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
         _tell(search, trial, value=value, state="complete" if value is not None else "failed")
         ctx.tally.reused += 1
-        ctx.echo(f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {metric} {value}")
+        ctx.echo(
+            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {metric} {value}"
+        )
         return None
     if status == "pruned" or (status == "failed" and not ctx.options.retry_failed):
         _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
         _tell(search, trial, state=status)
         ctx.tally.reused += 1
-        ctx.echo(f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, which was {status}; counted as {status}")
+        ctx.echo(
+            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, which was {status}; counted as {status}"
+        )
         return None
     claim = store.claim_row(
         ctx.db,
@@ -395,7 +471,9 @@ def _existing(ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed:
     )
     if claim is None:  # running in another worker right now
         _tell(search, trial, state="failed")
-        ctx.echo(f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running elsewhere; counted as failed")
+        ctx.echo(
+            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running elsewhere; counted as failed"
+        )
         return None
     if row.get("optuna_number") is not None and row["optuna_number"] != trial.number:
         supersede(search, row["optuna_number"])
@@ -417,7 +495,9 @@ def _run(ctx: WorkerContext, search: _Search, trial: Any, claim: Claim) -> None:
             trial.report(float(value), int(epoch))
             prune = trial.should_prune()
         except Exception as error:  # a busy database must not fail the trial; it just is not pruned now
-            ctx.echo(f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})")
+            ctx.echo(
+                f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})"
+            )
             return
         if prune:
             raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
@@ -445,7 +525,9 @@ def describe(study: Study) -> list[str]:
         if param.choices is not None:
             lines.append(f"  {param.name}: one of {list(param.choices)}")
         else:
-            extra = (", log scale" if param.log else "") + (f", step {param.step:g}" if param.step is not None else "")
+            extra = (", log scale" if param.log else "") + (
+                f", step {param.step:g}" if param.step is not None else ""
+            )
             lines.append(f"  {param.name}: {param.low:g} .. {param.high:g}{extra}")
     for point in spec.enqueue:
         lines.append("  enqueued first: " + (", ".join(f"{k}={v}" for k, v in point.items()) or "(defaults)"))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from harness.db import PROVENANCE_FIELDS, SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
@@ -66,6 +67,19 @@ class Claim:
         return config.replace(device=device) if device else config
 
 
+def open_database(url: str | None) -> Database:
+    """``Database(url)``, tolerating another process creating the tables at the same moment
+    (SQLAlchemy's create_all checks, then creates: two fresh runners can both try)."""
+    for attempt in range(_INTEGRITY_RETRIES + 2):
+        try:
+            return Database(url)
+        except OperationalError as error:
+            if "already exists" not in str(error) or attempt == _INTEGRITY_RETRIES + 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -89,6 +103,21 @@ def trial_label(config: Mapping[str, Any], knobs: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Registering a study
+
+
+def check_kind(db: Database, study: Study) -> None:
+    """Raise StudyConflict (writing nothing) when the name belongs to a study of the other
+    family: a search cannot become a grid or an ablation, nor the reverse."""
+    kind = db.run(lambda session: session.scalar(select(StudyRow.kind).where(StudyRow.name == study.name)))
+    if kind is not None and (kind == "search") != (study.kind == "search"):
+        raise StudyConflict(_conflict_message(study, kind))
+
+
+def _conflict_message(study: Study, stored_kind: str) -> str:
+    return (
+        f"study {study.name!r} is in the database as a {stored_kind}; the file makes it a "
+        f"{study.kind}. A study cannot change between search and grid/ablate: rename it."
+    )
 
 
 def sync_study(db: Database, study: Study) -> SyncReport:
@@ -124,10 +153,7 @@ def _sync(session: Session, study: Study, planned: Sequence[TrialConfig]) -> Syn
         session.flush()
     else:
         if (row.kind == "search") != (study.kind == "search"):
-            raise StudyConflict(
-                f"study {study.name!r} is in the database as a {row.kind}; the file makes it a "
-                f"{study.kind}. A study cannot change between search and grid/ablate: rename it."
-            )
+            raise StudyConflict(_conflict_message(study, row.kind))
         file_changed = row.file_hash != study.text_hash
         if file_changed:
             row.kind = study.kind
@@ -218,7 +244,10 @@ def claim_next(
     def work(session: Session) -> Claim | None:
         runnable = [
             TrialRow.status == "pending",
-            and_(TrialRow.status == "running", or_(TrialRow.heartbeat.is_(None), TrialRow.heartbeat < stale_before)),
+            and_(
+                TrialRow.status == "running",
+                or_(TrialRow.heartbeat.is_(None), TrialRow.heartbeat < stale_before),
+            ),
         ]
         if retry_failed_before is not None:
             runnable.append(
@@ -236,7 +265,15 @@ def claim_next(
         if ids is not None:
             statement = statement.where(TrialRow.id.in_(ids))
         for candidate in session.execute(statement).all():
-            claim = _take(session, candidate.id, candidate.status, candidate.attempts, worker, stale_before, optuna_number)
+            claim = _take(
+                session,
+                candidate.id,
+                candidate.status,
+                candidate.attempts,
+                worker,
+                stale_before,
+                optuna_number,
+            )
             if claim is not None:
                 return claim
         return None
@@ -281,7 +318,9 @@ def _take(
     optuna_number: int | None,
 ) -> Claim | None:
     previous = session.execute(
-        select(TrialRow.worker, TrialRow.config, TrialRow.seed, TrialRow.optuna_number).where(TrialRow.id == row_id)
+        select(TrialRow.worker, TrialRow.config, TrialRow.seed, TrialRow.optuna_number).where(
+            TrialRow.id == row_id
+        )
     ).one()
     now = utcnow()
     conditions = [TrialRow.id == row_id, TrialRow.status == status, TrialRow.attempts == attempts]
@@ -315,7 +354,13 @@ def _take(
 
 
 def insert_running(
-    db: Database, study_id: int, config: Mapping[str, Any], config_hash: str, seed: int, worker: str, optuna_number: int
+    db: Database,
+    study_id: int,
+    config: Mapping[str, Any],
+    config_hash: str,
+    seed: int,
+    worker: str,
+    optuna_number: int,
 ) -> Claim | None:
     """A new trial row (a search's sample), claimed by ``worker``; None if the study already has
     this configuration and seed (inserted by another process meanwhile)."""
@@ -347,7 +392,13 @@ def insert_running(
 
 
 def insert_failed(
-    db: Database, study_id: int, config: Mapping[str, Any], config_hash: str, seed: int, reason: str, optuna_number: int
+    db: Database,
+    study_id: int,
+    config: Mapping[str, Any],
+    config_hash: str,
+    seed: int,
+    reason: str,
+    optuna_number: int,
 ) -> bool:
     """Record a sample that could not even be configured (a failed result, not a crash)."""
 
@@ -393,7 +444,9 @@ def find_row(db: Database, study_id: int, config_hash: str, seed: int) -> dict[s
     return db.run(query)
 
 
-def live_running(db: Database, study_id: int, *, stale_before: datetime, row_ids: Iterable[int] | None = None) -> int:
+def live_running(
+    db: Database, study_id: int, *, stale_before: datetime, row_ids: Iterable[int] | None = None
+) -> int:
     """How many of the study's trials other workers are running with a fresh heartbeat."""
     ids = None if row_ids is None else tuple(row_ids)
 
@@ -413,7 +466,9 @@ def status_counts(db: Database, study_id: int, row_ids: Iterable[int] | None = N
 
     def query(session: Session) -> dict[str, int]:
         statement = (
-            select(TrialRow.status, func.count(TrialRow.id)).where(TrialRow.study_id == study_id).group_by(TrialRow.status)
+            select(TrialRow.status, func.count(TrialRow.id))
+            .where(TrialRow.study_id == study_id)
+            .group_by(TrialRow.status)
         )
         if ids is not None:
             statement = statement.where(TrialRow.id.in_(ids))
@@ -459,7 +514,9 @@ def release(db: Database, claim: Claim, reason: str = "interrupted") -> bool:
     """Hand the trial back as pending (to be rerun), if this worker still owns it."""
 
     def work(session: Session) -> bool:
-        result = session.execute(update(TrialRow).where(*_owned(claim)).values(status="pending", reason=reason))
+        result = session.execute(
+            update(TrialRow).where(*_owned(claim)).values(status="pending", reason=reason)
+        )
         return result.rowcount == 1
 
     return db.run(work)
@@ -494,16 +551,23 @@ def finish(
     values: dict[str, Any] = {
         "status": status,
         "reason": reason,
-        "started_at": naive_utc(started_at),
         "ended_at": naive_utc(ended_at) or utcnow(),
         "heartbeat": utcnow(),
     }
+    if started_at is not None:  # else the claim's start time stays
+        values["started_at"] = naive_utc(started_at)
     values.update({name: _as_float(summary.get(name)) for name in SUMMARY_METRICS})
     values.update({name: provenance.get(name) for name in PROVENANCE_FIELDS if name in provenance})
     if config is not None:
         values["config"] = dict(config)
     points = [
-        {"trial_id": claim.row_id, "epoch": float(epoch), "step": int(step), "name": str(name), "value": _as_float(value)}
+        {
+            "trial_id": claim.row_id,
+            "epoch": float(epoch),
+            "step": int(step),
+            "name": str(name),
+            "value": _as_float(value),
+        }
         for epoch, step, name, value in curves
     ]
 
