@@ -250,10 +250,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return run_study(study, options).exit_code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
-    except SQLAlchemyError as error:  # unreachable server, wrong URL, not a database
-        return _error(
-            "run", f"database error: {type(error).__name__}: {error.args[0] if error.args else error}", 1
-        )
+    except (SQLAlchemyError, ImportError) as error:  # unreachable server, not a database, no driver
+        return _error("run", _database_problem(error), 1)
+
+
+def _database_problem(error: BaseException) -> str:
+    if isinstance(error, ImportError):
+        return f"the database driver is not installed ({error}); for PostgreSQL: pip install psycopg"
+    detail = error.args[0] if error.args else error
+    return f"cannot use the database: {type(error).__name__}: {detail}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -268,12 +273,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return _error("status", str(error), 1)
     except UnknownStudy as error:
         return _error("status", str(error), 1)
-    except SQLAlchemyError as error:
-        return _error(
-            "status",
-            f"cannot read the database: {type(error).__name__}: {error.args[0] if error.args else error}",
-            1,
-        )
+    except (SQLAlchemyError, ImportError) as error:
+        return _error("status", _database_problem(error), 1)
     print("\n".join(lines))
     db.dispose()
     return 0
@@ -292,8 +293,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))
     except FileNotFoundError as error:
         return _error("export", str(error), 1)
-    except SQLAlchemyError as error:
-        return _error("export", f"cannot read the database: {type(error).__name__}", 1)
+    except (SQLAlchemyError, ImportError) as error:
+        return _error("export", _database_problem(error), 1)
     if args.study not in known:
         return _error(
             "export",

@@ -14,7 +14,7 @@ import torch
 from sqlalchemy import select, update
 
 from harness.bench import cli
-from harness.bench.cases import KERNELS, cases, kernel_names, parse_kernels
+from harness.bench.cases import KERNELS, kernel_names, parse_kernels, select_cases
 from harness.bench.compare import compare, format_table, parse_threshold
 from harness.bench.runner import RunConfig, run_cases
 from harness.bench.storage import load_baseline, read_json
@@ -44,13 +44,13 @@ def rows(db: Path) -> list[BenchRow]:
 def test_cases__cover_every_loss_and_sinkhorn() -> None:
     assert set(LOSSES) | {"sinkhorn"} == set(kernel_names())
     for shape_set in ("quick", "cpu", "cuda"):
-        assert {case.kernel.name for case in cases(None, shape_set)} == set(KERNELS)
-    assert len(cases(None, "quick")) == len(KERNELS)  # one quick case per kernel
+        assert {case.kernel.name for case in select_cases(None, shape_set)} == set(KERNELS)
+    assert len(select_cases(None, "quick")) == len(KERNELS)  # one quick case per kernel
 
 
 def test_cases__issue_shapes_on_cuda() -> None:
     by_kernel = {
-        name: [c.params for c in cases([name], "cuda")] for name in ("nt_xent", "infonce", "barlow_twins")
+        name: [c.params for c in select_cases([name], "cuda")] for name in ("nt_xent", "infonce", "barlow_twins")
     }
     assert [p["B"] for p in by_kernel["nt_xent"]] == [256, 1024, 4096]
     assert [p["K"] for p in by_kernel["infonce"]] == [4096, 65536]
@@ -274,7 +274,7 @@ def test_timing__cpu_peak_memory_sees_a_large_temporary() -> None:
 def test_run_cases__respects_directions_and_forward_only_kernels() -> None:
     config = RunConfig(rounds=2, min_round_s=0.0, measure_memory=False, directions=("forward+backward",))
     results = run_cases(
-        cases(["sinkhorn", "byol"], "quick"), torch.device("cpu"), config=config, progress=None
+        select_cases(["sinkhorn", "byol"], "quick"), torch.device("cpu"), config=config, progress=None
     )
     assert {(r.kernel, r.direction) for r in results} == {("byol", "forward+backward")}
 
@@ -321,7 +321,7 @@ def test_committed_ci_baseline_is_readable_and_covers_the_quick_set() -> None:
     fast = {(r["kernel"], r["case"], r["direction"]) for r in baseline if r["impl"] != "reference"}
     expected = {
         (case.kernel.name, case.name, direction)
-        for case in cases(None, "quick")
+        for case in select_cases(None, "quick")
         for direction in case.kernel.directions
     }
     assert expected <= fast

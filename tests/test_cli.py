@@ -226,6 +226,20 @@ def test_cli__status_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert cli.main(["export", "other", "--db", str(tmp_path / "h.db")]) == 1
 
 
+def test_cli__unusable_database_is_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_text("not a database\n" * 100)
+    path = tmp_path / "s.yaml"
+    path.write_text(STUDY)
+    assert cli.main(["status", "--db", str(garbage)]) == 1
+    assert cli.main(["export", "cli-tiny", "--db", str(garbage)]) == 1
+    assert cli.main(["run", str(path), "--db", str(garbage)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("cannot use the database") == 3
+
+
 def test_cli__status_imports_neither_torch_nor_optuna(tmp_path: Path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(STUDY)

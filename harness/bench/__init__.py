@@ -6,7 +6,7 @@ uses the same cases (:mod:`harness.bench.cases`).
 
 from __future__ import annotations
 
-from harness.bench.cases import KERNELS, Case, cases, kernel_names, parse_kernels
+from harness.bench.cases import KERNELS, Case, kernel_names, parse_kernels, select_cases
 from harness.bench.compare import Comparison, compare, format_table, parse_threshold
 from harness.bench.runner import FULL, QUICK, Result, RunConfig, run_cases
 
@@ -18,11 +18,11 @@ __all__ = [
     "Comparison",
     "Result",
     "RunConfig",
-    "cases",
     "compare",
     "format_table",
     "kernel_names",
     "parse_kernels",
     "parse_threshold",
     "run_cases",
+    "select_cases",
 ]

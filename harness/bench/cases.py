@@ -170,7 +170,7 @@ KERNELS: dict[str, Kernel] = {
             LOSSES["nt_xent"],
             _nt_xent,
             _shapes(
-                _grid(B=[512], D=[128]),
+                _grid(B=[256], D=[128]),
                 _grid(B=[256, 1024, 4096], D=[128]),
                 _grid(B=[256, 1024, 4096], D=[128]),
             ),
@@ -181,7 +181,7 @@ KERNELS: dict[str, Kernel] = {
             LOSSES["infonce"],
             _infonce,
             _shapes(
-                _grid(N=[256], K=[16384], D=[128]),
+                _grid(N=[256], K=[4096], D=[128]),
                 _grid(N=[256], K=[4096, 65536], D=[128]),
                 _grid(N=[256], K=[4096, 65536], D=[128]),
             ),
@@ -190,7 +190,7 @@ KERNELS: dict[str, Kernel] = {
             "byol",
             LOSSES["byol"],
             _byol,
-            _shapes(_grid(N=[1024], D=[256]), _grid(N=[256, 4096], D=[256]), _grid(N=[256, 4096], D=[256])),
+            _shapes(_grid(N=[4096], D=[256]), _grid(N=[256, 4096], D=[256]), _grid(N=[256, 4096], D=[256])),
         ),
         Kernel(
             "barlow_twins",
@@ -222,9 +222,7 @@ KERNELS: dict[str, Kernel] = {
             "sinkhorn",
             sinkhorn,
             _sinkhorn,
-            _shapes(
-                _grid(N=[1024], K=[3000]), _grid(N=[256, 4096], K=[3000]), _grid(N=[256, 4096], K=[3000])
-            ),
+            _shapes(_grid(N=[256], K=[3000]), _grid(N=[256, 4096], K=[3000]), _grid(N=[256, 4096], K=[3000])),
             directions=("forward",),
         ),
         Kernel(
@@ -249,7 +247,7 @@ KERNELS: dict[str, Kernel] = {
             "triplet",
             LOSSES["triplet"],
             _triplet,
-            _shapes(_grid(N=[1024], D=[128]), _grid(N=[256, 4096], D=[128]), _grid(N=[256, 4096], D=[128])),
+            _shapes(_grid(N=[4096], D=[128]), _grid(N=[256, 4096], D=[128]), _grid(N=[256, 4096], D=[128])),
         ),
         Kernel(
             "npair",
@@ -263,14 +261,14 @@ KERNELS: dict[str, Kernel] = {
             "alignment",
             LOSSES["alignment"],
             _pair,
-            _shapes(_grid(N=[1024], D=[128]), _grid(N=[256, 4096], D=[128]), _grid(N=[256, 4096], D=[128])),
+            _shapes(_grid(N=[4096], D=[128]), _grid(N=[256, 4096], D=[128]), _grid(N=[256, 4096], D=[128])),
         ),
         Kernel(
             "uniformity",
             LOSSES["uniformity"],
             _single,
             _shapes(
-                _grid(N=[256], D=[128]), _grid(N=[256, 1024], D=[128]), _grid(N=[256, 1024, 4096], D=[128])
+                _grid(N=[128], D=[128]), _grid(N=[256, 1024], D=[128]), _grid(N=[256, 1024, 4096], D=[128])
             ),
         ),
     )
@@ -295,7 +293,7 @@ def parse_kernels(text: str | None) -> list[str]:
     return [name for name in KERNELS if name in wanted]
 
 
-def cases(kernels: list[str] | None = None, shape_set: str = "quick") -> list[Case]:
+def select_cases(kernels: list[str] | None = None, shape_set: str = "quick") -> list[Case]:
     """The cases of the given kernels (all by default) in one shape set (quick, cpu, cuda)."""
     if shape_set not in SHAPE_SETS:
         raise ValueError(f"shape set must be one of {SHAPE_SETS}, got {shape_set!r}")

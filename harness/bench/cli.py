@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from harness.bench.cases import DIRECTIONS, cases, kernel_names, parse_kernels
+from harness.bench.cases import DIRECTIONS, kernel_names, parse_kernels, select_cases
 from harness.bench.compare import compare, format_table, parse_threshold
 from harness.bench.runner import DTYPES, FULL, QUICK, Result, resolve_device, run_cases
 from harness.bench.storage import is_json_path, load_baseline, new_run_id, store, write_json
@@ -193,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
         directions=DIRECTIONS if args.direction == "both" else (args.direction,),
     )
     shape_set = "quick" if args.quick else device.type
-    selected = cases(kernels, shape_set)
+    selected = select_cases(kernels, shape_set)
     results = _run_with_threads(args.threads, lambda: run_cases(selected, device, DTYPES[args.dtype], config))
     rows = [r.as_dict() for r in results]
     provenance = collect(str(device))

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import torch
 
 from harness.bench.cases import DIRECTIONS, Case, Inputs
-from harness.bench.timing import peak_extra_bytes, time_interleaved
+from harness.bench.timing import paired_ratio, peak_extra_bytes, steady_allocator, time_interleaved
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -92,9 +92,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, config: RunCo
         timings = time_interleaved(
             calls, device, rounds=config.rounds, min_round_s=config.min_round_s, warmup=config.warmup
         )
-        # The ratio of the best rounds: on a shared machine other processes only ever add time, so
-        # the minimum is the estimate they disturb least (timeit's advice); median and IQR are kept.
-        reference = timings["reference"].min_s
+        reference = timings["reference"]
         params = dict(case.params)
         if device.type == "cpu":
             params["threads"] = torch.get_num_threads()
@@ -114,7 +112,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, config: RunCo
                     min_s=timing.min_s,
                     rounds=timing.rounds,
                     peak_mem_bytes=peak,
-                    ratio_to_reference=1.0 if impl == "reference" else timing.min_s / reference,
+                    ratio_to_reference=1.0 if impl == "reference" else paired_ratio(timing, reference),
                 )
             )
     return results
@@ -127,6 +125,8 @@ def run_cases(
     config: RunConfig = QUICK,
     progress: TextIO | None = sys.stderr,
 ) -> list[Result]:
+    if device.type == "cpu":
+        steady_allocator()
     results: list[Result] = []
     for index, case in enumerate(cases, start=1):
         if progress is not None:

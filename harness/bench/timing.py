@@ -39,13 +39,14 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over the rounds."""
+    """Seconds per call over the rounds; ``samples`` in round order (for paired ratios)."""
 
     median_s: float
     iqr_s: float
     min_s: float
     rounds: int
     calls_per_round: int
+    samples: tuple[float, ...] = ()
 
 
 def summarize(per_call: Sequence[float], calls_per_round: int = 1) -> Timing:
@@ -55,7 +56,20 @@ def summarize(per_call: Sequence[float], calls_per_round: int = 1) -> Timing:
         iqr = q3 - q1
     else:
         iqr = 0.0
-    return Timing(statistics.median(values), iqr, values[0], len(values), calls_per_round)
+    return Timing(statistics.median(values), iqr, values[0], len(values), calls_per_round, tuple(per_call))
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """Median over rounds of ``numerator / denominator`` measured in the same round.
+
+    The two were timed back to back in each round (:func:`time_interleaved`), so a burst of load
+    from another process that slows a round slows both sides of its ratio: the median of the
+    per-round ratios is far steadier than a ratio of two medians on a shared machine.
+    """
+    pairs = [n / d for n, d in zip(numerator.samples, denominator.samples) if d > 0]
+    if not pairs:
+        return numerator.median_s / denominator.median_s
+    return statistics.median(pairs)
 
 
 def synchronize(device: torch.device) -> None:
@@ -119,14 +133,44 @@ def time_interleaved(
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return getattr(_libc(), "malloc_trim", None)
+
+
+# glibc's mallopt parameters and the values its dynamic thresholds converge to on 64-bit Linux.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+_TRIM_THRESHOLD_MAX = 2 * _MMAP_THRESHOLD_MAX
+
+
+@functools.lru_cache(maxsize=1)
+def steady_allocator() -> bool:
+    """Put glibc's malloc in the state a long-running process converges to, once per process.
+
+    glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB, trim threshold 64 MiB)
+    each time a larger mmapped block is freed. A benchmark process that runs each kernel once would
+    otherwise time early kernels with page faults on every large temporary and later ones without,
+    and the fast/reference ratios would depend on the order of the cases (measured: up to 5x on the
+    quick set). Fixing both thresholds at their converged values gives every case the allocator a
+    training loop has after its first steps. Returns whether it applied (glibc only).
+    """
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX)
+    )
 
 
 def _status_kib(field: str) -> int:

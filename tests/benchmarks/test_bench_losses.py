@@ -19,7 +19,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from harness.bench.cases import Case, cases
+from harness.bench.cases import Case, select_cases
 from harness.bench.runner import make_call
 
 FULL = os.environ.get("HARNESS_BENCH_FULL", "") not in {"", "0"}
@@ -35,7 +35,7 @@ def _params() -> list[object]:
             if device == "cuda"
             else []
         )
-        for case in cases(None, shape_set):
+        for case in select_cases(None, shape_set):
             for direction in case.kernel.directions:
                 for impl in case.kernel.impls:
                     params.append(
