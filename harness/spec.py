@@ -548,6 +548,8 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     problems = _Problems(source)
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError([f"{source}: the YAML nests too deeply to be a study file"]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -828,6 +830,10 @@ def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Pr
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
         problems.add(f"{path}.step", f"found {_describe(step)}, expected a number > 0")
         step = None
+    if step is not None and log:
+        # Optuna cannot combine a log scale with a step.
+        problems.add(path, f"found log: true and step: {step}, expected one of them")
+        return None
     return SearchParam(name=knob, low=low, high=high, log=log, step=step)
 
 

@@ -34,7 +34,21 @@ def bench(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
 
 
 def quick(db: Path, *extra: str) -> list[str]:
-    return ["--kernels", KERNELS_ARG, "--quick", "--rounds", "3", "--device", "cpu", "--db", str(db), *extra]
+    # One thread: the ratios of a 2-core machine shared with other tests stay within a few 10%.
+    return [
+        "--kernels",
+        KERNELS_ARG,
+        "--quick",
+        "--rounds",
+        "5",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--db",
+        str(db),
+        *extra,
+    ]
 
 
 def rows(db: Path) -> list[BenchRow]:
@@ -50,7 +64,8 @@ def test_cases__cover_every_loss_and_sinkhorn() -> None:
 
 def test_cases__issue_shapes_on_cuda() -> None:
     by_kernel = {
-        name: [c.params for c in select_cases([name], "cuda")] for name in ("nt_xent", "infonce", "barlow_twins")
+        name: [c.params for c in select_cases([name], "cuda")]
+        for name in ("nt_xent", "infonce", "barlow_twins")
     }
     assert [p["B"] for p in by_kernel["nt_xent"]] == [256, 1024, 4096]
     assert [p["K"] for p in by_kernel["infonce"]] == [4096, 65536]
@@ -110,20 +125,25 @@ def test_runner__stores_rows_with_ratio_and_provenance(
     for r in stored:
         assert r.saved_as is None
         assert r.device == "cpu" and r.dtype == "float32"
-        assert r.median_s > 0 and r.min_s > 0 and r.iqr_s >= 0 and r.rounds == 3
-        assert r.params["N"] > 0 and r.params["threads"] == torch.get_num_threads()
+        assert r.median_s > 0 and r.min_s > 0 and r.iqr_s >= 0 and r.rounds == 5
+        assert r.params["N"] > 0 and r.params["threads"] == 1
         assert r.case == ",".join(f"{k}={v}" for k, v in r.params.items() if k != "threads")
         assert r.torch_version == torch.__version__ and r.host and r.device_name
         assert r.peak_mem_bytes is None or r.peak_mem_bytes >= 0
         if r.impl == "reference":
             assert r.ratio_to_reference == 1.0
         else:
+            # The median of the per-round ratios: within the extreme ratios the rounds allow.
             ref = next(
                 x
                 for x in stored
                 if x.impl == "reference" and (x.kernel, x.direction) == (r.kernel, r.direction)
             )
-            assert r.ratio_to_reference == pytest.approx(r.min_s / ref.min_s)
+            assert (
+                r.min_s / (ref.median_s + 2 * ref.iqr_s) / 10
+                < r.ratio_to_reference
+                < r.median_s / ref.min_s * 10
+            )
     assert "byol" in out and "ratio" in out
 
 
@@ -133,21 +153,22 @@ def test_gate__doctored_database_baseline_fails_and_lists_the_kernel(
     db = tmp_path / "bench.db"
     assert bench(capsys, *quick(db, "--save", "main"))[0] == 0
     assert {r.saved_as for r in rows(db)} == {"main"}
-    # Pretend byol's fast implementation used to be 4x better relative to its reference.
+    # Pretend byol's fast implementation used to be 20x better relative to its reference.
     Database(db).run(
         lambda s: s.execute(
             update(BenchRow)
             .where(BenchRow.kernel == "byol", BenchRow.impl == "fast")
-            .values(ratio_to_reference=BenchRow.ratio_to_reference / 4)
+            .values(ratio_to_reference=BenchRow.ratio_to_reference / 20)
         )
     )
-    code, out, _ = bench(capsys, *quick(db, "--compare", "main", "--max-slowdown", "10%"))
+    # A threshold far above timing noise: only the doctored kernel may fail.
+    code, out, _ = bench(capsys, *quick(db, "--compare", "main", "--max-slowdown", "300%"))
     assert code == 1
     table = out[out.index("compared with baseline") :]
     slower = [line for line in table.splitlines() if "SLOWER" in line]
     assert slower and all(line.startswith("byol") for line in slower)
     assert "baseline" in table and "current" in table and "change" in table and "verdict" in table
-    assert "+" in slower[0] and "%" in slower[0]  # the change, e.g. +300.0%
+    assert "+" in slower[0] and "%" in slower[0]  # the change, e.g. +1900.0%
     assert "FAIL" in table
 
 
@@ -162,10 +183,10 @@ def test_gate__json_baseline_round_trip(capsys: pytest.CaptureFixture[str], tmp_
     code, out, _ = bench(capsys, *quick(db, "--compare", str(path), "--max-slowdown", "900%"))
     assert code == 0, out
     assert "PASS" in out
-    # Doctored: every fast ratio 10x better in the baseline -> every kernel fails.
+    # Doctored: every fast ratio 100x better in the baseline -> every kernel fails.
     for row in document["rows"]:
         if row["impl"] != "reference":
-            row["ratio_to_reference"] /= 10
+            row["ratio_to_reference"] /= 100
     path.write_text(json.dumps(document))
     code, out, _ = bench(capsys, *quick(db, "--compare", str(path), "--max-slowdown", "0.5"))
     assert code == 1

@@ -3,8 +3,10 @@
 Timing: a warm-up call, then the number of calls per round is calibrated so that a round lasts at
 least ``min_round_s`` (short kernels are otherwise dominated by the timer), then ``rounds`` rounds.
 On CUDA a round is bracketed by CUDA events and synchronized, so the time is the device's. The
-runner interleaves the implementations of a case round by round, so a slow patch of a shared machine
-hits the reference and the fast implementation alike and their ratio stays put.
+implementations of a case are interleaved round by round (the order rotating), and the ratio to the
+reference is the median of the per-round ratios (:func:`paired_ratio`): a slow patch of a shared
+machine hits both sides of a round's ratio alike. On the CPU, glibc's allocator is first put in its
+converged state (:func:`steady_allocator`) so that results do not depend on the order of the cases.
 
 Peak memory is the extra memory one call needs on top of what was allocated before it:
 

@@ -59,7 +59,19 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if create:
-            self.run(lambda session: Base.metadata.create_all(session.connection()))
+            self._create_tables()
+
+    def _create_tables(self) -> None:
+        """create_all checks, then creates: two processes opening a fresh database at the same
+        moment can both try, and the loser sees "already exists" once the winner committed."""
+        for attempt in range(LOCK_RETRIES):
+            try:
+                self.run(lambda session: Base.metadata.create_all(session.connection()))
+                return
+            except OperationalError as error:
+                if "already exists" not in str(error) or attempt == LOCK_RETRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     @property
     def optuna_url(self) -> str:

@@ -366,7 +366,7 @@ def run_study(
     ``options.workers`` worker processes. Raises StudyConflict / SearchSetupError before running
     anything when the file cannot be run against this database."""
     say = echo or _print
-    db = store.open_database(options.db)
+    db = Database(options.db)
     store.check_kind(db, study)
     if study.search is not None:
         from harness.study import search
@@ -489,7 +489,7 @@ def _worker_entry(spec: _WorkerSpec, shared_budget: Any, tallies: Any) -> None:
     def echo(line: str) -> None:
         print(prefix + line, flush=True)
 
-    db = store.open_database(spec.options.db)
+    db = Database(spec.options.db)
     ctx = WorkerContext(
         db=db,
         study=spec.study,

@@ -55,12 +55,6 @@ def search_problems(study: Study) -> list[str]:
                 f"{study.path}: search.sampler: cmaes needs the `cmaes` package, which is not installed "
                 "(pip install cmaes), or choose sampler tpe"
             )
-    for param in spec.space:
-        if param.log and param.step is not None:
-            problems.append(
-                f"{study.path}: search.space.{param.name}: found log: true and step: {param.step}, "
-                "expected one of them (Optuna cannot combine a log scale with a step)"
-            )
     return problems
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from harness.db import PROVENANCE_FIELDS, SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
@@ -65,19 +64,6 @@ class Claim:
         # Knobs a newer TrialConfig no longer has are dropped; new ones take their defaults.
         config = TrialConfig(**{k: v for k, v in self.config.items() if k in KNOB_NAMES})
         return config.replace(device=device) if device else config
-
-
-def open_database(url: str | None) -> Database:
-    """``Database(url)``, tolerating another process creating the tables at the same moment
-    (SQLAlchemy's create_all checks, then creates: two fresh runners can both try)."""
-    for attempt in range(_INTEGRITY_RETRIES + 2):
-        try:
-            return Database(url)
-        except OperationalError as error:
-            if "already exists" not in str(error) or attempt == _INTEGRITY_RETRIES + 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
 
 
 def worker_name() -> str:

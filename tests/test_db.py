@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import math
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from harness.db import Database, StudyRow, TrialRow, resolve_url
+
+
+def test_resolve_url__paths_become_sqlite_urls_and_urls_pass_through(tmp_path: Path) -> None:
+    assert resolve_url(tmp_path / "a.db") == f"sqlite:///{tmp_path / 'a.db'}"
+    assert resolve_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert resolve_url(None) == "sqlite:///results/harness.db"
+
+
+def test_database__sqlite_is_opened_in_wal_mode_with_our_tables(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    Database(path)
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"harness_study", "harness_trial", "harness_metric", "harness_bench"} <= tables
+
+
+def test_database__two_processes_creating_a_fresh_file_both_succeed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    code = f"from harness.db import Database; Database({url!r})"
+    processes = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(4)]
+    for process in processes:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.decode()
+
+
+def _study(session: object) -> StudyRow:
+    study = StudyRow(name="s", kind="grid", file_text="study: s", file_hash="0" * 64)
+    session.add(study)  # type: ignore[attr-defined]
+    session.flush()  # type: ignore[attr-defined]
+    return study
+
+
+def test_trial__unique_on_study_config_hash_and_seed(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+
+    def add_twice(session: object) -> None:
+        study = _study(session)
+        for _ in range(2):
+            session.add(TrialRow(study_id=study.id, config={}, config_hash="h", seed=0))  # type: ignore[attr-defined]
+        session.flush()  # type: ignore[attr-defined]
+
+    with pytest.raises(IntegrityError):
+        db.run(add_twice)
+    assert db.run(lambda s: s.scalars(select(StudyRow)).all()) == []  # rolled back whole
+
+
+def test_trial__nan_is_stored_as_a_result(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+
+    def add(session: object) -> None:
+        study = _study(session)
+        session.add(TrialRow(study_id=study.id, config={}, config_hash="h", seed=0, final_loss=math.nan))  # type: ignore[attr-defined]
+
+    db.run(add)
+    value = db.run(lambda s: s.scalars(select(TrialRow.final_loss)).one())
+    # SQLite has no NaN: it stores NULL; the trial's failed status and reason carry the divergence.
+    assert value is None or math.isnan(value)
+
+
+def test_run__retries_a_locked_database_then_succeeds(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    calls = []
+
+    def flaky(_session: object) -> int:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked"))
+        return 7
+
+    assert db.run(flaky) == 7 and len(calls) == 3
+
+
+def test_run__other_errors_are_not_retried(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    calls = []
+
+    def broken(_session: object) -> None:
+        calls.append(1)
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: x"))
+
+    with pytest.raises(OperationalError):
+        db.run(broken)
+    assert len(calls) == 1
