@@ -100,7 +100,7 @@ class TrialConfig:
     # execution
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
-    channels_last: bool = True  # applied on CUDA only
+    channels_last: bool = True  # NHWC activations: faster convolutions with cuDNN and with oneDNN on the CPU
     compile: bool = False
     loss_impl: str = "fast"
     seed: int = 0

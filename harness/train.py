@@ -235,7 +235,7 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
     method_class = METHODS[config.method]
     channels, image_size = train.images.shape[1], train.images.shape[-1]
     method = method_class(config, in_channels=channels, image_size=image_size, num_classes=train.num_classes).to(device)
-    if device.type == "cuda" and config.channels_last:
+    if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if config.compile:
         method.backbone.compile()
@@ -275,7 +275,7 @@ def _train(
     base_lr = scaled_lr(config.lr, config.batch_size)
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     method.on_train_start(total_steps, steps_per_epoch)
-    channels_last = device.type == "cuda" and config.channels_last
+    channels_last = config.channels_last
     # Losses stay on the device and are checked at log points only, so the loop never waits on
     # the GPU each step; the first non-finite entry still gives the exact step of divergence.
     losses = torch.zeros(total_steps, device=device)

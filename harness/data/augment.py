@@ -335,26 +335,26 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue of RGB float ``(N, 3, H, W)`` by ``shift`` ``(N,)`` turns (torchvision's
-    ``adjust_hue`` per sample; identity when C = 1, as PIL)."""
+    """Rotate the HSV hue of RGB float ``(N, 3, H, W)`` in [0, 1] by ``shift`` ``(N,)`` turns
+    (torchvision's ``adjust_hue`` per sample; identity when C = 1, as PIL)."""
     if x.shape[1] == 1:
         return x
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    chroma = maxc - minc
-    flat = chroma == 0
-    safe_chroma = torch.where(flat, torch.ones_like(chroma), chroma)
     r, g, b = x.unbind(dim=1)
-    rc, gc, bc = (maxc - r) / safe_chroma, (maxc - g) / safe_chroma, (maxc - b) / safe_chroma
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(flat, torch.zeros_like(hue), hue)
-    hue6 = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1), 6.0)
-    sat_v = chroma  # s * v == chroma
-    # HSV -> RGB without branches: channel n uses k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B.
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = 1.0 / torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    # Hue in sixths of a turn, in [-1, 5); a gray pixel (chroma 0) has max == r and gets 0.
+    hue6 = torch.where(
+        maxc == r, (g - b) * inv, torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv)
+    )
+    hue6 = (hue6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
+    # HSV -> RGB without branches: channel n uses k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B,
+    # and value - chroma * clamp(min(k, 4 - k), 0, 1). (mod via floor: torch.remainder is slow on CPUs.)
     offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(offsets + hue6.unsqueeze(1), 6.0)
+    k = offsets + hue6
+    k = k - 6.0 * torch.floor(k * (1.0 / 6.0))
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (maxc.unsqueeze(1) - sat_v.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1.0).clamp_(0.0, 1.0)
 
 
 def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -67,10 +67,10 @@ def normalize_scaled(x: Tensor, scale: float = 1.0, eps: float = 1e-12) -> Tenso
     return x * (scale / norms)
 
 
-F = TypeVar("F", bound=Callable[..., Tensor])
+LossFn = TypeVar("LossFn", bound=Callable[..., Tensor])
 
 
-def autocast_off(fn: F) -> F:
+def autocast_off(fn: LossFn) -> LossFn:
     """Run a loss with autocast disabled on its inputs' device.
 
     The losses choose their own precision (:func:`compute_dtype`); under an enclosing autocast their
