@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -296,7 +297,11 @@ def test_gaussian_blur__even_kernel_rejected() -> None:
     ],
     ids=["brightness", "contrast", "saturation", "hue"],
 )
-def test_colour_ops__match_torchvision_per_sample(ours, theirs, factors: list[float]) -> None:  # noqa: ANN001
+def test_colour_ops__match_torchvision_per_sample(
+    ours: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    theirs: Callable[[torch.Tensor, float], torch.Tensor],
+    factors: list[float],
+) -> None:
     x = torch.rand(3, 3, 9, 9)
     x[0, :, 0, 0] = 0.5  # a gray pixel: hue undefined, must stay gray
     out = ours(x, torch.tensor(factors))
@@ -390,7 +395,9 @@ def test_make_views__dispatch() -> None:
         "numpy", "no-recipes",
     ],
 )
-def test_two_views__bad_arguments(call, error: type[Exception], pattern: str) -> None:  # noqa: ANN001
+def test_two_views__bad_arguments(
+    call: Callable[[torch.Tensor], object], error: type[Exception], pattern: str
+) -> None:
     with pytest.raises(error, match=pattern):
         call(images(n=2))
 

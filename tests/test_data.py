@@ -249,7 +249,7 @@ def test_datasets__contract(name: str) -> None:
         assert isinstance(ds, ImageDataset)
         assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4
         assert ds.labels.dtype == torch.int64 and ds.labels.shape == (len(ds),)
-        assert 0 <= int(ds.labels.min()) and int(ds.labels.max()) < ds.num_classes
+        assert int(ds.labels.min()) >= 0 and int(ds.labels.max()) < ds.num_classes
         assert ds.name == name and ds.split == split
         assert len(ds.mean) == ds.channels == len(ds.std)
         assert all(0 < s < 1 for s in ds.std) and all(0 < m < 1 for m in ds.mean)

@@ -505,8 +505,8 @@ def augment(
         hit = (u[:, _COL_SOLAR] < p["solarize_p"]).view(-1, 1, 1, 1) & (x >= p["solarize_threshold"].view(-1, 1, 1, 1))
         x = torch.where(hit, 1.0 - x, x)
 
-    # 6. Normalize in place.
-    x.sub_(m).div_(sd)
+    # 6. Normalize: one fused multiply-add, (x - m) / sd = x * (1 / sd) - m / sd.
+    x = torch.addcmul(-m / sd, x, 1.0 / sd)
     return list(x.split(batch, dim=0))
 
 
