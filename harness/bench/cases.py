@@ -170,7 +170,7 @@ KERNELS: dict[str, Kernel] = {
             LOSSES["nt_xent"],
             _nt_xent,
             _shapes(
-                _grid(B=[256], D=[128]),
+                _grid(B=[1024], D=[128]),
                 _grid(B=[256, 1024, 4096], D=[128]),
                 _grid(B=[256, 1024, 4096], D=[128]),
             ),
@@ -181,7 +181,7 @@ KERNELS: dict[str, Kernel] = {
             LOSSES["infonce"],
             _infonce,
             _shapes(
-                _grid(N=[256], K=[4096], D=[128]),
+                _grid(N=[256], K=[16384], D=[128]),
                 _grid(N=[256], K=[4096, 65536], D=[128]),
                 _grid(N=[256], K=[4096, 65536], D=[128]),
             ),

@@ -149,29 +149,33 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return getattr(_libc(), "malloc_trim", None)
 
 
-# glibc's mallopt parameters and the values its dynamic thresholds converge to on 64-bit Linux.
+# glibc's mallopt parameters; the mmap threshold its dynamic rule converges to on 64-bit Linux.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 2**20
-_TRIM_THRESHOLD_MAX = 2 * _MMAP_THRESHOLD_MAX
+_TRIM_THRESHOLD = 2**30
 
 
 @functools.lru_cache(maxsize=1)
 def steady_allocator() -> bool:
-    """Put glibc's malloc in the state a long-running process converges to, once per process.
+    """Put glibc's malloc in a steady state, once per process, so ratios do not depend on history.
 
-    glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB, trim threshold 64 MiB)
-    each time a larger mmapped block is freed. A benchmark process that runs each kernel once would
-    otherwise time early kernels with page faults on every large temporary and later ones without,
-    and the fast/reference ratios would depend on the order of the cases (measured: up to 5x on the
-    quick set). Fixing both thresholds at their converged values gives every case the allocator a
-    training loop has after its first steps. Returns whether it applied (glibc only).
+    glibc starts with a 128 KiB mmap threshold and raises it (up to 32 MiB) each time a larger
+    mmapped block is freed, and gives the top of the heap back to the kernel whenever more than the
+    trim threshold is free there. A benchmark process that runs each kernel once would otherwise
+    time early kernels with page faults on every temporary and later ones without, and whether a
+    call pays page faults would depend on how fragmented earlier cases left the heap: the
+    fast/reference ratios depended on the order of the cases (measured: up to 5x on the quick set).
+    Here the mmap threshold is fixed at its converged 32 MiB (larger tensors are mapped and unmapped
+    on every call, as in any PyTorch process) and the heap is never trimmed automatically, so
+    smaller temporaries are reused without page faults from the second call on, like the caching
+    allocator on a GPU. Returns whether it applied (glibc only).
     """
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
 
 

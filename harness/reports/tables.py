@@ -23,6 +23,7 @@ from harness.reports.style import (
     is_finite,
     metric_decimals,
 )
+from harness.spec import UNTRAINED_METHODS
 
 SEARCH_TABLE_ROWS = 20
 REASON_CHARS = 300
@@ -220,10 +221,12 @@ def protocol_text(data: ReportData) -> str:
             or "unknown"
         )
 
+    # Untrained baselines keep the default training knobs; their epochs are not the study's.
+    trained = trials[~trials["method"].isin(UNTRAINED_METHODS)] if "method" in trials else trials
     dataset, backbone, epochs = (
         _values(trials, "dataset"),
         _values(trials, "backbone"),
-        _values(trials, "epochs"),
+        _values(trained if not trained.empty else trials, "epochs"),
     )
     return (
         f"Evaluation protocol: k-NN top-1 with k = {_listing(k)} neighbours and temperature T = {_listing(t)} "
