@@ -49,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one small case per kernel, fewer rounds: the CI gate's set (under a minute on 2 CPU cores)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="timed rounds per implementation (default 9 quick, 15 full)"
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"timed rounds per implementation (default {QUICK.rounds} quick, {FULL.rounds} full)",
     )
     parser.add_argument(
         "--direction",

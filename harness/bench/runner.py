@@ -29,7 +29,7 @@ class RunConfig:
     directions: tuple[str, ...] = DIRECTIONS
 
 
-QUICK = RunConfig(rounds=9, min_round_s=0.01)
+QUICK = RunConfig(rounds=11, min_round_s=0.03)
 FULL = RunConfig(rounds=15, min_round_s=0.05)
 
 
