@@ -326,6 +326,12 @@ def test_solarize__inverts_only_selected_samples_above_threshold() -> None:
     assert torch.equal(out[1], x[1])
 
 
+def test_solarize__per_sample_threshold() -> None:
+    x = torch.full((2, 1, 1, 1), 0.6)
+    out = solarize(x, torch.tensor([True, True]), torch.tensor([0.5, 0.7]))
+    assert torch.allclose(out.flatten(), torch.tensor([0.4, 0.6]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Multi-crop and make_views
 
@@ -354,6 +360,20 @@ def test_multi_crop__deterministic() -> None:
     a = multi_crop(x, 1.0, n_local=2, generator=gen(9))
     b = multi_crop(x, 1.0, n_local=2, generator=gen(9))
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_multi_crop__stl_sized_images() -> None:
+    x = images(3, n=4, size=96)
+    views = multi_crop(x, 1.0, n_local=2, generator=gen())
+    assert [tuple(v.shape) for v in views] == [(4, 3, 96, 96)] * 2 + [(4, 3, 41, 41)] * 2
+    assert all(torch.isfinite(v).all() for v in views)
+
+
+def test_augment__tiny_outputs_shrink_the_blur_kernel() -> None:
+    recipe = ViewRecipe(scale=(0.5, 1.0), blur_p=1.0, blur_kernel=9)
+    for size in (1, 2, 3):
+        (view,) = augment(images(n=2), [recipe], out_size=size, generator=gen())
+        assert view.shape == (2, 1, size, size) and torch.isfinite(view).all()
 
 
 def test_make_views__dispatch() -> None:

@@ -307,11 +307,13 @@ def test_load_dataset__subset_keeps_stats_and_num_classes() -> None:
 
 
 def test_load_dataset__synthetic_deterministic_by_data_seed() -> None:
-    a = load_dataset("synthetic", "test")
-    b = load_dataset("synthetic", "test")
-    c = load_dataset("synthetic", "test", data_seed=1)
+    small = {"num_train": 300, "num_test": 300}
+    a = load_dataset("synthetic", "test", **small)
+    clear_cache()
+    b = load_dataset("synthetic", "test", **small)
+    c = load_dataset("synthetic", "test", data_seed=1, **small)
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
-    assert not torch.equal(a.images, load_dataset("synthetic", "train", num_train=2000).images)
+    assert not torch.equal(a.images, load_dataset("synthetic", "train", **small).images)
 
 
 def test_load_dataset__synthetic_options_shape() -> None:

@@ -283,9 +283,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     """
     if kernel_size % 2 == 0 or kernel_size < 1:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
-    if kernel_size == 1:
+    # Reflect padding needs the image to be larger than the half-kernel: shrink the kernel if not.
+    half = min(kernel_size // 2, x.shape[-1] - 1, x.shape[-2] - 1)
+    if half <= 0:
         return x
-    half = kernel_size // 2
+    kernel_size = 2 * half + 1
     taps = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
     safe = sigma.clamp_min(1e-6)[:, None]
     weights = torch.exp(-(taps[None, :] ** 2) / (2 * safe * safe))
@@ -357,8 +359,11 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1.0).clamp_(0.0, 1.0)
 
 
-def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Invert pixels ``>= threshold`` of the samples where ``apply`` ``(N,)`` is true."""
+def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float | torch.Tensor = 0.5) -> torch.Tensor:
+    """Invert the pixels ``>= threshold`` (a number or per sample ``(N,)``) of float ``(N, C, H, W)``
+    in [0, 1], for the samples where ``apply`` ``(N,)`` is true."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.view(-1, 1, 1, 1)
     hit = apply.view(-1, 1, 1, 1) & (x >= threshold)
     return torch.where(hit, 1.0 - x, x)
 
@@ -502,8 +507,7 @@ def augment(
 
     # 5. Solarization.
     if any(r.solarize_p > 0 for r in recipes):
-        hit = (u[:, _COL_SOLAR] < p["solarize_p"]).view(-1, 1, 1, 1) & (x >= p["solarize_threshold"].view(-1, 1, 1, 1))
-        x = torch.where(hit, 1.0 - x, x)
+        x = solarize(x, u[:, _COL_SOLAR] < p["solarize_p"], p["solarize_threshold"])
 
     # 6. Normalize: one fused multiply-add, (x - m) / sd = x * (1 / sd) - m / sd.
     x = torch.addcmul(-m / sd, x, 1.0 / sd)

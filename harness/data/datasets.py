@@ -213,7 +213,7 @@ _MEMORY_LOCK = threading.Lock()
 
 
 def clear_cache() -> None:
-    """Forget the in-process cache of decoded datasets (the disk cache stays)."""
+    """Forget the in-process cache of decoded and generated datasets (the disk cache stays)."""
     with _MEMORY_LOCK:
         _MEMORY_CACHE.clear()
 
@@ -515,8 +515,8 @@ def _generate_synthetic(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-structured images: a per-class template, randomly shifted/scaled/rotated, plus noise."""
     g = torch.Generator().manual_seed(seed)
+    # Cyclic labels: every prefix of a split is class-balanced to within one image.
     labels = torch.arange(n) % num_classes
-    labels = labels[torch.randperm(n, generator=g)]
     coords = (torch.arange(image_size, dtype=torch.float32) * 2 + 1) / image_size - 1
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     shift = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.25
@@ -539,22 +539,37 @@ def _generate_synthetic(
     return images, labels.to(torch.int64)
 
 
-_SYNTHETIC_LOCK = threading.Lock()
-_SYNTHETIC_CACHE: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+# Synthetic splits are generated in chunks with their own seeds, so that a split of n images is the
+# prefix of a larger one, and the normalization statistics need only the first chunk.
+_SYNTHETIC_CHUNK = 1000
 
 
-def _synthetic_split(split: str, key: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    channels, image_size, num_train, num_test, num_classes, noise, data_seed = key
-    cache_key = (split, *key)
-    with _SYNTHETIC_LOCK:
-        hit = _SYNTHETIC_CACHE.get(cache_key)
+@dataclass(frozen=True)
+class _SyntheticOptions:
+    channels: int
+    image_size: int
+    num_classes: int
+    noise: float
+    data_seed: int
+
+
+def _synthetic_chunk(split: str, index: int, opts: _SyntheticOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    cache_key = ("synthetic-chunk", split, index, opts)
+    with _MEMORY_LOCK:
+        hit = _MEMORY_CACHE.get(cache_key)
     if hit is None:
-        n = num_train if split == "train" else num_test
-        # Different streams for the two splits; both fixed by data_seed.
-        hit = _generate_synthetic(n, data_seed * 2 + (split == "test"), channels, image_size, num_classes, noise)
-        with _SYNTHETIC_LOCK:
-            _SYNTHETIC_CACHE[cache_key] = hit
+        seed = (opts.data_seed * 2 + (split == "test")) * 100_003 + index
+        hit = _generate_synthetic(_SYNTHETIC_CHUNK, seed, opts.channels, opts.image_size, opts.num_classes, opts.noise)
+        with _MEMORY_LOCK:
+            _MEMORY_CACHE[cache_key] = hit
     return hit
+
+
+def _synthetic_split(split: str, n: int, opts: _SyntheticOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = [_synthetic_chunk(split, i, opts) for i in range(-(-n // _SYNTHETIC_CHUNK))]
+    images = torch.cat([c[0] for c in chunks])[:n]
+    labels = torch.cat([c[1] for c in chunks])[:n]
+    return images, labels
 
 
 def _load_synthetic(
@@ -581,45 +596,50 @@ def _load_synthetic(
             f"synthetic: need image_size >= 4 and positive split sizes, got image_size={image_size}, "
             f"num_train={num_train}, num_test={num_test}"
         )
-    key = (channels, image_size, num_train, num_test, num_classes, float(noise), data_seed)
-    images, labels = _synthetic_split(split, key)
-    mean, std = _channel_stats(_synthetic_split("train", key)[0])
+    opts = _SyntheticOptions(channels, image_size, num_classes, float(noise), int(data_seed))
+    images, labels = _synthetic_split(split, num_train if split == "train" else num_test, opts)
+    # Statistics of the first training chunk: the same for every num_train, cheap for the test split.
+    mean, std = _channel_stats(_synthetic_chunk("train", 0, opts)[0])
     names = ("disk", "ring", "h-bars", "v-bars", "plus", "cross", "square", "triangle", "checker", "diagonal")
     return ImageDataset(images, labels, num_classes, "synthetic", split, mean, std, names[:num_classes])
 
 
-_DIGITS_LOCK = threading.Lock()
-_DIGITS_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 DIGITS_TEST_FRACTION = 0.2
 
 
-def _digits_splits() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    with _DIGITS_LOCK:
-        if not _DIGITS_CACHE:
-            from sklearn.datasets import load_digits
+def _digits_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with _MEMORY_LOCK:
+        hit = _MEMORY_CACHE.get(("digits", split))
+    if hit is not None:
+        return hit
+    from sklearn.datasets import load_digits
 
-            bunch = load_digits()
-            x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-            x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
-            images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-            labels = torch.as_tensor(bunch.target, dtype=torch.int64)
-            # Stratified split, fixed once and for all (seed 0), independent of the subset seed.
-            g = torch.Generator().manual_seed(0)
-            test_mask = torch.zeros(len(labels), dtype=torch.bool)
-            for c in range(10):
-                members = torch.nonzero(labels == c, as_tuple=True)[0]
-                members = members[torch.randperm(len(members), generator=g)]
-                test_mask[members[: round(DIGITS_TEST_FRACTION * len(members))]] = True
-            _DIGITS_CACHE["train"] = (images[~test_mask].contiguous(), labels[~test_mask].contiguous())
-            _DIGITS_CACHE["test"] = (images[test_mask].contiguous(), labels[test_mask].contiguous())
-        return _DIGITS_CACHE
+    bunch = load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    # Stratified split, fixed once and for all (seed 0), independent of the subset seed.
+    g = torch.Generator().manual_seed(0)
+    test_mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        members = torch.nonzero(labels == c, as_tuple=True)[0]
+        members = members[torch.randperm(len(members), generator=g)]
+        test_mask[members[: round(DIGITS_TEST_FRACTION * len(members))]] = True
+    splits = {
+        "train": (images[~test_mask].contiguous(), labels[~test_mask].contiguous()),
+        "test": (images[test_mask].contiguous(), labels[test_mask].contiguous()),
+    }
+    with _MEMORY_LOCK:
+        for name, value in splits.items():
+            _MEMORY_CACHE[("digits", name)] = value
+    return splits[split]
 
 
 def _load_digits(split: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
     """scikit-learn's bundled 8x8 digits upscaled (bilinear) to 28x28; 80/20 stratified split."""
-    splits = _digits_splits()
-    images, labels = splits[split]
-    mean, std = _channel_stats(splits["train"][0])
+    images, labels = _digits_split(split)
+    mean, std = _channel_stats(_digits_split("train")[0])
     return ImageDataset(images, labels, 10, "digits", split, mean, std, tuple(str(d) for d in range(10)))
 
 
