@@ -291,18 +291,11 @@ def test_search__direction_cannot_change_under_one_name(tmp_path: Path) -> None:
         run_study(flipped, RunOptions(db=url), run_trial=Scripted(), echo=quiet)
 
 
-def test_search_problems__located_messages(tmp_path: Path) -> None:
-    path = search_file(tmp_path, "temperature: {low: 0.1, high: 1.0, log: true, step: 0.1}")
-    problems = search_problems(load_study(path))
-    assert any("search.space.temperature" in p and "log" in p for p in problems)
-    assert all(p.startswith(str(path)) for p in problems)
+def test_search_problems__cmaes_is_available_as_a_dependency(tmp_path: Path) -> None:
+    # log: true with step: is a SpecError of the file itself (tests/test_spec.py); what is left
+    # here is the environment: cmaes is a declared dependency, so a cmaes search has no problem.
     cmaes = search_problems(load_study(search_file(tmp_path, SPACE, sampler="cmaes", name="cm")))
-    try:
-        import cmaes as _  # noqa: F401
-    except ImportError:
-        assert any("search.sampler" in p and "cmaes" in p for p in cmaes)
-    else:
-        assert cmaes == []
+    assert cmaes == []
 
 
 def test_grid_values__inclusive_and_typed() -> None:
