@@ -41,7 +41,7 @@ case "$what" in
     ;;
   test)
     "$py" -m pytest -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --timeout=900
-    "$venv/bin/harness" bench --quick --db "sqlite:///${TMPDIR:-/tmp}/harness-ci-bench.db" \
+    "$venv/bin/harness" bench --quick --threads 1 --no-memory --db "sqlite:///${TMPDIR:-/tmp}/harness-ci-bench.db" \
       --compare harness/bench/baselines/ci-cpu.json --max-slowdown 50%
     ;;
   *)

@@ -131,9 +131,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         from harness.data import pipeline_bench  # type: ignore[attr-defined]
     except ImportError:
         return _error("the pipeline benchmark is not available (harness.data.pipeline_bench is missing)")
-    run = getattr(pipeline_bench, "run_pipeline_bench", None)
+    run = getattr(pipeline_bench, "compare_pipelines", None)
     if run is None:
-        return _error("harness.data.pipeline_bench has no run_pipeline_bench()")
+        return _error("harness.data.pipeline_bench has no compare_pipelines()")
     accepted = inspect.signature(run).parameters
     options = {
         name: value for name, value in (("device", args.device), ("quick", args.quick)) if name in accepted
