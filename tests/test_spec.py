@@ -694,7 +694,7 @@ def test_parse_study__malformed_values_give_located_spec_errors(doc: dict[str, A
 
 
 def test_parse_study__deeply_nested_yaml_is_a_spec_error() -> None:
-    with pytest.raises(SpecError, match="deep.yaml: the YAML nests too deeply"):
+    with pytest.raises(SpecError, match=r"deep\.yaml: the YAML nests too deeply"):
         parse_study("[" * 5000 + "]" * 5000, source="deep.yaml")
 
 
