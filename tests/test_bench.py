@@ -308,11 +308,11 @@ def test_cli__pipeline_calls_the_data_benchmark(
     fake = types.ModuleType("harness.data.pipeline_bench")
     seen: dict[str, Any] = {}
 
-    def run_pipeline_bench(device: str = "auto") -> dict[str, float]:
+    def compare_pipelines(device: str = "cpu") -> dict[str, float]:
         seen["device"] = device
         return {"ours_images_per_s": 1234.5, "speedup": 21.0}
 
-    fake.run_pipeline_bench = run_pipeline_bench  # type: ignore[attr-defined]
+    fake.compare_pipelines = compare_pipelines  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "harness.data.pipeline_bench", fake)
     monkeypatch.setattr(harness.data, "pipeline_bench", fake, raising=False)
     code, out, _ = bench(capsys, "pipeline", "--device", "cpu")

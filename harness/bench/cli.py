@@ -135,9 +135,12 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     if run is None:
         return _error("harness.data.pipeline_bench has no compare_pipelines()")
     accepted = inspect.signature(run).parameters
-    options = {
-        name: value for name, value in (("device", args.device), ("quick", args.quick)) if name in accepted
-    }
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {name: value for name, value in (("device", device), ("quick", args.quick)) if name in accepted}
     figures: Any = run(**options)
     if isinstance(figures, dict):
         width = max((len(str(key)) for key in figures), default=0)
