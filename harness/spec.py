@@ -857,10 +857,7 @@ def _check_points(
     for knob in fixed:
         if knob in METHOD_SPECIFIC_KNOBS and not any(knob in METHOD_KNOBS[m] for m in methods):
             problems.add(f"fixed.{knob}", f"is not used by {', '.join(sorted(methods))}; expected a knob one of the study's methods reads")
-    swept: dict[str, set[Any]] = {}
-    for point in points:
-        for knob in point:
-            swept.setdefault(knob, set())
+    swept = list(dict.fromkeys(knob for point in points for knob in point))
     if search is not None:
         for param in search.space:
             if param.name in METHOD_SPECIFIC_KNOBS and not any(param.name in METHOD_KNOBS[m] for m in methods):

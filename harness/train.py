@@ -266,13 +266,10 @@ def _train(
     if not method.trainable or total_steps == 0:
         summary.update(train_img_per_s=None, train_seconds=0.0, peak_mem_bytes=None)
         return
-    optimizer = build_optimizer(
-        config.optimizer,
-        method.optimizer_parameters(),
-        lr=scaled_lr(config.lr, config.batch_size),
-        weight_decay=config.weight_decay,
-    )
     base_lr = scaled_lr(config.lr, config.batch_size)
+    optimizer = build_optimizer(
+        config.optimizer, method.optimizer_parameters(), lr=base_lr, weight_decay=config.weight_decay
+    )
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     method.on_train_start(total_steps, steps_per_epoch)
     channels_last = config.channels_last

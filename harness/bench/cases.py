@@ -162,6 +162,14 @@ def _grid(**axes: list[int]) -> list[Params]:
     return grid
 
 
+# Barlow Twins and VICReg share their shapes: both build a (D, D) cross-correlation/covariance
+# of an (N, D) batch, so the N in {256, 2048} x D in {2048, 8192} applies to both.
+_CROSS_CORRELATION_SHAPES = _shapes(
+    _grid(N=[128], D=[1024]),
+    _grid(N=[256, 1024], D=[1024, 4096]),
+    _grid(N=[256, 2048], D=[2048, 8192]),
+)
+
 KERNELS: dict[str, Kernel] = {
     kernel.name: kernel
     for kernel in (
@@ -196,21 +204,13 @@ KERNELS: dict[str, Kernel] = {
             "barlow_twins",
             LOSSES["barlow_twins"],
             _pair,
-            _shapes(
-                _grid(N=[128], D=[1024]),
-                _grid(N=[256, 1024], D=[1024, 4096]),
-                _grid(N=[256, 2048], D=[2048, 8192]),
-            ),
+            _CROSS_CORRELATION_SHAPES,
         ),
         Kernel(
             "vicreg",
             LOSSES["vicreg"],
             _pair,
-            _shapes(
-                _grid(N=[128], D=[1024]),
-                _grid(N=[256, 1024], D=[1024, 4096]),
-                _grid(N=[256, 2048], D=[2048, 8192]),
-            ),
+            _CROSS_CORRELATION_SHAPES,
         ),
         Kernel(
             "swav",
