@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["BACKBONES", "BackboneFactory", "build_backbone", "resnet18", "small_cnn"]
+__all__ = ["BACKBONES", "BackboneFactory", "ConvBatchNorm2d", "build_backbone", "resnet18", "small_cnn"]
 
 BackboneFactory = Callable[..., tuple[nn.Module, int]]
 
@@ -22,16 +24,103 @@ def _check(name: str, in_channels: int, image_size: int, min_size: int) -> None:
         raise ValueError(f"{name}: image_size must be an int >= {min_size}, got {image_size!r}")
 
 
+class ConvBatchNorm2d(nn.Module):
+    """``bn(conv(x))`` for a bias-free ``conv`` (stride, padding; one group) and a ``BatchNorm2d``,
+    exactly, with the training-mode batch statistics taken from the input's patches when that is
+    cheaper than reading the output.
+
+    A convolution is linear in each patch ``p`` (``C_in * k * k`` values), so output channel ``c``
+    has batch mean ``w_c . m`` and biased variance ``w_c^T S w_c``, where ``m`` and ``S`` are the
+    mean and covariance of the patches. When a patch is smaller than the number of output channels
+    (a stem on grayscale or RGB images: 9 or 27 values against 32 or 64 channels) these statistics
+    cost a fraction of batch norm's passes over the full-resolution output. The normalization then
+    folds into the convolution's weight and bias, so the output is written once, already normalized.
+    Autograd differentiates through these statistics exactly as through batch norm's own,
+    and the running statistics are updated as ``nn.BatchNorm2d`` updates them (unbiased variance).
+    In evaluation, or when the patch is not smaller, it runs the two layers as they are.
+
+    Shapes: ``(N, C_in, H, W) -> (N, C_out, H', W')``. The parameters and buffers are those of the
+    two layers, named ``conv.*`` and ``bn.*``.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, *, stride: int = 1, padding: int = 1
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False
+        )
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    @property
+    def folds_statistics(self) -> bool:
+        return self.conv.weight[0].numel() < self.conv.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and self.folds_statistics):
+            return self.bn(self.conv(x))
+        mean, variance, count = self._batch_statistics(x)
+        self._update_running_statistics(mean, variance, count)
+        scale = torch.rsqrt(variance + self.bn.eps) * self.bn.weight
+        shift = self.bn.bias - mean * scale
+        weight = self.conv.weight * scale.to(self.conv.weight.dtype)[:, None, None, None]
+        return F.conv2d(x, weight, shift, stride=self.conv.stride, padding=self.conv.padding)
+
+    def _batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Per-channel batch mean and biased variance of ``conv(x)`` from the patches, in float32
+        (float64 for a float64 ``x``)."""
+        conv = self.conv
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # Statistics stay in float32 under bf16 autocast, as batch norm keeps them.
+        with torch.autocast(x.device.type, enabled=False):
+            patches = F.unfold(x.to(dtype), conv.kernel_size, padding=conv.padding, stride=conv.stride)
+            size = patches.shape[1]
+            patches = patches.transpose(0, 1).reshape(size, -1)  # (C_in*k*k, N*H'*W')
+            count = patches.shape[1]
+            if count < 2:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+                )
+            patch_mean = patches.mean(dim=1)
+            centered = patches - patch_mean[:, None]
+            patch_covariance = centered @ centered.T / count
+            weight = conv.weight.to(dtype).reshape(conv.out_channels, size)
+            mean = weight @ patch_mean
+            variance = ((weight @ patch_covariance) * weight).sum(dim=1).clamp_min(0)
+        return mean, variance, count
+
+    @torch.no_grad()
+    def _update_running_statistics(self, mean: Tensor, variance: Tensor, count: int) -> None:
+        bn = self.bn
+        if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+            return
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+        unbiased = variance.detach() * (count / (count - 1))
+        bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+
+
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def small_cnn(in_channels: int = 1, image_size: int = 28) -> tuple[nn.Module, int]:
+def small_cnn(
+    in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True
+) -> tuple[nn.Module, int]:
     """The seed notebook's encoder: 3 conv blocks (32, 64, 128 channels, two 2x2 max-pools), global
-    average pool, Linear(128, 256) + ReLU. Features ``(B, 256)``; any input size >= 4 px."""
+    average pool, Linear(128, 256) + ReLU. Features ``(B, 256)``; any input size >= 4 px.
+
+    ``fused_stem`` computes the first block's convolution and batch norm as one
+    :class:`ConvBatchNorm2d` (the same function, faster); ``False`` gives the seed's plain layers."""
     _check("small_cnn", in_channels, image_size, 4)
+    stem = (
+        [ConvBatchNorm2d(in_channels, 32), nn.ReLU(inplace=True)]
+        if fused_stem
+        else _conv_bn_relu(in_channels, 32)
+    )
     module = nn.Sequential(
-        *_conv_bn_relu(in_channels, 32),
+        *stem,
         nn.MaxPool2d(2),
         *_conv_bn_relu(32, 64),
         nn.MaxPool2d(2),
@@ -44,15 +133,24 @@ def small_cnn(in_channels: int = 1, image_size: int = 28) -> tuple[nn.Module, in
     return module, 256
 
 
-def resnet18(in_channels: int = 1, image_size: int = 28) -> tuple[nn.Module, int]:
+def resnet18(in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True) -> tuple[nn.Module, int]:
     """torchvision's ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) and no
-    classifier. Features ``(B, 512)``; 1 or 3 channels, any input size >= 8 px (28, 32, 96 ...)."""
+    classifier. Features ``(B, 512)``; 1 or 3 channels, any input size >= 8 px (28, 32, 96 ...).
+
+    ``fused_stem`` computes the stem's convolution and batch norm as one :class:`ConvBatchNorm2d`
+    in ``conv1`` (``bn1`` becomes the identity); ``False`` keeps torchvision's two layers."""
     _check("resnet18", in_channels, image_size, 8)
     from torchvision.models import resnet18 as tv_resnet18  # a torch extension; imported on use
 
     module = tv_resnet18(weights=None)
-    module.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(module.conv1.weight, mode="fan_out", nonlinearity="relu")
+    stem_conv = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(stem_conv.weight, mode="fan_out", nonlinearity="relu")
+    if fused_stem:
+        fused = ConvBatchNorm2d(in_channels, 64)
+        fused.conv = stem_conv
+        module.conv1, module.bn1 = fused, nn.Identity()
+    else:
+        module.conv1 = stem_conv
     module.maxpool = nn.Identity()
     module.fc = nn.Identity()
     return module, 512
@@ -64,9 +162,10 @@ BACKBONES: dict[str, BackboneFactory] = {
 }
 
 
-def build_backbone(name: str, in_channels: int = 1, image_size: int = 28) -> tuple[nn.Module, int]:
+def build_backbone(
+    name: str, in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True
+) -> tuple[nn.Module, int]:
     """``BACKBONES[name](in_channels, image_size)``, with a clear error for an unknown name."""
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](in_channels=in_channels, image_size=image_size)
-
+    return BACKBONES[name](in_channels=in_channels, image_size=image_size, fused_stem=fused_stem)

@@ -22,7 +22,7 @@ WARMUP_STEPS = 3
 
 
 def seed_model(backbone: str = "small_cnn", in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    encoder, features = BACKBONES[backbone](in_channels, image_size)
+    encoder, features = BACKBONES[backbone](in_channels, image_size, fused_stem=False)
     return nn.Sequential(encoder, nn.Linear(features, 512), nn.ReLU(inplace=True), nn.Linear(512, 128))
 
 

@@ -1,11 +1,12 @@
-"""Backbone factories: output shapes, gradients, errors."""
+"""Backbone factories: output shapes, gradients, errors; the fused stem against its plain layers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
-from harness.backbones import BACKBONES, build_backbone
+from harness.backbones import BACKBONES, ConvBatchNorm2d, build_backbone
 
 CONTRACT = [
     pytest.param(name, channels, size, id=f"{name}-{channels}ch-{size}px")
@@ -42,7 +43,10 @@ def test_backbones__feature_dims() -> None:
 
 def test_backbones__resnet18_has_cifar_stem() -> None:
     module, _ = build_backbone("resnet18", 1, 28)
-    assert module.conv1.kernel_size == (3, 3) and module.conv1.stride == (1, 1)
+    assert module.conv1.conv.kernel_size == (3, 3) and module.conv1.conv.stride == (1, 1)
+    assert isinstance(module.bn1, torch.nn.Identity)
+    plain, _ = build_backbone("resnet18", 1, 28, fused_stem=False)
+    assert plain.conv1.kernel_size == (3, 3) and isinstance(plain.bn1, torch.nn.BatchNorm2d)
     assert isinstance(module.maxpool, torch.nn.Identity) and isinstance(module.fc, torch.nn.Identity)
 
 
@@ -58,3 +62,128 @@ def test_backbones__bad_arguments(name: str) -> None:
         BACKBONES[name](in_channels=0)
     with pytest.raises(ValueError, match="image_size"):
         BACKBONES[name](in_channels=1, image_size=2)
+
+
+def _plain_copy(fused: ConvBatchNorm2d) -> nn.Sequential:
+    """The independent formula: the same weights in an ``nn.Conv2d`` then an ``nn.BatchNorm2d``."""
+    conv = fused.conv
+    plain = nn.Sequential(
+        nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, bias=False),
+        nn.BatchNorm2d(conv.out_channels, momentum=fused.bn.momentum),
+    )
+    plain.load_state_dict({
+        "0.weight": conv.weight, **{f"1.{key}": value for key, value in fused.bn.state_dict().items()}
+    })
+    return plain
+
+
+CONV_BN_CASES = [
+    pytest.param(1, 32, 3, 1, 1, False, 0.1, id="grayscale-stem"),
+    pytest.param(3, 64, 3, 1, 1, True, 0.1, id="rgb-stem-channels-last"),
+    pytest.param(2, 24, 3, 2, 0, False, None, id="stride2-nopad-cumulative-momentum"),
+    pytest.param(1, 16, 5, 1, 2, True, 0.3, id="5x5"),
+    pytest.param(8, 16, 3, 1, 1, False, 0.1, id="not-folding"),
+]
+# In float64 the fused statistics and batch norm's agree to rounding; float32 adds ~1e-6 relative
+# noise, which the weight gradient (a difference of large terms behind batch norm) amplifies.
+EXACT = {"rtol": 1e-9, "atol": 1e-10}
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "padding", "channels_last", "momentum"), CONV_BN_CASES)
+def test_conv_batch_norm__equals_conv_then_batch_norm(
+    cin: int, cout: int, kernel: int, stride: int, padding: int, channels_last: bool, momentum: float | None
+) -> None:
+    torch.manual_seed(0)
+    fused = ConvBatchNorm2d(cin, cout, kernel, stride=stride, padding=padding)
+    fused.bn.momentum = momentum
+    with torch.no_grad():  # a non-trivial affine, one negative scale included
+        fused.bn.weight.copy_(torch.linspace(-0.5, 2.0, cout))
+        fused.bn.bias.copy_(torch.linspace(-1.0, 1.0, cout))
+    plain = _plain_copy(fused)
+    assert fused.folds_statistics == (cin * kernel * kernel < cout)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    fused = fused.to(torch.float64, memory_format=memory_format)
+    plain = plain.to(torch.float64, memory_format=memory_format)
+    for step in range(3):
+        # Inputs with an offset and scale far from (0, 1), so the statistics are not trivial.
+        x = (torch.randn(6, cin, 13, 13, dtype=torch.float64) * 3 + 2 + step).contiguous(memory_format=memory_format)
+        x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_fused, out_plain = fused(x_fused), plain(x_plain)
+        torch.testing.assert_close(out_fused, out_plain, **EXACT)
+        upstream = torch.randn_like(out_plain)
+        out_fused.backward(upstream)
+        out_plain.backward(upstream)
+        torch.testing.assert_close(x_fused.grad, x_plain.grad, **EXACT)
+        pairs = [(fused.conv.weight, plain[0].weight), (fused.bn.weight, plain[1].weight),
+                 (fused.bn.bias, plain[1].bias)]
+        for mine, theirs in pairs:
+            torch.testing.assert_close(mine.grad, theirs.grad, **EXACT)
+    torch.testing.assert_close(fused.bn.running_mean, plain[1].running_mean, **EXACT)
+    torch.testing.assert_close(fused.bn.running_var, plain[1].running_var, **EXACT)
+    assert int(fused.bn.num_batches_tracked) == int(plain[1].num_batches_tracked) == 3
+    fused.eval()
+    plain.eval()
+    x = torch.randn(4, cin, 13, 13, dtype=torch.float64).contiguous(memory_format=memory_format)
+    torch.testing.assert_close(fused(x), plain(x), **EXACT)
+
+
+def test_conv_batch_norm__float32_matches_to_rounding() -> None:
+    torch.manual_seed(0)
+    fused = ConvBatchNorm2d(1, 32).to(memory_format=torch.channels_last)
+    plain = _plain_copy(fused).to(memory_format=torch.channels_last)
+    x = (torch.randn(64, 1, 28, 28) * 0.5 + 0.3).contiguous(memory_format=torch.channels_last)
+    out_fused, out_plain = fused(x), plain(x)
+    torch.testing.assert_close(out_fused, out_plain, rtol=1e-4, atol=1e-4)
+    upstream = torch.randn_like(out_plain)
+    out_fused.backward(upstream)
+    out_plain.backward(upstream)
+    scale = plain[0].weight.grad.abs().max()
+    assert (fused.conv.weight.grad - plain[0].weight.grad).abs().max() <= 1e-3 * scale
+
+
+def test_conv_batch_norm__statistics_stay_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    fused = ConvBatchNorm2d(1, 32)
+    plain = _plain_copy(fused)
+    x = torch.randn(8, 1, 12, 12) * 2 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_fused = fused(x)
+    out_plain = plain(x)  # float32: the statistics the fused layer must reproduce
+    assert out_fused.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits in the output; the running statistics are float32 and exact.
+    torch.testing.assert_close(out_fused.float(), out_plain, rtol=0.05, atol=0.05)
+    assert fused.bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(fused.bn.running_mean, plain[1].running_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.bn.running_var, plain[1].running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_batch_norm__one_value_per_channel_is_refused_like_batch_norm() -> None:
+    fused = ConvBatchNorm2d(1, 32, 3, padding=0)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        fused(torch.randn(1, 1, 3, 3))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        _plain_copy(fused)(torch.randn(1, 1, 3, 3))
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, id=name) for name in BACKBONES])
+def test_backbones__fused_stem_is_the_same_function(name: str) -> None:
+    torch.manual_seed(0)
+    fused, _ = BACKBONES[name](1, 28)
+    plain, _ = BACKBONES[name](1, 28, fused_stem=False)
+    fused, plain = fused.double(), plain.double()
+    fused_tensors = [*fused.parameters(), *fused.buffers()]
+    plain_tensors = [*plain.parameters(), *plain.buffers()]
+    assert [t.shape for t in fused_tensors] == [t.shape for t in plain_tensors]
+    with torch.no_grad():
+        for mine, theirs in zip(fused_tensors, plain_tensors, strict=True):
+            theirs.copy_(mine)
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64) * 0.5 + 0.3
+    out_fused, out_plain = fused(x), plain(x)
+    torch.testing.assert_close(out_fused, out_plain, **EXACT)
+    out_fused.square().mean().backward()
+    out_plain.square().mean().backward()
+    for (pname, mine), theirs in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, **EXACT, msg=pname)
+    for (bname, mine), theirs in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(mine, theirs, **EXACT, msg=bname)

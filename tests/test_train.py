@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,17 @@ def test_run_trial__simclr_on_5k_fashion_mnist_for_2_epochs() -> None:
     assert record.summary["knn_top1"] > 0.5
     assert record.summary["linear_top1"] > 0.5
     assert record.summary["peak_mem_bytes"] > 0
+
+
+@pytest.mark.parametrize("high_water_mark", [pytest.param(True, id="vmhwm"), pytest.param(False, id="sampled")])
+def test_peak_memory__cpu_sees_a_freed_temporary(high_water_mark: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if high_water_mark and not train._reset_high_water_mark():
+        pytest.skip("this kernel has no resettable VmHWM")
+    if not high_water_mark:
+        monkeypatch.setattr(train, "_reset_high_water_mark", lambda: False)
+    size = 256 * 2**20
+    with train._PeakMemory(torch.device("cpu")) as memory:
+        temporary = torch.ones(size // 4)  # written, so its pages are resident
+        time.sleep(0.05)  # several periods of the sampling fallback
+        del temporary
+    assert 0.9 * size <= memory.peak <= 2 * size
