@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -533,6 +534,18 @@ class _Problems:
         self.items.append(f"{self.source}: {path}: {message}" if path else f"{self.source}: {message}")
 
 
+class _StudyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML follows YAML 1.1, where ``1e-3`` (an
+    exponent without a dot) is a string, and every study writes learning rates that way."""
+
+
+_StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_study(path: str | Path) -> Study:
     """Read and validate a study file; raises SpecError listing every problem."""
     file = Path(path)
@@ -547,7 +560,7 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     """Validate the text of a study file; raises SpecError listing every problem."""
     problems = _Problems(source)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StudyLoader)
     except RecursionError:
         raise SpecError([f"{source}: the YAML nests too deeply to be a study file"]) from None
     except yaml.YAMLError as error:

@@ -176,6 +176,27 @@ def test_load_study__search_parses_space_and_enqueue(tmp_path: Path) -> None:
     assert study.swept_knobs == ("temperature", "batch_size")
 
 
+def test_load_study__exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML's default) reads 1e-3 as a string; study files mean a number.
+    study = load_study(
+        write(
+            tmp_path,
+            """\
+            study: s
+            fixed: {method: simclr, weight_decay: 5E-4}
+            search:
+              n_trials: 4
+              space:
+                lr: {low: 1e-4, high: 1.5e+1, log: true}
+            """,
+        )
+    )
+    assert study.fixed["weight_decay"] == 5e-4
+    assert study.search is not None and study.search.space[0].low == 1e-4 and study.search.space[0].high == 15.0
+    grid = load_study(write(tmp_path, "study: g\ngrid:\n  lr: [1e-3, 2.5E-2, 3e2]\n", name="g.yaml"))
+    assert sorted(trial.lr for trial in grid.trials()) == [1e-3, 2.5e-2, 300.0]
+
+
 def test_study__text_hash_follows_the_file_text(tmp_path: Path) -> None:
     first = load_study(write(tmp_path, GRID))
     second = load_study(write(tmp_path, GRID + "# a comment\n", name="other.yaml"))

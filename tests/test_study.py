@@ -309,6 +309,22 @@ def test_run_study__failed_trial_is_a_result_and_the_study_goes_on(tmp_path: Pat
     assert by_lr[0.001].status == by_lr[0.003].status == "complete"
 
 
+def test_run_study__real_trial_forced_to_diverge_is_failed_and_the_next_one_runs(tmp_path: Path) -> None:
+    """Issue 4's acceptance with the real trainer: SGD at lr 1e30 diverges within the first steps."""
+    fixed = {"optimizer": "sgd", "eval_every": 0, "train_size": 128, "epochs": 2}  # 8 steps: some after warm-up
+    study = load_study(study_file(tmp_path, {"lr": [1e30, 0.001]}, fixed=fixed))
+    result = run_study(study, RunOptions(db=str(tmp_path / "h.db"), progress=False), echo=quiet)
+    assert result.exit_code == 0 and result.tally.failed == 1 and result.tally.complete == 1
+    db = Database(tmp_path / "h.db")
+    by_lr = {r.config["lr"]: r for r in rows(db)}
+    diverged, healthy = by_lr[1e30], by_lr[0.001]
+    assert diverged.status == "failed" and diverged.reason.startswith("diverged at step ")
+    assert diverged.knn_top1 is None and diverged.git_commit is not None
+    assert healthy.status == "complete" and healthy.reason is None
+    assert 0.0 <= healthy.knn_top1 <= 1.0 and healthy.train_img_per_s > 0
+    assert metric_count(db, healthy.id) > 0
+
+
 def test_run_study__trainer_exception_is_recorded_as_failed(tmp_path: Path) -> None:
     study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
     result = run_study(

@@ -1,11 +1,14 @@
 """Training throughput: the harness's SimCLR step against the seed notebook's loop, same run.
 
 Goal (issue 4): >= 1.8x on a 2-core CPU at batch 256 with small_cnn. Run with
-``.venv/bin/python -m pytest tests/benchmarks/test_bench_training.py -s``.
+``.venv/bin/python -m pytest tests/benchmarks/test_bench_training.py -s``. The two loops alternate
+for ``ROUNDS`` rounds, so a burst of load from elsewhere hits both, and the median of each is
+compared.
 """
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from harness.train import run_trial
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 BATCH = 256
 STEPS = 12
+ROUNDS = 3
 
 
 @pytest.mark.slow
@@ -31,15 +35,20 @@ def test_training_throughput__harness_vs_seed_loop(benchmark: pytest.FixtureRequ
          "device": "cpu"}
     )
 
-    def both() -> tuple[float, float]:
-        seed = seed_loop_images_per_s(images, batch_size=BATCH, steps=STEPS)["img_per_s"]
-        record = run_trial(config, progress=False)
-        assert record.status == "complete", record.reason
-        return record.summary["train_img_per_s"], seed
+    def alternate() -> tuple[list[float], list[float]]:
+        ours, seed = [], []
+        for _ in range(ROUNDS):
+            seed.append(seed_loop_images_per_s(images, batch_size=BATCH, steps=STEPS)["img_per_s"])
+            record = run_trial(config, progress=False)
+            assert record.status == "complete", record.reason
+            ours.append(record.summary["train_img_per_s"])
+        return ours, seed
 
-    ours, seed = benchmark.pedantic(both, rounds=1, iterations=1)
-    ratio = ours / seed
+    ours, seed = benchmark.pedantic(alternate, rounds=1, iterations=1)
+    ours_median, seed_median = statistics.median(ours), statistics.median(seed)
+    ratio = ours_median / seed_median
     benchmark.extra_info.update(harness_img_per_s=ours, seed_img_per_s=seed, ratio=ratio)
-    print(f"\ntraining throughput, simclr/small_cnn batch {BATCH}: harness {ours:.0f} img/s, "
-          f"seed loop {seed:.0f} img/s, ratio {ratio:.2f}x")
-    assert ours > 0 and seed > 0
+    rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(ours, seed, strict=True))
+    print(f"\ntraining throughput, simclr/small_cnn batch {BATCH}: harness {ours_median:.0f} img/s, "
+          f"seed loop {seed_median:.0f} img/s (medians of {ROUNDS}; rounds {rounds}), ratio {ratio:.2f}x")
+    assert min(ours) > 0 and min(seed) > 0
