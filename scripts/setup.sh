@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up (Debian's Fashion-MNIST, a virtual environment, the project) and runs one of:
 #   quickstart   the quickstart study, then its report
-#   test         the whole test suite, then the loss-kernel speed gate against the committed baseline
+#   test         the whole test suite (with a throwaway PostgreSQL server for the PostgreSQL tests,
+#                unless HARNESS_TEST_POSTGRES_URL names one), then the loss-kernel speed gate
 #   setup        only the set-up
 # Idempotent: a second call reuses the environment (re-installing only when pyproject.toml changed).
 set -euo pipefail
@@ -32,6 +33,36 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "$wanted" > "$stamp"
 fi
 
+# A throwaway PostgreSQL server (Debian's package) on a free local port, trust authentication,
+# stopped and deleted when this script exits. The tests create one database per test in it.
+as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_dir=""
+stop_test_postgres() {
+  if [ -n "$pg_dir" ] && [ -d "$pg_dir/data" ]; then
+    as_postgres "$pg_bin/pg_ctl" -D "$pg_dir/data" stop -m fast >/dev/null 2>&1 || true
+  fi
+  [ -z "$pg_dir" ] || rm -rf "$pg_dir"
+}
+start_test_postgres() {
+  if [ -n "${HARNESS_TEST_POSTGRES_URL:-}" ]; then return; fi
+  if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
+    echo "== installing Debian's postgresql (for the PostgreSQL tests)"
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
+  fi
+  pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+  pg_dir="$(mktemp -d "${TMPDIR:-/tmp}/harness-pg.XXXXXX")"
+  trap stop_test_postgres EXIT
+  [ "$(id -u)" -ne 0 ] || chown postgres "$pg_dir"
+  local port
+  port="$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  as_postgres "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U harness >"$pg_dir/initdb.log"
+  as_postgres "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w start \
+    -o "-k $pg_dir -p $port -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" >/dev/null
+  export HARNESS_TEST_POSTGRES_URL="postgresql+psycopg2://harness@127.0.0.1:$port/postgres"
+  echo "== PostgreSQL test server: $HARNESS_TEST_POSTGRES_URL"
+}
+
 case "$what" in
   setup) ;;
   quickstart)
@@ -40,6 +71,7 @@ case "$what" in
     echo "== report: reports/quickstart/index.html (and report.md)"
     ;;
   test)
+    start_test_postgres
     "$py" -m pytest -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --timeout=900
     "$venv/bin/harness" bench --quick --threads 1 --no-memory --db "sqlite:///${TMPDIR:-/tmp}/harness-ci-bench.db" \
       --compare harness/bench/baselines/ci-cpu.json --max-slowdown 50%

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, inspect, select
 
 from harness.db import SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
 from harness.spec import SearchParam, TrialConfig, load_study
@@ -305,12 +304,14 @@ def test_grid_values__inclusive_and_typed() -> None:
 
 
 @pytest.mark.slow
-def test_search__two_processes_run_six_trials_with_a_pruner_into_one_sqlite_file(tmp_path: Path) -> None:
+def test_search__two_processes_run_six_trials_with_a_pruner_into_one_database(
+    tmp_path: Path, database_url: str
+) -> None:
     path = search_file(tmp_path, SPACE, n_trials=6, sampler="tpe", pruner="median")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runners = [
         subprocess.Popen(
-            [sys.executable, "-m", "harness", "run", str(path), "--db", "h.db", "--no-progress"],
+            [sys.executable, "-m", "harness", "run", str(path), "--db", database_url, "--no-progress"],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.PIPE,
@@ -323,11 +324,8 @@ def test_search__two_processes_run_six_trials_with_a_pruner_into_one_sqlite_file
     for runner, output in zip(runners, outputs):
         assert runner.returncode == 0, output
         assert "locked" not in output.lower() and "Traceback" not in output, output
-    # One file holds both: our tables and Optuna's.
-    with sqlite3.connect(tmp_path / "h.db") as connection:
-        tables = {
-            name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+    # One database holds both: our tables and Optuna's.
+    tables = set(inspect(create_engine(database_url)).get_table_names())
     assert {
         "harness_study",
         "harness_trial",
@@ -336,7 +334,7 @@ def test_search__two_processes_run_six_trials_with_a_pruner_into_one_sqlite_file
         "trials",
         "trial_intermediate_values",
     } <= tables
-    url = f"sqlite:///{tmp_path / 'h.db'}"
+    url = database_url
     study = optuna.load_study(study_name="srch", storage=url)
     assert len(study.trials) == 6
     db = Database(url)

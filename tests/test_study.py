@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from harness.db import SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.reports import build_report
+from harness.results import trials_frame
 from harness.spec import SpecError, TrialConfig, load_study
 from harness.study import (
     RunOptions,
@@ -214,8 +216,8 @@ def test_sync_study__search_and_grid_cannot_share_a_name(tmp_path: Path) -> None
 # Claims and heartbeats
 
 
-def test_claim_next__each_trial_goes_to_exactly_one_of_many_claimers(tmp_path: Path) -> None:
-    db = Database(tmp_path / "h.db")
+def test_claim_next__each_trial_goes_to_exactly_one_of_many_claimers(tmp_path: Path, database_url: str) -> None:
+    db = Database(database_url)
     study = load_study(study_file(tmp_path, {"lr": [0.001 * i for i in range(1, 9)]}))
     report = sync_study(db, study)
     claimed: list[int] = []
@@ -223,7 +225,7 @@ def test_claim_next__each_trial_goes_to_exactly_one_of_many_claimers(tmp_path: P
     stale = utcnow() - timedelta(hours=1)
 
     def claimer(index: int) -> None:
-        mine = Database(tmp_path / "h.db")
+        mine = Database(database_url)
         while True:
             claim = claim_next(mine, report.study_id, f"w{index}", stale_before=stale)
             if claim is None:
@@ -450,15 +452,36 @@ def test_harness_run__malformed_file_leaves_the_database_byte_identical(tmp_path
     assert files_digest(dbdir) == before
 
 
+def _table_contents(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    db = Database(url, create=False)
+    names = sorted(inspect(db.engine).get_table_names())
+    return db.run(
+        lambda s: {name: sorted(map(tuple, s.execute(text(f'SELECT * FROM "{name}"'))), key=repr) for name in names}
+    )
+
+
+def test_harness_run__malformed_file_changes_nothing_in_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    from harness.cli import main
+
+    good = study_file(tmp_path, {"lr": [0.001, 0.002]})
+    run_study(load_study(good), RunOptions(db=postgres_url), run_trial=FakeTrainer(), echo=quiet)
+    before = _table_contents(postgres_url)
+    assert len(before["harness_trial"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("lr: [0.001, 0.002]", "lr: [0.001, 0.002, 0.003, -1]"))
+    assert main(["run", str(bad), "--db", postgres_url]) == 2
+    assert _table_contents(postgres_url) == before
+
+
 @pytest.mark.slow
-def test_harness_run__two_concurrent_runners_split_an_8_point_study(tmp_path: Path) -> None:
+def test_harness_run__two_concurrent_runners_split_an_8_point_study(tmp_path: Path, database_url: str) -> None:
     path = study_file(tmp_path, {"lr": [round(0.001 * i, 4) for i in range(1, 9)]})
-    runners = [harness("run", str(path), "--db", "h.db", "--no-progress", cwd=tmp_path) for _ in range(2)]
+    runners = [harness("run", str(path), "--db", database_url, "--no-progress", cwd=tmp_path) for _ in range(2)]
     outputs = [runner.communicate(timeout=240)[0] for runner in runners]
     for runner, output in zip(runners, outputs):
         assert runner.returncode == 0, output
         assert "locked" not in output.lower(), output
-    db = Database(tmp_path / "h.db")
+    db = Database(database_url)
     stored = rows(db)
     assert len(stored) == 8
     assert all(r.status == "complete" and r.attempts == 1 for r in stored), [
@@ -467,30 +490,31 @@ def test_harness_run__two_concurrent_runners_split_an_8_point_study(tmp_path: Pa
     assert len({r.worker for r in stored}) == 2, "both runners should have taken trials"
     counts = {metric_count(db, r.id) for r in stored}
     assert len(counts) == 1 and counts.pop() > 0  # every trial's curves written once
+    # What a researcher reads next works on this database too: the frame and the report.
+    frame = trials_frame(database_url, study="tiny")
+    assert len(frame) == 8 and sorted(frame["lr"]) == sorted(r.config["lr"] for r in stored)
+    report = build_report(database_url, "tiny", tmp_path / "report")
+    assert "lr=0.008" in (report / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_harness_run__kill_9_mid_trial_then_rerun_completes_every_trial_once(tmp_path: Path) -> None:
+def test_harness_run__kill_9_mid_trial_then_rerun_completes_every_trial_once(tmp_path: Path, database_url: str) -> None:
     path = study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}, fixed={"epochs": 2})
     timeout = "3"
-    runner = harness(
-        "run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path
-    )
-    victim = _wait_for_running_trial(tmp_path / "h.db", runner)
+    run = ("run", str(path), "--db", database_url, "--no-progress", "--heartbeat-timeout", timeout)
+    runner = harness(*run, cwd=tmp_path)
+    victim = _wait_for_running_trial(database_url, runner)
     time.sleep(0.5)  # well inside the trial (it takes seconds)
     runner.send_signal(signal.SIGKILL)
     runner.communicate(timeout=30)
-    with sqlite3.connect(tmp_path / "h.db", timeout=30) as connection:
-        status = connection.execute("SELECT status FROM harness_trial WHERE id = ?", (victim,)).fetchone()[0]
+    db = Database(database_url)
+    status = db.run(lambda s: s.scalar(select(TrialRow.status).where(TrialRow.id == victim)))
     assert status == "running"  # left behind by the dead process
 
-    rerun = harness(
-        "run", str(path), "--db", "h.db", "--no-progress", "--heartbeat-timeout", timeout, cwd=tmp_path
-    )
+    rerun = harness(*run, cwd=tmp_path)
     output = rerun.communicate(timeout=240)[0]
     assert rerun.returncode == 0, output
     assert "taking over" in output
-    db = Database(tmp_path / "h.db")
     stored = rows(db)
     assert all(r.status == "complete" for r in stored), output
     attempts = {r.id: r.attempts for r in stored}
@@ -499,20 +523,19 @@ def test_harness_run__kill_9_mid_trial_then_rerun_completes_every_trial_once(tmp
     assert len(counts) == 1  # the rerun trial's curves are there once, like every other trial's
 
 
-def _wait_for_running_trial(path: Path, runner: subprocess.Popen[str], limit: float = 120.0) -> int:
+def _wait_for_running_trial(url: str, runner: subprocess.Popen[str], limit: float = 120.0) -> int:
     deadline = time.monotonic() + limit
+    db: Database | None = None
     while time.monotonic() < deadline:
         assert runner.poll() is None, "the runner ended before a trial started"
-        if path.exists():
-            try:
-                with sqlite3.connect(path, timeout=30) as connection:
-                    found = connection.execute(
-                        "SELECT id FROM harness_trial WHERE status = 'running' LIMIT 1"
-                    ).fetchone()
-            except sqlite3.OperationalError:  # tables not created yet
-                found = None
-            if found:
-                return int(found[0])
+        try:
+            # create=False: the runner creates the tables; until then there is nothing to find.
+            db = db or Database(url, create=False)
+            found = db.run(lambda s: s.scalar(select(TrialRow.id).where(TrialRow.status == "running").limit(1)))
+        except (OperationalError, ProgrammingError):  # no database file or tables yet
+            found = None
+        if found:
+            return int(found)
         time.sleep(0.1)
     raise AssertionError("no trial started running in time")
 

@@ -1,7 +1,8 @@
 """The only place that opens database connections and sessions.
 
 SQLite (the default, ``results/harness.db``) is opened in WAL mode with a busy timeout, so several
-``harness run`` processes can share one file; any other SQLAlchemy URL (PostgreSQL) works as is.
+``harness run`` processes can share one file; any other SQLAlchemy URL works as is. PostgreSQL
+(``postgresql://`` with psycopg2, the ``postgres`` extra) is tested like SQLite (tests/test_postgres.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
 
 from harness.db.models import Base
@@ -22,6 +23,9 @@ from harness.db.models import Base
 DEFAULT_DB_PATH = Path("results") / "harness.db"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 LOCK_RETRIES = 20
+# pg_advisory_xact_lock key that serializes table creation across processes (any constant works;
+# this one is "harness" in ASCII).
+POSTGRES_CREATE_LOCK = 0x68_61_72_6E_65_73_73
 
 T = TypeVar("T")
 
@@ -62,14 +66,24 @@ class Database:
             self._create_tables()
 
     def _create_tables(self) -> None:
-        """create_all checks, then creates: two processes opening a fresh database at the same
-        moment can both try, and the loser sees "already exists" once the winner committed."""
+        """create_all checks, then creates: several processes opening a fresh database at the same
+        moment (a job array starting on one PostgreSQL server) can all try. On PostgreSQL an
+        advisory lock makes them take turns, so the later ones find the tables; elsewhere the loser
+        sees "already exists" (or a duplicate catalog row) once the winner committed, and retries."""
+
+        def create(session: Session) -> None:
+            connection = session.connection()
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": POSTGRES_CREATE_LOCK})
+            Base.metadata.create_all(connection)
+
         for attempt in range(LOCK_RETRIES):
             try:
-                self.run(lambda session: Base.metadata.create_all(session.connection()))
+                self.run(create)
                 return
-            except OperationalError as error:
-                if "already exists" not in str(error) or attempt == LOCK_RETRIES - 1:
+            except (OperationalError, IntegrityError, ProgrammingError) as error:
+                message = str(error).lower()
+                if ("already exists" not in message and "duplicate" not in message) or attempt == LOCK_RETRIES - 1:
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
