@@ -52,6 +52,21 @@ def check_batch(loss: str, n: int, minimum: int, why: str) -> None:
         raise ValueError(f"{loss}: batch of {n} is too small, need at least {minimum} ({why})")
 
 
+def checked_inputs(
+    loss: str, impl: str, *, min_batch: int, why: str, allowed: tuple[str, ...] = IMPLS, **tensors: Tensor
+) -> tuple[Tensor, ...]:
+    """The argument contract most losses share: ``impl`` is known, every tensor is an ``(N, D)``
+    matrix, all have one shape, and ``N >= min_batch`` (``why`` says what a smaller batch breaks).
+    Returns the tensors, in the order given, in the loss's compute dtype (:func:`compute_dtype`)."""
+    check_impl(loss, impl, allowed)
+    for name, tensor in tensors.items():
+        check_matrix(loss, name, tensor)
+    check_same_shape(loss, **tensors)
+    check_batch(loss, next(iter(tensors.values())).shape[0], min_batch, why)
+    dtype = compute_dtype(*tensors.values())
+    return tuple(upcast(tensor, dtype) for tensor in tensors.values())
+
+
 def check_positive(loss: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{loss}: {name} must be a positive finite number, got {value!r}")

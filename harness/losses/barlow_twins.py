@@ -11,12 +11,7 @@ from torch import Tensor
 
 from harness.losses._common import (
     autocast_off,
-    check_batch,
-    check_impl,
-    check_matrix,
-    check_same_shape,
-    compute_dtype,
-    upcast,
+    checked_inputs,
 )
 
 NAME = "barlow_twins"
@@ -43,13 +38,9 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3, *, impl: str = "fa
     Returns:
         A scalar (a sum over D, not a mean: the paper's scale, so λ keeps its meaning).
     """
-    check_impl(NAME, impl)
-    check_matrix(NAME, "z1", z1)
-    check_matrix(NAME, "z2", z2)
-    check_same_shape(NAME, z1=z1, z2=z2)
-    check_batch(NAME, z1.shape[0], 2, "the batch standardization of one sample is undefined")
-    dtype = compute_dtype(z1, z2)
-    z1, z2 = upcast(z1, dtype), upcast(z2, dtype)
+    z1, z2 = checked_inputs(
+        NAME, impl, min_batch=2, why="the batch standardization of one sample is undefined", z1=z1, z2=z2
+    )
     if impl == "reference":
         return _reference(z1, z2, lambd)
     return _fast(z1, z2, lambd)

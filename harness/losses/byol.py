@@ -12,12 +12,7 @@ from torch import Tensor
 
 from harness.losses._common import (
     autocast_off,
-    check_batch,
-    check_impl,
-    check_matrix,
-    check_same_shape,
-    compute_dtype,
-    upcast,
+    checked_inputs,
 )
 
 NAME = "byol"
@@ -39,13 +34,7 @@ def byol(p: Tensor, z: Tensor, *, impl: str = "fast") -> Tensor:
     Returns:
         A scalar in ``[0, 4]``; float32 for 16-bit inputs, else the input dtype.
     """
-    check_impl(NAME, impl)
-    check_matrix(NAME, "p", p)
-    check_matrix(NAME, "z", z)
-    check_same_shape(NAME, p=p, z=z)
-    check_batch(NAME, p.shape[0], 1, "an empty batch has no mean")
-    dtype = compute_dtype(p, z)
-    p, z = upcast(p, dtype), upcast(z, dtype)
+    p, z = checked_inputs(NAME, impl, min_batch=1, why="an empty batch has no mean", p=p, z=z)
     if impl == "reference":
         p = F.normalize(p, dim=1)
         z = F.normalize(z, dim=1)

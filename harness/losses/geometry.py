@@ -18,7 +18,7 @@ from harness.losses._common import (
     check_impl,
     check_matrix,
     check_positive,
-    check_same_shape,
+    checked_inputs,
     compute_dtype,
     normalize_scaled,
     upcast,
@@ -44,14 +44,8 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2, *, impl: str = "fast") -
         A scalar in ``[0, 2^α]``; float32 for 16-bit inputs, else the input dtype.
     """
     name = "alignment"
-    check_impl(name, impl)
-    check_matrix(name, "z1", z1)
-    check_matrix(name, "z2", z2)
-    check_same_shape(name, z1=z1, z2=z2)
-    check_batch(name, z1.shape[0], 1, "an empty batch has no mean")
     check_positive(name, "alpha", alpha)
-    dtype = compute_dtype(z1, z2)
-    z1, z2 = upcast(z1, dtype), upcast(z2, dtype)
+    z1, z2 = checked_inputs(name, impl, min_batch=1, why="an empty batch has no mean", z1=z1, z2=z2)
     if impl == "reference":
         x = F.normalize(z1, dim=1)
         y = F.normalize(z2, dim=1)

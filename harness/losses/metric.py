@@ -10,12 +10,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from harness.losses._common import (
     autocast_disabled,
     autocast_off,
-    check_batch,
-    check_impl,
-    check_matrix,
-    check_same_shape,
-    compute_dtype,
-    upcast,
+    checked_inputs,
 )
 
 
@@ -39,13 +34,15 @@ def triplet(
         A scalar; float32 for 16-bit inputs, else the input dtype.
     """
     name = "triplet"
-    check_impl(name, impl)
-    for label, tensor in (("anchor", anchor), ("positive", positive), ("negative", negative)):
-        check_matrix(name, label, tensor)
-    check_same_shape(name, anchor=anchor, positive=positive, negative=negative)
-    check_batch(name, anchor.shape[0], 1, "an empty batch has no mean")
-    dtype = compute_dtype(anchor, positive, negative)
-    a, p, n = upcast(anchor, dtype), upcast(positive, dtype), upcast(negative, dtype)
+    a, p, n = checked_inputs(
+        name,
+        impl,
+        min_batch=1,
+        why="an empty batch has no mean",
+        anchor=anchor,
+        positive=positive,
+        negative=negative,
+    )
     if impl == "reference":
         d_pos = (a - p).pow(2).sum(dim=1)
         d_neg = (a - n).pow(2).sum(dim=1)
@@ -97,19 +94,20 @@ def npair(anchor: Tensor, positive: Tensor, *, impl: str = "fast") -> Tensor:
         A scalar; float32 for 16-bit inputs, else the input dtype.
     """
     name = "npair"
-    check_impl(name, impl)
-    check_matrix(name, "anchor", anchor)
-    check_matrix(name, "positive", positive)
-    check_same_shape(name, anchor=anchor, positive=positive)
-    check_batch(name, anchor.shape[0], 2, "the negatives of an anchor are the other pairs' positives")
-    dtype = compute_dtype(anchor, positive)
-    a, p = upcast(anchor, dtype), upcast(positive, dtype)
+    a, p = checked_inputs(
+        name,
+        impl,
+        min_batch=2,
+        why="the negatives of an anchor are the other pairs' positives",
+        anchor=anchor,
+        positive=positive,
+    )
     n = a.shape[0]
     logits = a @ p.T
     if impl == "reference":
         differences = logits - torch.diagonal(logits).unsqueeze(1)
         self_mask = torch.eye(n, dtype=torch.bool, device=a.device)
         others = differences.masked_fill(self_mask, float("-inf"))
-        ones = torch.zeros(n, 1, dtype=dtype, device=a.device)  # log(1) = exp(0)
+        ones = torch.zeros(n, 1, dtype=a.dtype, device=a.device)  # log(1) = exp(0)
         return torch.logsumexp(torch.cat([ones, others], dim=1), dim=1).mean()
     return F.cross_entropy(logits, torch.arange(n, device=a.device))

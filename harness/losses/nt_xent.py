@@ -14,14 +14,9 @@ from torch import Tensor
 
 from harness.losses._common import (
     autocast_off,
-    check_batch,
-    check_impl,
-    check_matrix,
     check_positive,
-    check_same_shape,
-    compute_dtype,
+    checked_inputs,
     normalize_scaled,
-    upcast,
 )
 from harness.losses._lse import self_excluded_lse
 
@@ -59,14 +54,16 @@ def nt_xent(
         similarities of the ``(2N, D)`` stack ``[z1; z2]`` and ``p(i) = (i + N) mod 2N``. float32 for
         16-bit inputs, else the input dtype.
     """
-    check_impl(NAME, impl, NT_XENT_IMPLS)
-    check_matrix(NAME, "z1", z1)
-    check_matrix(NAME, "z2", z2)
-    check_same_shape(NAME, z1=z1, z2=z2)
-    check_batch(NAME, z1.shape[0], 2, "with one pair an anchor's only candidate is its positive")
     check_positive(NAME, "temperature", temperature)
-    dtype = compute_dtype(z1, z2)
-    z1, z2 = upcast(z1, dtype), upcast(z2, dtype)
+    z1, z2 = checked_inputs(
+        NAME,
+        impl,
+        min_batch=2,
+        why="with one pair an anchor's only candidate is its positive",
+        allowed=NT_XENT_IMPLS,
+        z1=z1,
+        z2=z2,
+    )
     if impl == "reference":
         return _reference(z1, z2, temperature)
     chunked = True if impl == "chunked" else None

@@ -19,7 +19,7 @@ from harness.losses._common import (
     check_impl,
     check_matrix,
     check_positive,
-    check_same_shape,
+    checked_inputs,
     compute_dtype,
     upcast,
 )
@@ -122,14 +122,10 @@ def swav(
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
     """
-    check_impl(NAME, impl)
-    check_matrix(NAME, "scores1", scores1)
-    check_matrix(NAME, "scores2", scores2)
-    check_same_shape(NAME, scores1=scores1, scores2=scores2)
-    check_batch(NAME, scores1.shape[0], 1, "an empty batch has no mean")
     check_positive(NAME, "temperature", temperature)
-    dtype = compute_dtype(scores1, scores2)
-    scores1, scores2 = upcast(scores1, dtype), upcast(scores2, dtype)
+    scores1, scores2 = checked_inputs(
+        NAME, impl, min_batch=1, why="an empty batch has no mean", scores1=scores1, scores2=scores2
+    )
     q1 = sinkhorn(scores1, epsilon, sinkhorn_iterations, impl=impl)
     q2 = sinkhorn(scores2, epsilon, sinkhorn_iterations, impl=impl)
     if impl == "reference":

@@ -12,12 +12,7 @@ from torch import Tensor
 
 from harness.losses._common import (
     autocast_off,
-    check_batch,
-    check_impl,
-    check_matrix,
-    check_same_shape,
-    compute_dtype,
-    upcast,
+    checked_inputs,
 )
 from harness.losses.barlow_twins import frobenius_sq_cross
 
@@ -54,13 +49,9 @@ def vicreg(
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
     """
-    check_impl(NAME, impl)
-    check_matrix(NAME, "z1", z1)
-    check_matrix(NAME, "z2", z2)
-    check_same_shape(NAME, z1=z1, z2=z2)
-    check_batch(NAME, z1.shape[0], 2, "the unbiased variance needs two samples")
-    dtype = compute_dtype(z1, z2)
-    z1, z2 = upcast(z1, dtype), upcast(z2, dtype)
+    z1, z2 = checked_inputs(
+        NAME, impl, min_batch=2, why="the unbiased variance needs two samples", z1=z1, z2=z2
+    )
     if impl == "reference":
         return _reference(z1, z2, sim_coeff, std_coeff, cov_coeff)
     return _fast(z1, z2, sim_coeff, std_coeff, cov_coeff)
