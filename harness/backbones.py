@@ -37,7 +37,8 @@ class ConvBatchNorm2d(nn.Module):
     folds into the convolution's weight and bias, so the output is written once, already normalized.
     Autograd differentiates through these statistics exactly as through batch norm's own,
     and the running statistics are updated as ``nn.BatchNorm2d`` updates them (unbiased variance).
-    In evaluation, or when the patch is not smaller, it runs the two layers as they are.
+    When the batch norm is not in training mode (its own flag: freezing it works as usual), when the
+    patch is not smaller, or when the layers were swapped or hooked, it runs the two layers as they are.
 
     Shapes: ``(N, C_in, H, W) -> (N, C_out, H', W')``. The parameters and buffers are those of the
     two layers, named ``conv.*`` and ``bn.*``.
@@ -54,17 +55,32 @@ class ConvBatchNorm2d(nn.Module):
 
     @property
     def folds_statistics(self) -> bool:
-        return self.conv.weight[0].numel() < self.conv.out_channels
+        """Whether training-mode statistics come from the patches: a patch smaller than the output
+        channels, and two layers still as built (a plain convolution, an affine ``BatchNorm2d`` in
+        training mode, no hooks). Anything else (a frozen batch norm, ``SyncBatchNorm``, a hook that
+        must see the layers run) takes the plain path."""
+        conv, bn = self.conv, self.bn
+        as_built = (
+            type(conv) is nn.Conv2d
+            and type(bn) is nn.BatchNorm2d
+            and conv.bias is None
+            and conv.groups == 1
+            and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros"
+            and bn.affine
+        )
+        hooked = any((conv._forward_hooks, conv._forward_pre_hooks, bn._forward_hooks, bn._forward_pre_hooks))
+        return as_built and not hooked and bn.training and conv.weight[0].numel() < conv.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and self.folds_statistics):
+        if not self.folds_statistics:
             return self.bn(self.conv(x))
         mean, variance, count = self._batch_statistics(x)
         self._update_running_statistics(mean, variance, count)
         scale = torch.rsqrt(variance + self.bn.eps) * self.bn.weight
         shift = self.bn.bias - mean * scale
         weight = self.conv.weight * scale.to(self.conv.weight.dtype)[:, None, None, None]
-        return F.conv2d(x, weight, shift, stride=self.conv.stride, padding=self.conv.padding)
+        return F.conv2d(x, weight, shift.to(weight.dtype), stride=self.conv.stride, padding=self.conv.padding)
 
     def _batch_statistics(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-channel batch mean and biased variance of ``conv(x)`` from the patches, in float32

@@ -123,7 +123,10 @@ def knn_predict(
         similarity = test[start : start + chunk_size] @ train.t()  # (chunk, N)
         top_similarity, top_index = similarity.topk(k, dim=1)  # (chunk, k)
         votes = torch.zeros(similarity.shape[0], num_classes, device=device)
-        votes.scatter_add_(1, train_labels[top_index], (top_similarity / t).exp())
+        # exp((s - s_max) / t): the same votes up to a per-row factor, without float32 overflow
+        # once s / t > 88 (t = 0.01 and any neighbour closer than cosine 0.89).
+        weights = ((top_similarity - top_similarity[:, :1]) / t).exp()
+        votes.scatter_add_(1, train_labels[top_index], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
 

@@ -272,7 +272,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "dino_warmup_teacher_temp_epochs": (lambda v: v >= 0, "a number >= 0"),
     "dino_center_momentum": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "train_size": (lambda v: v is None or v >= 2, "an integer >= 2 or null (the whole split)"),
-    "test_size": (lambda v: v is None or v >= 1, "an integer >= 1 or null (the whole split)"),
+    # Uniformity is a mean over pairs of test projections, so the test subset needs two images.
+    "test_size": (lambda v: v is None or v >= 2, "an integer >= 2 or null (the whole split)"),
     "knn_k": (lambda v: v >= 1, "an integer >= 1"),
     "knn_t": (lambda v: v > 0, "a number > 0"),
     "linear_epochs": (lambda v: v >= 1, "an integer >= 1"),

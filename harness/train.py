@@ -402,8 +402,11 @@ def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> No
         train_features = context.features(context.train)
         test_features = context.features(context.test)
         knn = context.knn(train_features, test_features)
-    final_step = (context.train.images.shape[0] // config.batch_size) * config.epochs
-    context.curves.append((float(config.epochs), final_step, "knn_top1", knn))
+    if context.method.trainable:
+        final_epoch, final_step = config.epochs, (context.train.images.shape[0] // config.batch_size) * config.epochs
+    else:  # an untrained encoder (random_init) is the state at epoch 0, whatever its reset knobs say
+        final_epoch, final_step = 0, 0
+    context.curves.append((float(final_epoch), final_step, "knn_top1", knn))
     top1, top5 = evaluation.linear_probe(
         train_features,
         context.train.labels,

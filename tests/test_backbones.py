@@ -158,6 +158,47 @@ def test_conv_batch_norm__statistics_stay_float32_under_bf16_autocast() -> None:
     torch.testing.assert_close(fused.bn.running_var, plain[1].running_var, rtol=1e-4, atol=1e-5)
 
 
+def test_conv_batch_norm__a_frozen_batch_norm_stays_frozen() -> None:
+    # The usual idiom: the model trains, its batch norms are put in evaluation mode.
+    torch.manual_seed(0)
+    fused = ConvBatchNorm2d(1, 32)
+    with torch.no_grad():
+        fused.bn.running_mean.uniform_(-1, 1)
+        fused.bn.running_var.uniform_(0.5, 2)
+    plain = _plain_copy(fused).double()
+    fused = fused.double()
+    fused.train()
+    fused.bn.eval()
+    plain[1].eval()
+    running = fused.bn.running_mean.clone()
+    x = torch.randn(4, 1, 9, 9, dtype=torch.float64) * 3 + 1
+    torch.testing.assert_close(fused(x), plain(x), **EXACT)
+    assert torch.equal(fused.bn.running_mean, running) and int(fused.bn.num_batches_tracked) == 0
+
+
+def test_conv_batch_norm__hooks_and_swapped_layers_see_the_layers_run() -> None:
+    fused = ConvBatchNorm2d(1, 32)
+    seen: list[tuple[int, ...]] = []
+    handle = fused.bn.register_forward_hook(lambda _module, _inputs, output: seen.append(tuple(output.shape)))
+    fused(torch.randn(2, 1, 6, 6))
+    assert seen == [(2, 32, 6, 6)] and not fused.folds_statistics
+    handle.remove()
+    assert fused.folds_statistics
+    fused.bn = nn.SyncBatchNorm(32)  # what convert_sync_batchnorm puts there
+    assert not fused.folds_statistics
+
+
+def test_conv_batch_norm__trains_as_a_bfloat16_module() -> None:
+    torch.manual_seed(0)
+    fused = ConvBatchNorm2d(1, 32)
+    plain = _plain_copy(fused)
+    fused, plain = fused.to(torch.bfloat16), plain.to(torch.bfloat16)
+    x = torch.randn(8, 1, 12, 12, dtype=torch.bfloat16)
+    out = fused(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), plain(x).float(), rtol=0.05, atol=0.05)
+
+
 def test_conv_batch_norm__one_value_per_channel_is_refused_like_batch_norm() -> None:
     fused = ConvBatchNorm2d(1, 32, 3, padding=0)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):

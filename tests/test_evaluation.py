@@ -40,12 +40,22 @@ def _brute_force_knn(
     return predictions
 
 
-@pytest.mark.parametrize(("seed", "k", "t"), [(0, 5, 0.1), (1, 20, 0.07), (2, 1, 0.5), (3, 200, 0.1)])
+@pytest.mark.parametrize(
+    ("seed", "k", "t"), [(0, 5, 0.1), (1, 20, 0.07), (2, 1, 0.5), (3, 200, 0.1), (4, 20, 0.005), (5, 60, 0.002)]
+)
 def test_knn_predict__matches_brute_force_loop(seed: int, k: int, t: float) -> None:
     train, train_labels = _features(seed, 60, 8, 4)
     test, _ = _features(seed + 100, 25, 8, 4)
     predictions = evaluation.knn_predict(train, train_labels, test, k=k, t=t, num_classes=4, chunk_size=7)
     assert predictions.tolist() == _brute_force_knn(train, train_labels, test, k, t, 4)
+
+
+def test_knn_predict__small_temperature_does_not_overflow_the_votes() -> None:
+    # exp(sim / 0.01) overflows float32 for sim > 0.89: every vote would be inf and tie at class 0.
+    train = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.99, 0.05], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    assert evaluation.knn_predict(train, labels, query, k=3, t=0.01, num_classes=2).tolist() == [1]
 
 
 def test_knn_top1__matches_brute_force_accuracy() -> None:

@@ -423,6 +423,14 @@ def test_load_study__batch_size_larger_than_train_size(tmp_path: Path) -> None:
     )
 
 
+def test_load_study__test_size_of_one_is_refused_before_any_training(tmp_path: Path) -> None:
+    # Uniformity averages over pairs of test images; one image would fail after the whole training.
+    problem = one_problem(
+        tmp_path, GRID.replace("epochs: 1", "{test_size: 1}").replace("fixed:\n  ", "fixed: "), "test_size"
+    )
+    assert "found 1" in problem and ">= 2" in problem
+
+
 # ----------------------------------------------------------------------------------------------
 # Searches
 

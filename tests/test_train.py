@@ -113,6 +113,8 @@ def test_run_trial__random_init_trains_nothing_but_is_evaluated() -> None:
     assert record.summary["final_loss"] is None
     assert record.summary["train_img_per_s"] is None
     assert 0.0 <= record.summary["knn_top1"] <= 1.0
+    # Its one k-NN point is the untrained state: epoch 0, step 0 (not its reset epochs knob's end).
+    assert [(epoch, step) for epoch, step, name, _ in record.curves if name == "knn_top1"] == [(0.0, 0)]
 
 
 def test_run_trial__unavailable_cuda_is_a_failed_record() -> None:

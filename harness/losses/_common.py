@@ -36,8 +36,11 @@ def upcast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def check_matrix(loss: str, name: str, tensor: Tensor, ndim: int = 2) -> None:
+    """``ndim`` dimensions, none but the first (the batch, checked by each loss) of size zero."""
     if tensor.ndim != ndim:
         raise ValueError(f"{loss}: {name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if 0 in tensor.shape[1:]:
+        raise ValueError(f"{loss}: {name} has an empty feature dimension, got shape {tuple(tensor.shape)}")
 
 
 def check_same_shape(loss: str, **tensors: Tensor) -> None:
