@@ -226,6 +226,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RecursionError:  # absurdly deep YAML nesting, which the parser cannot handle
         print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
+    from harness.train import device_problem
+
+    wanted_device = args.device or study.base_config().device
+    problem = device_problem(wanted_device)
+    if problem is not None:
+        where = "--device" if args.device else f"{args.study}: fixed.device"
+        return _error("run", f"{where}: {problem}; nothing was run or written", 2)
     if args.dry_run:
         existing = None
         try:
@@ -256,7 +263,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _database_problem(error: BaseException) -> str:
     if isinstance(error, ImportError):
-        return f"the database driver is not installed ({error}); for PostgreSQL: pip install psycopg"
+        return (
+            f"the database driver is not installed ({error}); for PostgreSQL: pip install -e '.[postgres]' "
+            "(psycopg 3); for another database, the driver SQLAlchemy names for its URL"
+        )
     detail = error.args[0] if error.args else error
     return f"cannot use the database: {type(error).__name__}: {detail}"
 

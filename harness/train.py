@@ -61,6 +61,20 @@ class TrialRecord:
     ended_at: datetime = field(default_factory=utcnow)
 
 
+def device_problem(name: str) -> str | None:
+    """Why trials cannot run on device ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) on this
+    machine, or None; ``harness run`` asks before it claims anything."""
+    if name in ("auto", "cpu"):
+        return None
+    if not torch.cuda.is_available():
+        return f"device: {name!r} was asked for, but CUDA is not available on this machine"
+    index = torch.device(name).index
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        return f"device: {name!r} was asked for, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

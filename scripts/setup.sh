@@ -59,7 +59,7 @@ start_test_postgres() {
   as_postgres "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U harness >"$pg_dir/initdb.log"
   as_postgres "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w start \
     -o "-k $pg_dir -p $port -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" >/dev/null
-  export HARNESS_TEST_POSTGRES_URL="postgresql+psycopg2://harness@127.0.0.1:$port/postgres"
+  export HARNESS_TEST_POSTGRES_URL="postgresql://harness@127.0.0.1:$port/postgres"
   echo "== PostgreSQL test server: $HARNESS_TEST_POSTGRES_URL"
 }
 

@@ -170,6 +170,21 @@ def test_cli__malformed_study_exits_2_with_located_messages_and_no_traceback(tmp
     assert not (tmp_path / "h.db").exists()
 
 
+def test_cli__a_device_this_machine_lacks_exits_2_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked once up front: not one stored failure per trial that a plain rerun would then skip.
+    path = tmp_path / "s.yaml"
+    path.write_text(STUDY)
+    assert cli.main(["run", str(path), "--db", str(tmp_path / "h.db"), "--device", "cuda:99"]) == 2
+    err = capsys.readouterr().err
+    assert "--device: device: 'cuda:99' was asked for" in err and "nothing was run or written" in err
+    path.write_text(STUDY.replace("knn_k: 5", "knn_k: 5\n  device: cuda:99"))
+    assert cli.main(["run", str(path), "--db", str(tmp_path / "h.db")]) == 2
+    assert f"{path}: fixed.device: device: 'cuda:99'" in capsys.readouterr().err
+    assert not (tmp_path / "h.db").exists()
+
+
 def test_cli__dry_run_prints_the_trials_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,7 +16,9 @@ from harness.db import Database, StudyRow, TrialRow, resolve_url
 
 def test_resolve_url__paths_become_sqlite_urls_and_urls_pass_through(tmp_path: Path) -> None:
     assert resolve_url(tmp_path / "a.db") == f"sqlite:///{tmp_path / 'a.db'}"
-    assert resolve_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    # A bare postgresql:// gets psycopg 3 (the postgres extra) whatever SQLAlchemy's default is.
+    assert resolve_url("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert resolve_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
     assert resolve_url(None) == "sqlite:///results/harness.db"
 
 
@@ -40,7 +42,7 @@ def test_database__processes_creating_a_fresh_database_at_once_all_succeed(datab
     for process in processes:
         _, err = process.communicate(timeout=120)
         assert process.returncode == 0, err.decode()
-    tables = set(inspect(create_engine(database_url)).get_table_names())
+    tables = set(inspect(create_engine(resolve_url(database_url))).get_table_names())
     assert {"harness_study", "harness_trial", "harness_metric", "harness_bench"} <= tables
 
 

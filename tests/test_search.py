@@ -15,7 +15,7 @@ import optuna
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
-from harness.db import SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.db import SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, resolve_url, utcnow
 from harness.spec import SearchParam, TrialConfig, load_study
 from harness.study import RunOptions, SearchSetupError, run_study, search_problems
 from harness.study.search import SUPERSEDED, grid_values
@@ -325,7 +325,7 @@ def test_search__two_processes_run_six_trials_with_a_pruner_into_one_database(
         assert runner.returncode == 0, output
         assert "locked" not in output.lower() and "Traceback" not in output, output
     # One database holds both: our tables and Optuna's.
-    tables = set(inspect(create_engine(database_url)).get_table_names())
+    tables = set(inspect(create_engine(resolve_url(database_url))).get_table_names())
     assert {
         "harness_study",
         "harness_trial",
@@ -334,7 +334,7 @@ def test_search__two_processes_run_six_trials_with_a_pruner_into_one_database(
         "trials",
         "trial_intermediate_values",
     } <= tables
-    url = database_url
+    url = resolve_url(database_url)
     study = optuna.load_study(study_name="srch", storage=url)
     assert len(study.trials) == 6
     db = Database(url)

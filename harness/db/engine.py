@@ -2,7 +2,7 @@
 
 SQLite (the default, ``results/harness.db``) is opened in WAL mode with a busy timeout, so several
 ``harness run`` processes can share one file; any other SQLAlchemy URL works as is. PostgreSQL
-(``postgresql://`` with psycopg2, the ``postgres`` extra) is tested like SQLite (tests/test_postgres.py).
+(``postgresql://`` with psycopg 3, the ``postgres`` extra) is tested like SQLite (tests/test_postgres.py).
 """
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ T = TypeVar("T")
 
 
 def resolve_url(url: str | Path | None) -> str:
-    """A SQLAlchemy URL from a URL, a plain file path or None (the default database)."""
+    """A SQLAlchemy URL from a URL, a plain file path or None (the default database).
+
+    ``postgresql://`` without a driver means psycopg 3 (the ``postgres`` extra), whatever
+    SQLAlchemy's own default for the installed version is (psycopg2 before 2.1)."""
     if url is None:
         url = DEFAULT_DB_PATH
     text = str(url)
+    if text.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
     if "://" in text:
         return text
     return f"sqlite:///{Path(text)}"
