@@ -226,9 +226,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RecursionError:  # absurdly deep YAML nesting, which the parser cannot handle
         print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
+    from harness.spec import DEFAULTS
     from harness.train import device_problem
 
-    wanted_device = args.device or study.base_config().device
+    wanted_device = args.device or study.fixed.get("device", DEFAULTS.device)
     problem = device_problem(wanted_device)
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"

@@ -504,6 +504,10 @@ class Study:
         return configs
 
     def base_config(self, seed: int | None = None) -> TrialConfig:
+        """The fixed point resolved; for a search, with the searched knobs at the first valid corner
+        of the space (a searched knob's default may break a rule that every searched value keeps)."""
+        if self.search is not None:
+            return _resolve_some_search_corner(self.fixed, self.search, 0 if seed is None else seed)
         extra = {"seed": seed} if seed is not None else {}
         return resolve({**self.fixed, **extra})
 
@@ -540,6 +544,22 @@ class _StudyLoader(yaml.SafeLoader):
     exponent without a dot) is a string, and every study writes learning rates that way."""
 
 
+def _construct_unique_mapping(loader: _StudyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping that refuses a key given twice: YAML loaders keep the last one, so a repeated
+    ``study:`` would silently write into another study, a repeated knob would drop a value."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        if isinstance(key, str | int | float | bool):
+            seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StudyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 _StudyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -580,8 +600,11 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     if not isinstance(name, str) or not name.strip():
         problems.add("study", f"found {_describe(name)}, expected {_TOP_KEYS['study']}")
         name = ""
-    elif not all(c.isalnum() or c in "-_." for c in name):
-        problems.add("study", f"found {name!r}, expected letters, digits, '-', '_' or '.' (it names a folder)")
+    elif not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        problems.add(
+            "study",
+            f"found {name!r}, expected letters, digits, '-', '_' or '.', not starting with '.' (it names a folder)",
+        )
     description = data.get("description", "")
     if not isinstance(description, str):
         problems.add("description", f"found {_describe(description)}, expected a string")
@@ -696,8 +719,9 @@ def _validate_knob_mapping(raw: Any, section: str, problems: _Problems, *, lists
         if key not in KNOB_NAMES:
             problems.add(path, f"unknown knob{_suggest(str(key), KNOB_NAMES)}")
             continue
-        if key == "seed" and lists:
-            problems.add(path, "seeds are given by the top-level seeds: list, not swept as a knob")
+        if key == "seed":
+            # In fixed: it would be silently replaced by each entry of seeds: (default [0]).
+            problems.add(path, "seeds are given by the top-level seeds: list (e.g. seeds: [3]), not as a knob")
             continue
         if not lists:
             ok, value = _validate_value(key, raw_value, path, problems)
@@ -851,6 +875,33 @@ def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Pr
     return SearchParam(name=knob, low=low, high=high, log=log, step=step)
 
 
+# Enough corners of a search space to find one valid point without enumerating a large space.
+MAX_SEARCH_CORNERS = 256
+
+
+def _resolve_some_search_corner(fixed: Mapping[str, Any], search: SearchSpec, seed: int) -> TrialConfig:
+    """Resolve ``fixed`` with the searched knobs at the corners of the space (each choice, each bound)
+    and return the first valid configuration; raise the first corner's SpecError when none is. A
+    searched knob's default must not fail the file (``batch_size`` 256 with ``train_size`` 200 when
+    the space is [16, 32]); a corner that breaks a cross-knob rule is only a failed Optuna trial."""
+    values = []
+    for param in search.space:
+        if param.choices is not None:
+            values.append([(param.name, choice) for choice in param.choices])
+        else:
+            cast = int if _base_type(param.name) is int else float
+            values.append([(param.name, cast(bound)) for bound in (param.low, param.high)])
+    first_error: SpecError | None = None
+    for corner in itertools.islice(itertools.product(*values), MAX_SEARCH_CORNERS):
+        try:
+            return resolve({**fixed, **dict(corner), "seed": seed})
+        except SpecError as error:
+            first_error = first_error or error
+    if first_error is not None:
+        raise first_error
+    return resolve({**fixed, "seed": seed})
+
+
 def _check_points(
     kind: str,
     fixed: Mapping[str, Any],
@@ -887,10 +938,17 @@ def _check_points(
     seen_messages: set[str] = set()
     for point in points:
         try:
-            resolve({**fixed, **point, "seed": seeds[0] if seeds else 0})
+            if search is not None:
+                _resolve_some_search_corner(fixed, search, seeds[0] if seeds else 0)
+            else:
+                resolve({**fixed, **point, "seed": seeds[0] if seeds else 0})
         except SpecError as error:
             label = ", ".join(f"{k}={v}" for k, v in point.items())
             for message in error.problems:
                 if message not in seen_messages:
                     seen_messages.add(message)
-                    problems.add(f"{kind} point ({label})" if point else "fixed", message)
+                    if search is not None:
+                        where = "search.space: no corner of the space (each choice, each bound) is valid; the first"
+                    else:
+                        where = f"{kind} point ({label})" if point else "fixed"
+                    problems.add(where, message)

@@ -107,3 +107,12 @@ def test_run__other_errors_are_not_retried(tmp_path: Path) -> None:
     with pytest.raises(OperationalError):
         db.run(broken)
     assert len(calls) == 1
+
+
+def test_trials_frame__a_missing_sqlite_file_is_an_error_not_a_new_database(tmp_path: Path) -> None:
+    from harness.results import trials_frame
+
+    missing = tmp_path / "typo.db"
+    with pytest.raises(FileNotFoundError, match="no database at"):
+        trials_frame(missing, "g1")
+    assert not missing.exists()

@@ -423,6 +423,34 @@ def test_load_study__batch_size_larger_than_train_size(tmp_path: Path) -> None:
     )
 
 
+def test_load_study__searched_batch_size_on_a_small_subset(tmp_path: Path) -> None:
+    # The default batch size (256) must not fail a search whose every batch size fits the subset.
+    text = "study: s\ndataset: synthetic\nfixed: {train_size: 200}\nsearch:\n  n_trials: 2\n  space:\n"
+    study = load_study(write(tmp_path, text + "    batch_size: {choices: [16, 32]}\n"))
+    assert study.base_config().batch_size in (16, 32)
+    problem = one_problem(
+        tmp_path, text + "    batch_size: {choices: [512, 1024]}\n", "search.space", "no corner", "found 512"
+    )
+    assert "expected batch_size <= train_size" in problem
+
+
+def test_load_study__a_key_given_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    # YAML keeps the last one: a second study: line would write into another study.
+    problem = one_problem(tmp_path, "study: a\ndescription: x\nstudy: b\ngrid:\n  lr: [0.1]\n", "'study' appears twice")
+    assert "line 3" in problem and "first on line 1" in problem
+    one_problem(tmp_path, "study: a\nfixed:\n  lr: 0.1\n  lr: 0.2\ngrid:\n  epochs: [1]\n", "'lr' appears twice")
+
+
+def test_load_study__seed_in_fixed_points_to_seeds(tmp_path: Path) -> None:
+    problem = one_problem(tmp_path, "study: a\nfixed: {seed: 3}\ngrid:\n  lr: [0.1]\n", "fixed.seed")
+    assert "seeds: [3]" in problem
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "a/b"])
+def test_load_study__a_name_that_is_not_a_plain_folder_name_is_refused(tmp_path: Path, name: str) -> None:
+    one_problem(tmp_path, f"study: '{name}'\ngrid:\n  lr: [0.1]\n", "study", "it names a folder")
+
+
 def test_load_study__test_size_of_one_is_refused_before_any_training(tmp_path: Path) -> None:
     # Uniformity averages over pairs of test images; one image would fail after the whole training.
     problem = one_problem(
