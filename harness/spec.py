@@ -927,11 +927,22 @@ def _check_points(
         for param in search.space:
             if param.name in METHOD_SPECIFIC_KNOBS and not any(param.name in METHOD_KNOBS[m] for m in methods):
                 problems.add(f"search.space.{param.name}", f"is not used by {', '.join(sorted(methods))}")
+    base_method = fixed.get("method", DEFAULTS.method)
     for knob in swept:
         if knob in METHOD_SPECIFIC_KNOBS:
-            ignoring = sorted(m for m in methods if knob not in METHOD_KNOBS[m])
-            users = sorted(m for m in methods if knob in METHOD_KNOBS[m])
-            if not users:
+            # An ablation varies one knob at a time from the base: a knob's points run with the base
+            # method, whatever other methods the ablation lists under method:.
+            runs_with = {base_method} if kind == "ablate" else methods
+            ignoring = sorted(m for m in runs_with if knob not in METHOD_KNOBS[m])
+            users = sorted(m for m in runs_with if knob in METHOD_KNOBS[m])
+            if not users and kind == "ablate":
+                readers = sorted(m for m in METHOD_NAMES if knob in METHOD_KNOBS[m])
+                problems.add(
+                    f"{kind}.{knob}",
+                    f"is not used by {base_method}, the base method its points run with (an ablation varies one "
+                    f"knob at a time); expected method: {readers[0] if readers else '...'} in fixed:, or a grid:",
+                )
+            elif not users:
                 problems.add(f"{kind}.{knob}", f"is not used by {', '.join(ignoring)}; expected a knob one of the study's methods reads")
             elif ignoring:
                 notes.append(f"{kind}.{knob} is swept for {', '.join(users)}; {', '.join(ignoring)} ignore it (one trial each per seed)")

@@ -451,6 +451,16 @@ def test_load_study__a_name_that_is_not_a_plain_folder_name_is_refused(tmp_path:
     one_problem(tmp_path, f"study: '{name}'\ngrid:\n  lr: [0.1]\n", "study", "it names a folder")
 
 
+def test_load_study__ablated_knob_the_base_method_ignores_is_refused(tmp_path: Path) -> None:
+    # The queue_size points run with the base method (simclr), not with the method: entry's moco.
+    text = "study: a\ndataset: synthetic\nfixed: {batch_size: 32}\nablate:\n  method: [moco]\n  queue_size: [64, 128]\n"
+    problem = one_problem(tmp_path, text, "ablate.queue_size", "is not used by simclr")
+    assert "method: moco in fixed:" in problem
+    study = load_study(write(tmp_path, text.replace("fixed: {batch_size: 32}", "fixed: {batch_size: 32, method: moco}")
+                             .replace("  method: [moco]\n", ""), name="ok.yaml"))
+    assert sorted(t.queue_size for t in study.trials()) == [64, 128, 4096]
+
+
 def test_load_study__test_size_of_one_is_refused_before_any_training(tmp_path: Path) -> None:
     # Uniformity averages over pairs of test images; one image would fail after the whole training.
     problem = one_problem(
