@@ -213,7 +213,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_study,
         search_problems,
     )
-    from harness.study.store import existing_rows
+    from harness.study.store import check_kind, existing_rows
 
     try:
         study = load_study(args.study)
@@ -238,10 +238,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         existing = None
         try:
             db = open_existing(args.db)
-            existing = existing_rows(db, study.name)
-            db.dispose()
         except Exception:  # no database, or not one of ours yet: every trial is new
-            existing = None
+            db = None
+        if db is not None:
+            try:
+                check_kind(db, study)  # what the real run would refuse, the dry run refuses too
+                existing = existing_rows(db, study.name)
+            except StudyConflict as error:
+                return _error("run", str(error), 2)
+            except Exception:  # not one of ours yet: every trial is new
+                existing = None
+            finally:
+                db.dispose()
         for line in dry_run_lines(study, existing):
             print(line)
         return 0

@@ -197,6 +197,20 @@ def test_cli__dry_run_prints_the_trials_and_writes_nothing(
     assert not (tmp_path / "h.db").exists()
 
 
+def test_cli__dry_run_refuses_what_the_run_would_refuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.db import Database
+    from harness.spec import load_study
+    from harness.study import sync_study
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(STUDY)
+    sync_study(Database(tmp_path / "h.db"), load_study(grid))
+    search = tmp_path / "search.yaml"
+    search.write_text(STUDY.split("grid:")[0] + "search:\n  n_trials: 2\n  space:\n    lr: {low: 0.001, high: 0.01}\n")
+    assert cli.main(["run", str(search), "--db", str(tmp_path / "h.db"), "--dry-run"]) == 2
+    assert "is in the database as a grid; the file makes it a search" in capsys.readouterr().err
+
+
 def test_cli__dry_run_marks_what_the_database_has(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(STUDY)
