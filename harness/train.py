@@ -125,6 +125,7 @@ class _PeakMemory:
         import psutil
 
         process = psutil.Process(os.getpid())
+        _release_freed_memory()
         self._baseline = process.memory_info().rss
         self._high_water_mark = _reset_high_water_mark()
         if self._high_water_mark:
@@ -149,6 +150,20 @@ class _PeakMemory:
 
 
 _PROC_STATUS = "/proc/self/status"
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that earlier trials freed back to the OS (glibc's ``malloc_trim``). Without it the
+    allocator serves the next trial from pages that are still resident, its resident size does not
+    grow, and its peak reads as ~0 (measured: byol, swav, supervised at 0.0-0.2 MiB after simclr,
+    simsiam and barlow_twins in one process; 115-125 MiB with the trim)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may under-count, as documented
+        pass
 
 
 def _reset_high_water_mark() -> bool:

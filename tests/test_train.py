@@ -169,3 +169,15 @@ def test_peak_memory__cpu_sees_a_freed_temporary(mode: str) -> None:
     if probe.stdout.strip() == "unsupported":
         pytest.skip("this kernel has no resettable VmHWM")
     assert 0.9 <= float(probe.stdout) <= 2.0
+
+
+def test_run_trial__cpu_peak_memory_of_a_later_trial_is_not_lost_to_reused_memory() -> None:
+    # Without handing freed memory back first, simclr after simsiam and barlow_twins read ~0 MiB.
+    sizes = {"train_size": 256, "test_size": 64, "batch_size": 64, "epochs": 1}
+    records = [
+        train.run_trial(resolve({**TINY, **sizes, "method": method}), progress=False)
+        for method in ("simclr", "simsiam", "barlow_twins", "simclr")
+    ]
+    assert all(record.status == "complete" for record in records)
+    first, again = records[0].summary["peak_mem_bytes"], records[-1].summary["peak_mem_bytes"]
+    assert again > 0.5 * first > 0
