@@ -394,8 +394,9 @@ def bench_table(bench: pd.DataFrame) -> Table | None:
         ),
         rows=tuple(rows),
         numeric=(False, False, False, False, False, False, True, True, True, True, True),
-        caption="ratio = median time / the reference's median time in the same run (below 1 is faster); "
-        "ratios above 1 (slower than the reference) are in bold.",
+        caption="ratio = the median over interleaved rounds of (this round's time / the reference's time in "
+        "the same round), so it can differ from the ratio of the two medians on a noisy machine (below 1 "
+        "is faster); ratios above 1 (slower than the reference) are in bold.",
     )
 
 
