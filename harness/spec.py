@@ -637,6 +637,10 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     if kind in ("grid", "ablate") and kind in data:
         sweep = _validate_knob_mapping(data[kind], kind, problems, lists=True)
         if kind == "grid":
+            # (In an ablation a knob in both is the base value and its alternatives.)
+            for knob in sweep:
+                if knob in fixed:
+                    problems.add(f"grid.{knob}", "is also in fixed:, whose value the grid would replace; expected it in one of them")
             keys = list(sweep)
             points = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))] if keys else [{}]
         else:
@@ -945,7 +949,10 @@ def _check_points(
             elif not users:
                 problems.add(f"{kind}.{knob}", f"is not used by {', '.join(ignoring)}; expected a knob one of the study's methods reads")
             elif ignoring:
-                notes.append(f"{kind}.{knob} is swept for {', '.join(users)}; {', '.join(ignoring)} ignore it (one trial each per seed)")
+                verb = "ignores" if len(ignoring) == 1 else "ignore"
+                notes.append(
+                    f"{kind}.{knob} is swept for {', '.join(users)}; {', '.join(ignoring)} {verb} it (one trial each per seed)"
+                )
     seen_messages: set[str] = set()
     for point in points:
         try:

@@ -329,3 +329,13 @@ def test_cli__python_dash_m_harness_works() -> None:
         [sys.executable, "-m", "harness", "--help"], cwd=REPO, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "export" in result.stdout
+
+
+def test_cli__output_cut_short_by_head_is_not_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    values = ", ".join(str(round(0.0001 * i, 5)) for i in range(1, 4001))
+    path.write_text(STUDY.replace("lr: [0.001, 0.002]", f"lr: [{values}]"))
+    command = f"{sys.executable} -m harness run {path} --db {tmp_path / 'h.db'} --dry-run | head -n 1"
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.stdout.startswith("study cli-tiny (grid)")
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

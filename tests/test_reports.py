@@ -486,3 +486,14 @@ def test_accuracy_factor__fractions_and_percentages() -> None:
     empty = pd.DataFrame(columns=["name", "value"])
     assert accuracy_factor(pd.DataFrame({"knn_top1": [0.71, 0.8]}), empty) == 100.0
     assert accuracy_factor(pd.DataFrame({"knn_top1": [71.0, 80.0]}), empty) == 1.0
+
+
+def test_configuration_label__random_init_leaves_out_the_training_knobs_it_ignores() -> None:
+    from harness.reports.data import configuration_label
+
+    row = {"method": "random_init", "batch_size": 256, "lr": 0.001, "temperature": 0.5}
+    assert configuration_label(row, ("batch_size", "lr")) == "random_init"
+    trained = {**row, "method": "simclr"}
+    assert configuration_label(trained, ("batch_size", "lr", "temperature")) == (
+        "simclr · batch_size=256, lr=0.001, temperature=0.5"
+    )

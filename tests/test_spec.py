@@ -461,6 +461,10 @@ def test_load_study__ablated_knob_the_base_method_ignores_is_refused(tmp_path: P
     assert sorted(t.queue_size for t in study.trials()) == [64, 128, 4096]
 
 
+def test_load_study__a_knob_in_both_fixed_and_grid_is_refused(tmp_path: Path) -> None:
+    one_problem(tmp_path, "study: a\nfixed: {lr: 0.1}\ngrid:\n  lr: [0.2, 0.3]\n", "grid.lr", "also in fixed:")
+
+
 def test_load_study__test_size_of_one_is_refused_before_any_training(tmp_path: Path) -> None:
     # Uniformity averages over pairs of test images; one image would fail after the whole training.
     problem = one_problem(

@@ -20,6 +20,8 @@ from harness.spec import (
     KNOB_NAMES,
     METHOD_KNOBS,
     METHOD_SPECIFIC_KNOBS,
+    TRAINING_KNOBS,
+    UNTRAINED_METHODS,
     SpecError,
     Study,
     parse_study,
@@ -188,9 +190,12 @@ def _swept_knobs(spec: Study | None, trials: pd.DataFrame) -> tuple[str, ...]:
 
 def reads_knob(method: str, knob: str) -> bool:
     """Whether ``method`` uses ``knob``: spec resets the method-specific knobs a method does not
-    read to their defaults, so a label leaves them out and an ablation plot draws them flat."""
+    read to their defaults, and an untrained method (random_init) its training knobs, so a label
+    leaves them out and an ablation plot draws them flat."""
     if knob in METHOD_SPECIFIC_KNOBS:
         return knob in METHOD_KNOBS.get(method, frozenset())
+    if method in UNTRAINED_METHODS:
+        return knob not in TRAINING_KNOBS
     return True
 
 
