@@ -203,6 +203,15 @@ def test_sync_study__changed_file_says_what_changed(tmp_path: Path) -> None:
     assert "no longer in the file" in text and "- lr=0.001 seed=0" in text
 
 
+def test_sync_study__a_changed_fixed_knob_is_named_in_the_added_and_gone_lines(tmp_path: Path) -> None:
+    db = Database(tmp_path / "h.db")
+    sync_study(db, load_study(study_file(tmp_path, {"lr": [0.001]}, fixed={"epochs": 1})))
+    changed = load_study(study_file(tmp_path, {"lr": [0.001]}, fixed={"epochs": 2}))
+    lines: list[str] = []
+    run_study(changed, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(), echo=lines.append)
+    assert "  + lr=0.001 epochs=2 seed=0" in lines and "  - lr=0.001 epochs=1 seed=0" in lines
+
+
 def test_sync_study__search_and_grid_cannot_share_a_name(tmp_path: Path) -> None:
     db = Database(tmp_path / "h.db")
     sync_study(db, load_study(study_file(tmp_path, {"lr": [0.001]})))

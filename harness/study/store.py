@@ -177,6 +177,18 @@ def _sync(session: Session, study: Study, planned: Sequence[TrialConfig]) -> Syn
         )
     kept = [r for key, r in by_key.items() if key in wanted]
     gone = [r for key, r in by_key.items() if key not in wanted]
+    if missing and gone:
+        # A change to fixed: makes new configurations whose swept knobs read the same as the old
+        # ones'; name the knobs that tell the added trials from the gone ones too.
+        added_configs = [c.to_dict() for c in missing]
+        gone_configs = [dict(r.config) for r in gone]
+        names = dict.fromkeys(k for c in added_configs + gone_configs for k in c if k not in ("seed", "device"))
+        knobs = tuple(knobs) + tuple(
+            k
+            for k in names
+            if k not in knobs
+            and {repr(c.get(k)) for c in added_configs} != {repr(c.get(k)) for c in gone_configs}
+        )
     rows_now = session.execute(
         select(TrialRow.id, TrialRow.config_hash, TrialRow.seed).where(TrialRow.study_id == row.id)
     ).all()
