@@ -295,9 +295,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         db = open_existing(args.db)
         lines = status_lines(db, args.study, top=args.top)
     except FileNotFoundError as error:
-        return _error("status", str(error), 1)
+        return _error("status", str(error), 2)
     except UnknownStudy as error:
-        return _error("status", str(error), 1)
+        return _error("status", str(error), 2)
     except (SQLAlchemyError, ImportError) as error:
         return _error("status", _database_problem(error), 1)
     print("\n".join(lines))
@@ -317,14 +317,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         db = open_existing(args.db)
         known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))
     except FileNotFoundError as error:
-        return _error("export", str(error), 1)
+        return _error("export", str(error), 2)
     except (SQLAlchemyError, ImportError) as error:
         return _error("export", _database_problem(error), 1)
     if args.study not in known:
         return _error(
             "export",
             f"no study named {args.study!r}" + (f" (studies: {', '.join(known)})" if known else ""),
-            1,
+            2,
         )
     frame = trials_frame(db, args.study)
     out = Path(args.out) if args.out else Path("results") / f"{args.study}.{args.format}"

@@ -242,7 +242,8 @@ def test_cli__status_shows_counts_best_trials_and_failures(
 
 
 def test_cli__status_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["status", "--db", str(tmp_path / "none.db")]) == 1
+    # Like `harness report`: a missing database or an unknown study is a usage error (2).
+    assert cli.main(["status", "--db", str(tmp_path / "none.db")]) == 2
     assert "no database" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
     path = tmp_path / "s.yaml"
@@ -250,9 +251,9 @@ def test_cli__status_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     run_study(
         load_study(path), RunOptions(db=str(tmp_path / "h.db")), run_trial=fake_trainer, echo=lambda _: None
     )
-    assert cli.main(["status", "other", "--db", str(tmp_path / "h.db")]) == 1
+    assert cli.main(["status", "other", "--db", str(tmp_path / "h.db")]) == 2
     assert "no study named 'other'" in capsys.readouterr().err
-    assert cli.main(["export", "other", "--db", str(tmp_path / "h.db")]) == 1
+    assert cli.main(["export", "other", "--db", str(tmp_path / "h.db")]) == 2
 
 
 def test_cli__unusable_database_is_a_message_not_a_traceback(
