@@ -557,3 +557,11 @@ def test_study_module__imports_neither_torch_nor_optuna() -> None:
 def test_run_options__heartbeat_interval_is_a_fraction_of_the_timeout() -> None:
     assert RunOptions(heartbeat_timeout=3).heartbeat_interval == pytest.approx(0.5)
     assert RunOptions(heartbeat_timeout=600).heartbeat_interval == 10.0
+
+
+def test_device_shown__auto_is_resolved_for_the_progress_line() -> None:
+    from harness.study.runner import _device_shown
+
+    expected = "cuda (auto)" if __import__("torch").cuda.is_available() else "cpu (auto)"
+    assert _device_shown("auto") == expected
+    assert _device_shown("cuda:1") == "cuda:1" and _device_shown("cpu") == "cpu"

@@ -220,7 +220,7 @@ def run_claim(
         )
     elif claim.previous_status == "failed":
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
-    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {config.device}")
+    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)}")
     started = time.perf_counter()
     try:
         with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval) as beat:
@@ -270,6 +270,16 @@ def run_claim(
         f"trial #{claim.row_id} ({ctx.label(claim.config)}): {describe_outcome(status, outcome, seconds)}"
     )
     return Finished(status, dict(outcome["summary"] or {}))
+
+
+def _device_shown(device: str) -> str:
+    """``auto`` as the device it resolves to here (``cpu``, ``cuda``), for the progress line. Imports
+    torch only when asked, when a trial is about to run anyway."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda (auto)" if torch.cuda.is_available() else "cpu (auto)"
 
 
 def describe_outcome(status: str, outcome: Mapping[str, Any], seconds: float) -> str:
