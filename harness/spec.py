@@ -652,8 +652,9 @@ def parse_study(text: str, source: str = "<study>") -> Study:
         points = [{}]
 
     notes: list[str] = []
-    if not problems.items:
-        _check_points(kind, fixed, points, search, seeds, problems, notes)
+    # Knobs no method reads are reported with the other problems; resolving the points waits for a
+    # file without them (a bad value would come back once per point).
+    _check_points(kind, fixed, points, search, seeds, problems, notes, resolve_points=not problems.items)
     if problems.items:
         raise SpecError(problems.items)
     return Study(
@@ -807,7 +808,9 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
             clean: dict[str, Any] = {}
             for knob, value in point.items():
                 if knob not in names:
-                    problems.add(f"{path}.{knob}", f"not in search.space, expected one of {', '.join(sorted(names))}")
+                    # A knob whose space entry was refused already has its problem; say it once.
+                    if not (isinstance(space_raw, Mapping) and knob in space_raw):
+                        problems.add(f"{path}.{knob}", f"not in search.space, expected one of {', '.join(sorted(names))}")
                     continue
                 ok, coerced = _validate_value(str(knob), value, f"{path}.{knob}", problems)
                 if ok:
@@ -914,8 +917,11 @@ def _check_points(
     seeds: Sequence[int],
     problems: _Problems,
     notes: list[str],
+    *,
+    resolve_points: bool = True,
 ) -> None:
-    """Resolve every point to find range and cross-knob problems, and unused method knobs."""
+    """Find unused method knobs, then (``resolve_points``) resolve every point to find range and
+    cross-knob problems."""
     methods: set[str] = set()
     for point in points:
         methods.add(point.get("method", fixed.get("method", DEFAULTS.method)))
@@ -954,7 +960,7 @@ def _check_points(
                     f"{kind}.{knob} is swept for {', '.join(users)}; {', '.join(ignoring)} {verb} it (one trial each per seed)"
                 )
     seen_messages: set[str] = set()
-    for point in points:
+    for point in points if resolve_points else ():
         try:
             if search is not None:
                 _resolve_some_search_corner(fixed, search, seeds[0] if seeds else 0)

@@ -465,6 +465,21 @@ def test_load_study__a_knob_in_both_fixed_and_grid_is_refused(tmp_path: Path) ->
     one_problem(tmp_path, "study: a\nfixed: {lr: 0.1}\ngrid:\n  lr: [0.2, 0.3]\n", "grid.lr", "also in fixed:")
 
 
+def test_load_study__an_unused_knob_is_reported_beside_other_problems(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "study: m\nfixed: {barlow_lambda: 0.1, lr: -1}\ngrid:\n  temperature: [0.1]\n")
+    assert any("fixed.lr" in p for p in problems) and any("fixed.barlow_lambda: is not used" in p for p in problems)
+
+
+def test_load_study__a_refused_space_entry_is_not_blamed_again_in_enqueue(tmp_path: Path) -> None:
+    text = (
+        "study: s\nsearch:\n  n_trials: 2\n  space:\n    temperature: {low: -1, high: 1}\n"
+        "  enqueue:\n    - {temperature: 0.5}\n"
+    )
+    problems = problems_of(tmp_path, text)
+    assert any("search.space.temperature" in p for p in problems)
+    assert not any("enqueue" in p for p in problems), problems
+
+
 def test_load_study__test_size_of_one_is_refused_before_any_training(tmp_path: Path) -> None:
     # Uniformity averages over pairs of test images; one image would fail after the whole training.
     problem = one_problem(
