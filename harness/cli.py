@@ -313,6 +313,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from harness.results import trials_frame
     from harness.study import open_existing
 
+    suffix = Path(args.out).suffix.lower() if args.out else ""
+    other = {"csv": ".parquet", "parquet": ".csv"}[args.format]
+    if suffix == other:
+        return _error("export", f"--out {args.out}: a {args.format} file would get a {suffix} name; "
+                      f"expected --format {other[1:]} or another file name", 2)
     try:
         db = open_existing(args.db)
         known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))

@@ -909,6 +909,22 @@ def _resolve_some_search_corner(fixed: Mapping[str, Any], search: SearchSpec, se
     return resolve({**fixed, "seed": seed})
 
 
+def _legal_but_surprising(config: TrialConfig) -> list[str]:
+    """Values that run, but not as a researcher may expect: said as notes, not refused."""
+    notes = []
+    if config.train_size is not None and config.knn_k > config.train_size:
+        notes.append(
+            f"knn_k {config.knn_k} is more than train_size {config.train_size}: the k-NN vote uses all "
+            f"{config.train_size} training images"
+        )
+    if config.method not in UNTRAINED_METHODS and config.warmup_epochs > config.epochs:
+        notes.append(
+            f"warmup_epochs {config.warmup_epochs:g} is more than epochs {config.epochs}: the learning rate "
+            "never reaches its base value"
+        )
+    return notes
+
+
 def _check_points(
     kind: str,
     fixed: Mapping[str, Any],
@@ -963,9 +979,12 @@ def _check_points(
     for point in points if resolve_points else ():
         try:
             if search is not None:
-                _resolve_some_search_corner(fixed, search, seeds[0] if seeds else 0)
+                config = _resolve_some_search_corner(fixed, search, seeds[0] if seeds else 0)
             else:
-                resolve({**fixed, **point, "seed": seeds[0] if seeds else 0})
+                config = resolve({**fixed, **point, "seed": seeds[0] if seeds else 0})
+            for note in _legal_but_surprising(config):
+                if note not in notes:
+                    notes.append(note)
         except SpecError as error:
             label = ", ".join(f"{k}={v}" for k, v in point.items())
             for message in error.problems:

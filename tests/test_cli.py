@@ -303,6 +303,10 @@ def test_cli__export_writes_csv_and_parquet(
     parquet = pd.read_parquet(tmp_path / "out" / "t.parquet")
     assert sorted(parquet["status"]) == ["complete", "complete", "failed"]
     assert "wrote 3 trial(s)" in capsys.readouterr().out
+    # Parquet bytes under a .csv name would fool the next reader.
+    assert cli.main(["export", "cli-tiny", "--db", "h.db", "--format", "parquet", "--out", "t.csv"]) == 2
+    assert "expected --format csv or another file name" in capsys.readouterr().err
+    assert not (tmp_path / "t.csv").exists()
 
 
 @pytest.mark.slow

@@ -480,6 +480,14 @@ def test_load_study__a_refused_space_entry_is_not_blamed_again_in_enqueue(tmp_pa
     assert not any("enqueue" in p for p in problems), problems
 
 
+def test_load_study__legal_but_surprising_values_are_notes(tmp_path: Path) -> None:
+    text = "study: n\ndataset: synthetic\nfixed: {train_size: 200, batch_size: 32, knn_k: 500, warmup_epochs: 5, epochs: 1}\n"
+    study = load_study(write(tmp_path, text + "grid:\n  lr: [0.1, 0.2]\n"))
+    assert len(study.notes) == 2  # once each, not once per point
+    assert "knn_k 500 is more than train_size 200" in study.notes[0]
+    assert "warmup_epochs 5 is more than epochs 1" in study.notes[1]
+
+
 def test_load_study__test_size_of_one_is_refused_before_any_training(tmp_path: Path) -> None:
     # Uniformity averages over pairs of test images; one image would fail after the whole training.
     problem = one_problem(
