@@ -138,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("study", metavar="STUDY", nargs="?", help="a study name (default: every study)")
     _add_db(status)
     status.add_argument(
-        "--top", type=_positive_int, default=5, metavar="K", help="best trials shown (default: 5)"
+        "--top",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="best trials shown per study (default: 5 for one study, 3 each for every study)",
     )
     status.set_defaults(handler=_cmd_status)
 

@@ -565,3 +565,17 @@ def test_device_shown__auto_is_resolved_for_the_progress_line() -> None:
     expected = "cuda (auto)" if __import__("torch").cuda.is_available() else "cpu (auto)"
     assert _device_shown("auto") == expected
     assert _device_shown("cuda:1") == "cuda:1" and _device_shown("cpu") == "cpu"
+
+
+def test_status_lines__top_is_honoured_in_the_overview_of_every_study(tmp_path: Path) -> None:
+    from harness.study import status_lines
+
+    study = load_study(study_file(tmp_path, {"lr": [0.001 * i for i in range(1, 7)]}))
+    run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=FakeTrainer(), echo=quiet)
+    db = Database(tmp_path / "h.db")
+
+    def best(lines: list[str]) -> int:
+        return sum(line.lstrip().startswith("#") for line in lines)
+
+    assert best(status_lines(db)) == 3 and best(status_lines(db, "tiny")) == 5
+    assert best(status_lines(db, top=4)) == 4 and best(status_lines(db, "tiny", top=2)) == 2

@@ -91,9 +91,12 @@ def _ago(moment: datetime | None, now: datetime) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def status_lines(db: Database, name: str | None = None, *, top: int = 5, failures: int = 10) -> list[str]:
+def status_lines(
+    db: Database, name: str | None = None, *, top: int | None = None, failures: int = 10
+) -> list[str]:
     """``harness status``: per study, counts per status, the best trials by the objective, the
-    failures with their reasons, and who runs what."""
+    failures with their reasons, and who runs what. ``top`` best trials each (default 5 for one
+    study, 3 per study in the overview of all)."""
 
     def query(session: Session) -> list[tuple[StudyRow, list[TrialRow]]]:
         statement = select(StudyRow).order_by(StudyRow.created_at, StudyRow.id)
@@ -122,7 +125,10 @@ def status_lines(db: Database, name: str | None = None, *, top: int = 5, failure
             lines.append("")
         lines.extend(
             _study_lines(
-                study_row, trials, top=top if name else min(top, 3), failures=failures if name else 3
+                study_row,
+                trials,
+                top=top if top is not None else (5 if name else 3),
+                failures=failures if name else 3,
             )
         )
     return lines
