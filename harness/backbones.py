@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BACKBONES", "BackboneFactory", "ConvBatchNorm2d", "build_backbone", "resnet18", "small_cnn"]
+__all__ = [
+    "BACKBONES",
+    "BackboneFactory",
+    "ConvBatchNorm2d",
+    "build_backbone",
+    "plain_copy",
+    "resnet18",
+    "small_cnn",
+]
 
 BackboneFactory = Callable[..., tuple[nn.Module, int]]
 
@@ -185,3 +193,20 @@ def build_backbone(
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](in_channels=in_channels, image_size=image_size, fused_stem=fused_stem)
+
+
+def plain_copy(name: str, module: nn.Module) -> nn.Module:
+    """The backbone ``name`` built with ``fused_stem=False`` and ``module``'s weights and running
+    statistics: the same function with plain layer names (torchvision's ``conv1``/``bn1`` for
+    resnet18, the seed's ``0``/``1`` for small_cnn), for a checkpoint used outside the harness."""
+    stem = next(m for m in module.modules() if isinstance(m, ConvBatchNorm2d | nn.Conv2d))
+    conv = stem.conv if isinstance(stem, ConvBatchNorm2d) else stem
+    plain, _ = build_backbone(name, conv.in_channels, 32, fused_stem=False)
+    source = [*module.parameters(), *module.buffers()]
+    target = [*plain.parameters(), *plain.buffers()]
+    if [t.shape for t in source] != [t.shape for t in target]:
+        raise ValueError(f"plain_copy: the module is not a {name} backbone (its tensors do not match one)")
+    with torch.no_grad():
+        for mine, theirs in zip(source, target, strict=True):
+            theirs.copy_(mine)
+    return plain.to(device=conv.weight.device, dtype=conv.weight.dtype).train(module.training)

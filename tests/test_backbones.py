@@ -228,3 +228,33 @@ def test_backbones__fused_stem_is_the_same_function(name: str) -> None:
         torch.testing.assert_close(mine.grad, theirs.grad, **EXACT, msg=pname)
     for (bname, mine), theirs in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(mine, theirs, **EXACT, msg=bname)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, id=name) for name in BACKBONES])
+def test_plain_copy__same_function_under_the_plain_layer_names(name: str) -> None:
+    from harness.backbones import plain_copy
+
+    torch.manual_seed(0)
+    fused, _ = BACKBONES[name](1, 28)
+    fused(torch.randn(8, 1, 28, 28))  # one training step's running statistics, so they are not the defaults
+    fused.eval()
+    plain = plain_copy(name, fused)
+    assert not plain.training
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(plain(x), fused(x), rtol=1e-5, atol=1e-5)
+    reference, _ = BACKBONES[name](1, 28, fused_stem=False)
+    assert list(plain.state_dict()) == list(reference.state_dict())
+    with pytest.raises(ValueError, match="not a"):
+        plain_copy("resnet18" if name == "small_cnn" else "small_cnn", fused)
+
+
+def test_plain_copy__resnet18_loads_into_torchvision() -> None:
+    from torchvision.models import resnet18 as tv_resnet18
+
+    from harness.backbones import plain_copy
+
+    fused, _ = BACKBONES["resnet18"](1, 28)
+    torchvision_model = tv_resnet18(weights=None)
+    torchvision_model.conv1 = nn.Conv2d(1, 64, 3, padding=1, bias=False)
+    torchvision_model.fc = nn.Identity()
+    torchvision_model.load_state_dict(plain_copy("resnet18", fused).state_dict())  # strict: every key matches
