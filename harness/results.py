@@ -15,7 +15,7 @@ from harness.db import (
     MetricRow,
     StudyRow,
     TrialRow,
-    resolve_url,
+    open_existing,
 )
 
 TRIAL_COLUMNS: tuple[str, ...] = (
@@ -37,16 +37,8 @@ TRIAL_COLUMNS: tuple[str, ...] = (
 
 
 def as_database(db: Database | str | Path | None) -> Database:
-    """An existing results database; a SQLite path that does not exist is a FileNotFoundError (a
-    typo in a notebook must not come back as an empty frame and a stray new database)."""
-    if isinstance(db, Database):
-        return db
-    url = resolve_url(db)
-    if url.startswith("sqlite:///"):
-        path = url.split("///", 1)[1]
-        if path and path != ":memory:" and not Path(path).exists():
-            raise FileNotFoundError(f"no database at {path} (check the path; `harness run STUDY.yaml` creates one)")
-    return Database(url, create=False)
+    """An existing results database (``open_existing``: a missing SQLite file is an error)."""
+    return db if isinstance(db, Database) else open_existing(db)
 
 
 def trials_frame(db: Database | str | Path | None = None, study: str | None = None) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.db.engine import DEFAULT_DB_PATH, Database, resolve_url
+from harness.db.engine import DEFAULT_DB_PATH, Database, open_existing, resolve_url, sqlite_file
 from harness.db.models import (
     PROVENANCE_FIELDS,
     SUMMARY_METRICS,
@@ -26,6 +26,8 @@ __all__ = [
     "MetricRow",
     "StudyRow",
     "TrialRow",
+    "open_existing",
     "resolve_url",
+    "sqlite_file",
     "utcnow",
 ]

@@ -45,6 +45,24 @@ def resolve_url(url: str | Path | None) -> str:
     return f"sqlite:///{Path(text)}"
 
 
+def sqlite_file(url: str | Path | None) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    text = resolve_url(url)
+    if not text.startswith("sqlite") or "///" not in text:
+        return None
+    path = text.split("///", 1)[1]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def open_existing(url: str | Path | None) -> Database:
+    """The database for reading, without creating it or its tables: FileNotFoundError when a SQLite
+    file does not exist (a mistyped path must not come back as an empty result and a stray file)."""
+    path = sqlite_file(url)
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"no database at {path} (check the path; `harness run STUDY.yaml` creates one)")
+    return Database(url, create=False)
+
+
 def _is_lock_error(error: OperationalError) -> bool:
     message = str(error.orig).lower() if error.orig is not None else str(error).lower()
     return "locked" in message or "busy" in message

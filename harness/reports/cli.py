@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness.db import DEFAULT_DB_PATH, Database, resolve_url
+from harness.db import DEFAULT_DB_PATH, open_existing
 from harness.reports.data import UnknownStudyError, study_names
 from harness.reports.render import DEFAULT_OUT_ROOT, HTML_NAME, build_all, build_report
 
@@ -40,24 +40,22 @@ def _error(message: str) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    url = resolve_url(args.db)
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url.split("///", 1)[1])
-        if not path.is_file():
-            return _error(f"no database at {path} (run a study first, or pass --db)")
     if args.all and args.study:
         return _error("give a study name or --all, not both")
     if not args.all and not args.study:
         return _error("give a study name or --all")
-    # A report only reads: no table is created in a database that lacks them.
-    database = Database(url, create=False)
+    # A report only reads: no database, and no table in a database that lacks them, is created.
+    try:
+        database = open_existing(args.db)
+    except FileNotFoundError as error:
+        return _error(str(error))
     started = time.perf_counter()
     try:
         try:
             known = study_names(database)
         except SQLAlchemyError as error:
             return _error(
-                f"cannot read the harness tables of {url} ({type(error).__name__}: {error.args[0] if error.args else error})"
+                f"cannot read the harness tables of {database.url} ({type(error).__name__}: {error.args[0] if error.args else error})"
             )
         if args.all:
             index = build_all(database, out_root=args.out if args.out is not None else DEFAULT_OUT_ROOT)

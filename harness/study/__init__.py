@@ -7,7 +7,8 @@ imports neither torch nor Optuna; a worker imports them when it starts training 
 
 from __future__ import annotations
 
-from harness.study.overview import UnknownStudy, dry_run_lines, open_existing, status_lines
+from harness.db import open_existing
+from harness.study.overview import UnknownStudy, dry_run_lines, status_lines
 from harness.study.runner import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     Finished,

@@ -9,13 +9,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from harness.db import Database, StudyRow, TrialRow, resolve_url, utcnow
+from harness.db import Database, StudyRow, TrialRow, utcnow
 from harness.spec import SpecError, Study, parse_study
 from harness.study import store
 
@@ -27,25 +26,6 @@ _NOT_COMPARED: frozenset[str] = frozenset({"seed", "device"})
 
 class UnknownStudy(LookupError):
     """No study of that name in the database."""
-
-
-def sqlite_file(url: str | Path | None) -> Path | None:
-    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
-    text = resolve_url(url)
-    if not text.startswith("sqlite") or "///" not in text:
-        return None
-    path = text.split("///", 1)[1]
-    return None if path in ("", ":memory:") else Path(path)
-
-
-def open_existing(url: str | Path | None) -> Database:
-    """The database, without creating it: FileNotFoundError when a SQLite file does not exist."""
-    path = sqlite_file(url)
-    if path is not None and not path.exists():
-        raise FileNotFoundError(
-            f"no database at {path} (nothing has run yet; `harness run STUDY.yaml` creates it)"
-        )
-    return Database(url, create=False)
 
 
 @dataclass(frozen=True)

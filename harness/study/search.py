@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from harness.db import Database
+from harness.db import Database, sqlite_file
 from harness.spec import SearchParam, SearchSpec, SpecError, Study, config_hash, resolve
-from harness.study import overview, store
+from harness.study import store
 from harness.study.runner import WorkerContext, run_claim
 from harness.study.store import Claim
 
@@ -254,7 +254,7 @@ def sampling_lock(db: Database, study_name: str) -> Iterator[None]:
     """Serializes "count the trials, then ask for one" across processes, so that several workers
     together make exactly ``n_trials`` trials: a file lock for SQLite (its processes share one
     machine), an advisory lock for PostgreSQL, none elsewhere."""
-    path = overview.sqlite_file(db.url)
+    path = sqlite_file(db.url)
     key = hashlib.sha256(f"{db.url}|{study_name}".encode()).hexdigest()
     if path is not None:
         import fcntl
