@@ -34,8 +34,8 @@ METHOD_NAMES: tuple[str, ...] = (
     "supervised",
 )
 BASELINE_METHODS: frozenset[str] = frozenset({"random_init", "supervised"})
-BACKBONE_NAMES: tuple[str, ...] = ("small_cnn", "resnet18")
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits")
+BACKBONE_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_small")
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits", "imagefolder", "imagenet100")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "lars")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -68,6 +68,10 @@ class TrialConfig:
     data_root: str | None = None
     train_size: int | None = None  # None = the whole split
     test_size: int | None = None
+    pretrain_split: str = "train"
+    image_size: int | None = None
+    on_bad_image: str = "skip"
+    resident_share: float = 0.5
     # the swept ones
     temperature: float = 0.5
     batch_size: int = 256
