@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export.
+"""The ``harness`` command: run, status, report, bench, export, data.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -34,6 +34,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "loss-kernel microbenchmarks, stored and compared to a saved baseline",
         "Time the loss kernels (reference and fast implementations), store the results and "
         "compare them to a saved baseline with a regression gate.",
+    ),
+    "data": (
+        "harness.data.cli",
+        "prepare image-folder datasets as memory-mappable shards, and inspect them",
+        "Decode an image folder (imagefolder, imagenet100) once into uint8 shards at a chosen "
+        "resolution, where trials look for them; or show whether they are prepared and up to date.",
     ),
 }
 

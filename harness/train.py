@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from harness import evaluation, provenance
-from harness.data import ImageDataset, fits_on_device, iter_batches, load_dataset, make_views
+from harness.data import FOLDER_DATASETS, ImageDataset, fits_on_device, iter_batches, load_dataset, make_views
 from harness.db.models import SUMMARY_METRICS, utcnow
 from harness.methods import METHODS
 from harness.methods.base import Method

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DATASETS",
+    "FOLDER_DATASETS",
     "SPLITS",
     "DatasetNotFoundError",
     "ImageDataset",
@@ -32,7 +33,9 @@ __all__ = [
     "cache_dir",
     "clear_cache",
     "load_dataset",
+    "prepare_command",
     "read_idx",
+    "shard_for",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "test", "unlabeled")
@@ -543,6 +546,8 @@ def _native_loader(name: str) -> DatasetLoader:
 # ----------------------------------------------------------------------------------------------
 # Image folders, through prepared shards
 
+# Datasets read from image folders through prepared shards (they take image_size, on_bad_image).
+FOLDER_DATASETS: tuple[str, ...] = ("imagefolder", "imagenet100")
 # Split -> folder names tried under the dataset root, in order.
 FOLDER_SPLITS: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("val", "test"), "unlabeled": ("unlabeled",)}
 DEFAULT_IMAGE_SIZE = 224

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "IMAGENET100_CLASSES_FILE",
+    "IMAGE_EXTENSIONS",
     "NO_LABEL",
     "DataFormatError",
     "FolderListing",

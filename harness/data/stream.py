@@ -11,6 +11,7 @@ batches (and trials) on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -143,8 +144,6 @@ class _Streamer:
     def close(self) -> None:
         self.stop.set()
         while self.thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self.queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
         self.thread.join()
