@@ -120,8 +120,8 @@ def _pretraining_dataset(config: TrialConfig, train: ImageDataset, device: torch
         host = torch.cat([train.images.cpu(), unlabeled.images.cpu()])
         return ImageDataset(
             host, torch.cat([train.labels, unlabeled.labels]), train.num_classes, train.name,
-            "train+unlabeled", train.mean, train.std, train.class_names,
-        ).streaming(device)
+            "train+unlabeled", train.mean, train.std, train.class_names, streamed=True,
+        )
     return ImageDataset(
         torch.cat([train.images, unlabeled.images]), torch.cat([train.labels, unlabeled.labels]),
         train.num_classes, train.name, "train+unlabeled", train.mean, train.std, train.class_names,
@@ -385,7 +385,10 @@ def _train(
             size = config.batch_size
             # A streamed dataset gathers on the host: one copy of the order per epoch, not per step.
             gather_order = order.cpu() if data.streamed else order
-            batches = iter_batches(images, [gather_order[b * size : (b + 1) * size] for b in range(steps_per_epoch)], device)
+            batches = iter_batches(
+                images, [gather_order[b * size : (b + 1) * size] for b in range(steps_per_epoch)], device,
+                stream=data.streamed,
+            )
             for batch, batch_images in enumerate(batches):
                 if step == WARMUP_STEPS or (batch == 0 and step > WARMUP_STEPS):
                     _sync(device)
@@ -504,7 +507,7 @@ def _alignment_uniformity(context: _Context) -> tuple[float, float]:
     generator.manual_seed(context.config.seed + 1)
     first, second = [], []
     chunks = [slice(start, start + EVAL_BATCH_SIZE) for start in range(0, len(context.test), EVAL_BATCH_SIZE)]
-    for batch in iter_batches(context.test.images, chunks, context.device):
+    for batch in iter_batches(context.test.images, chunks, context.device, stream=context.test.streamed):
         views = make_views(
             batch,
             "simclr",

@@ -147,7 +147,7 @@ def test_read_stl10__truncated_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "stl10_binary" / "train_X.bin"
     with open(path, "r+b") as handle:
         handle.truncate(1000)
-    with pytest.raises(DataFormatError, match="train_X.bin.*multiple of 27648"):
+    with pytest.raises(DataFormatError, match=r"train_X.bin.*multiple of 27648"):
         read_stl10(tmp_path / "stl10_binary", "train")
 
 
@@ -259,7 +259,7 @@ def test_prepare_shard__unreadable_image_fatal_by_flag(tmp_path: Path) -> None:
     (tmp_path / "src" / "a" / "0002.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DataFormatError, match=r"unreadable image .*a/0002.png"):
         prepare_shard(tmp_path / "src", tmp_path / "shard", resolution=8, workers=1, on_bad_image="error", progress=False)
-    with pytest.raises(ShardError, match="no complete shard .*interrupted"):
+    with pytest.raises(ShardError, match=r"no complete shard .*interrupted"):
         open_shard(tmp_path / "shard")
 
 
@@ -332,6 +332,7 @@ def test_load_dataset__imagenet100_requires_every_listed_class(tmp_path: Path) -
         load_dataset("imagenet100", "train", root=tmp_path, image_size=8)
 
 
+@pytest.mark.slow
 def test_harness_data_prepare__cli_prepares_then_reports_up_to_date(tmp_path: Path) -> None:
     write_folder(tmp_path / "data" / "train", {"a": 3, "b": 2})
     env = {**os.environ, "HARNESS_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}

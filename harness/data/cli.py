@@ -14,7 +14,13 @@ import argparse
 import sys
 import warnings
 
-from harness.data.datasets import DEFAULT_IMAGE_SIZE, FOLDER_DATASETS, FOLDER_SPLITS, DatasetNotFoundError, shard_for
+from harness.data.datasets import (
+    DEFAULT_IMAGE_SIZE,
+    FOLDER_DATASETS,
+    FOLDER_SPLITS,
+    DatasetNotFoundError,
+    shard_for,
+)
 from harness.data.formats import DataFormatError
 from harness.data.shards import BAD_IMAGE_POLICIES, ShardError, prepare_shard, read_meta
 

@@ -100,6 +100,9 @@ class ImageDataset:
     mapped: bool = False
     """``images`` is a memory map of a file (a prepared shard, STL-10's binaries): nothing is in
     memory until indexed. :meth:`resident` loads it."""
+    streamed: bool = False
+    """The images stay in host memory (or a memory map) and the labels sit on the compute device:
+    batches are gathered, prefetched and copied per step (:func:`harness.data.iter_batches`)."""
     source: Any = None
     """Where the images came from when that is worth recording: the :class:`ShardMeta` of a
     prepared image folder (class counts, fingerprint, skipped files), else None."""
@@ -147,12 +150,6 @@ class ImageDataset:
             return self
         return _replace_tensors(self, self.images.to(device), self.labels.to(device))
 
-    @property
-    def streamed(self) -> bool:
-        """Images kept in host memory (or a memory map) while the labels sit on the compute device:
-        batches are gathered and copied per step (:func:`harness.data.iter_batches`)."""
-        return self.images.device != self.labels.device
-
     def resident(self, device: str | torch.device) -> ImageDataset:
         """The dataset loaded whole into ``device``'s memory (a memory map is read into RAM)."""
         device = torch.device(device)
@@ -164,7 +161,7 @@ class ImageDataset:
     def streaming(self, device: str | torch.device) -> ImageDataset:
         """The dataset with its images left in host memory (a memory map stays one) and its labels
         on ``device``, for the streamed path."""
-        return _replace_tensors(self, self.images.cpu(), self.labels.to(device), mapped=self.mapped)
+        return _replace_tensors(self, self.images.cpu(), self.labels.to(device), mapped=self.mapped, streamed=True)
 
     def subset(self, size: int, *, seed: int = 0) -> ImageDataset:
         """A deterministic class-balanced subset of ``size`` images (see :func:`balanced_subset_indices`)."""
@@ -173,10 +170,12 @@ class ImageDataset:
         return _replace_tensors(self, self.images.index_select(0, index), self.labels.index_select(0, index))
 
 
-def _replace_tensors(ds: ImageDataset, images: torch.Tensor, labels: torch.Tensor, *, mapped: bool = False) -> ImageDataset:
+def _replace_tensors(
+    ds: ImageDataset, images: torch.Tensor, labels: torch.Tensor, *, mapped: bool = False, streamed: bool = False
+) -> ImageDataset:
     return ImageDataset(
         images=images, labels=labels, num_classes=ds.num_classes, name=ds.name, split=ds.split,
-        mean=ds.mean, std=ds.std, class_names=ds.class_names, mapped=mapped, source=ds.source,
+        mean=ds.mean, std=ds.std, class_names=ds.class_names, mapped=mapped, streamed=streamed, source=ds.source,
     )
 
 

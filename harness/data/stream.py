@@ -45,16 +45,20 @@ def iter_batches(
     batches: Sequence[torch.Tensor | slice],
     device: torch.device,
     *,
+    stream: bool | None = None,
     prefetch: int = DEFAULT_PREFETCH,
 ) -> Iterator[torch.Tensor]:
     """``images[b]`` on ``device`` for each ``b`` of ``batches`` (index tensors or slices), in order.
 
-    Resident (``images`` already on ``device``): plain indexing. Streamed: up to ``prefetch``
+    Resident (``images`` already on ``device``): plain indexing. Streamed (``stream``; default:
+    whenever ``images`` live in host memory and ``device`` is not the CPU): up to ``prefetch``
     batches are gathered ahead by a background thread; index tensors must then be on the CPU.
     Leaving the loop early stops the thread.
     """
     device = torch.device(device)
-    if images.device == device:
+    if stream is None:
+        stream = images.device != device
+    if not stream and images.device == device:
         for b in batches:
             yield images[b]
         return
