@@ -72,6 +72,7 @@ class TrialConfig:
     image_size: int | None = None
     on_bad_image: str = "skip"
     resident_share: float = 0.5
+    aug_preset: str = "seed"
     # the swept ones
     temperature: float = 0.5
     batch_size: int = 256

@@ -402,6 +402,7 @@ def _train(
                     generator=context.generator,
                     mean=data.mean,
                     std=data.std,
+                    preset=config.aug_preset,
                 )
                 if channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]

@@ -11,6 +11,7 @@ See docs/DATA.md for the datasets, the augmentation recipes and the strength tab
 from __future__ import annotations
 
 from harness.data.augment import (
+    PRESETS,
     RECIPES,
     ViewRecipe,
     augment,
@@ -37,6 +38,7 @@ from harness.data.stream import fits_on_device, iter_batches
 __all__ = [
     "DATASETS",
     "FOLDER_DATASETS",
+    "PRESETS",
     "RECIPES",
     "SPLITS",
     "DatasetNotFoundError",
