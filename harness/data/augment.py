@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from harness.spec import AUG_PRESETS
+
 __all__ = [
     "BLUR_MIN_SIZE",
     "PRESETS",
@@ -56,7 +58,7 @@ RECIPES: tuple[str, ...] = ("simclr", "byol", "multicrop")
 # ``seed``: the seed notebook's 28-px recipe at every resolution (crop area from 0.8 at s = 1, blur
 # at every size). ``paper``: the papers' recipes by resolution (crop area from 0.08, blur only from
 # BLUR_MIN_SIZE px as SimCLR/solo-learn at 32 vs 96/224; multi-crop globals from DINO's 0.4).
-PRESETS: tuple[str, ...] = ("seed", "paper")
+PRESETS: tuple[str, ...] = AUG_PRESETS
 BLUR_MIN_SIZE = 96
 MAX_STRENGTH = 2.0
 # RandomResizedCrop's retries: sample (area, ratio) this many times, keep the first crop that fits.

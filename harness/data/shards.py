@@ -43,6 +43,7 @@ from harness.data.formats import (
     is_grayscale_mode,
     list_image_folder,
 )
+from harness.spec import BAD_IMAGE_POLICIES
 
 __all__ = [
     "BAD_IMAGE_POLICIES",
@@ -60,7 +61,6 @@ __all__ = [
 
 SHARD_FORMAT = 1
 CHUNK = 256
-BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
 # Images sampled (evenly spaced) for the per-channel mean/std stored in the meta.
 _STATS_SAMPLE = 10_000
 
