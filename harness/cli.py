@@ -83,6 +83,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.spec import DEFAULT_TRIAL_LIMIT
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
+    )
+    run.add_argument(
+        "--trial-limit",
+        type=_positive_int,
+        default=DEFAULT_TRIAL_LIMIT,
+        metavar="N",
+        help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
     )
     run.add_argument(
         "--retry-failed",
@@ -232,7 +240,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study.store import check_kind, existing_rows
 
     try:
-        study = load_study(args.study)
+        study = load_study(args.study, max_trials=args.trial_limit)
         problems = search_problems(study)
         if problems:
             raise SpecError(problems)

@@ -71,8 +71,10 @@ OBJECTIVE_METRICS: tuple[str, ...] = (
     "train_img_per_s",
 )
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize")
-# Largest integer a knob or seed may take: the databases store 64-bit signed integers.
+# Largest integer a knob may take: the databases store 64-bit signed integers.
 MAX_INT = 2**63 - 1
+# Seeds: 32 bits, what every generator (torch, NumPy, Python) takes and a person writes.
+MAX_SEED = 2**32 - 1
 
 KNOB_GROUPS: tuple[str, ...] = ("what", "swept", "training", "method", "execution", "evaluation")
 
@@ -396,7 +398,7 @@ class TrialConfig:
         0,
         "set by the top-level `seeds:` list, never in `fixed:`/`grid:`",
         group="execution",
-        check=within(0, MAX_INT),
+        check=within(0, MAX_SEED),
         identity=False,
     )
     # evaluation
@@ -598,9 +600,9 @@ def _describe(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, Mapping):
-        return "a mapping"
+        return "a mapping" if value else "an empty mapping"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     return type(value).__name__
 
 
@@ -618,12 +620,13 @@ def coerce_knob(name: str, value: Any) -> tuple[Any, str | None]:
     if base is bool:
         return (value, None) if isinstance(value, bool) else (None, label)
     if base is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_INT:
-                return int(value), None
             return None, label
-        if abs(value) > MAX_INT:
-            return None, f"{label.split(' or ')[0]} that fits in 64 bits"
+        if abs(value) > MAX_INT:  # the databases store 64-bit integers
+            bounded = declared.check is not None and declared.check.expected.startswith("in [")
+            return None, declared.expected if bounded else f"{declared.expected} that fits in 64 bits"
         return value, None
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -856,18 +859,47 @@ _StudyLoader.add_implicit_resolver(
 )
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file; raises SpecError listing every problem."""
+def load_study(path: str | Path, *, max_trials: int | None = None) -> Study:
+    """Read and validate a study file; raises SpecError listing every problem. ``max_trials``: see
+    :func:`parse_study`."""
     file = Path(path)
     try:
-        text = file.read_text()
+        data = file.read_bytes()
     except OSError as error:
         raise SpecError([f"{file}: cannot read the study file ({error.strerror or error})"]) from None
-    return parse_study(text, source=str(file))
+    return parse_study(decode_study_text(data, str(file)), source=str(file), max_trials=max_trials)
 
 
-def parse_study(text: str, source: str = "<study>") -> Study:
-    """Validate the text of a study file; raises SpecError listing every problem."""
+def decode_study_text(data: bytes, source: str) -> str:
+    """A study file's bytes as text: UTF-8 (a UTF-8 byte-order mark is allowed), else a SpecError
+    that says what the bytes look like."""
+    for bom, encoding in ((b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"), (b"\x00\x00\xfe\xff", "UTF-32")):
+        if data.startswith(bom):
+            raise SpecError([f"{source}: the file is {encoding} (it starts with a byte-order mark); expected UTF-8 text"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        bad = data[error.start : error.start + 1].hex()
+        line = data[: error.start].count(b"\n") + 1
+        raise SpecError(
+            [f"{source}: line {line}: byte 0x{bad} is not UTF-8 (is the file Latin-1 or binary?); expected UTF-8 text"]
+        ) from None
+
+
+# The most trials one study file may expand to unless ``harness run --trial-limit`` raises it:
+# counted before anything is expanded, so a 10^6-point grid is refused at once instead of filling
+# memory (a search's n_trials is held to the same limit).
+DEFAULT_TRIAL_LIMIT = 10_000
+MAX_STUDY_NAME = 100  # fits every backend's column (200) and a file name (255 bytes) with room
+
+
+def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = None) -> Study:
+    """Validate the text of a study file; raises SpecError listing every problem.
+
+    ``max_trials``: refuse a file whose grid/ablation (times its seeds) or search (``n_trials``)
+    has more trials, counted before anything is expanded (``harness run`` passes
+    ``DEFAULT_TRIAL_LIMIT`` or its ``--trial-limit``); None: no limit (a study already stored).
+    """
     problems = _Problems(source)
     try:
         data = yaml.load(text, Loader=_StudyLoader)
@@ -888,6 +920,9 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     name = data.get("study")
     if not isinstance(name, str) or not name.strip():
         problems.add("study", f"found {_describe(name)}, expected {_TOP_KEYS['study']}")
+        name = ""
+    elif len(name) > MAX_STUDY_NAME:
+        problems.add("study", f"found a name of {len(name)} characters, expected at most {MAX_STUDY_NAME}")
         name = ""
     elif not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         problems.add(
@@ -923,6 +958,8 @@ def parse_study(text: str, source: str = "<study>") -> Study:
 
     points: list[dict[str, Any]] = []
     search: SearchSpec | None = None
+    if max_trials is not None and not _within_trial_limit(kind, data, seeds, max_trials, problems):
+        raise SpecError(problems.items)
     if kind in ("grid", "ablate") and kind in data:
         sweep = _validate_knob_mapping(data[kind], kind, problems, lists=True)
         if kind == "grid":
@@ -961,17 +998,50 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     )
 
 
+def _within_trial_limit(kind: str, data: Mapping[str, Any], seeds: Sequence[int], limit: int, problems: _Problems) -> bool:
+    """Count the trials a file asks for from the list lengths alone; False (with the problem) above
+    ``limit``."""
+    sweep = data.get(kind)
+    if kind == "search":
+        n_trials = sweep.get("n_trials") if isinstance(sweep, Mapping) else None
+        if isinstance(n_trials, int) and not isinstance(n_trials, bool) and n_trials > limit:
+            problems.add(
+                "search.n_trials",
+                f"found {n_trials}, more than the limit of {limit} trials; expected at most {limit} "
+                "(harness run --trial-limit N raises it)",
+            )
+            return False
+        return True
+    if not isinstance(sweep, Mapping):
+        return True
+    lengths = {str(k): len(v) for k, v in sweep.items() if isinstance(v, list)}
+    points = math.prod(lengths.values()) if kind == "grid" else 1 + sum(lengths.values())
+    total = points * max(len(seeds), 1)
+    if total <= limit:
+        return True
+    factors = " x ".join(f"{length} {kind}.{k}" for k, length in lengths.items())
+    how = factors if kind == "grid" else f"1 + {' + '.join(f'{n} {kind}.{k}' for k, n in lengths.items())}"
+    problems.add(
+        kind,
+        f"expands to {total:,} trials ({how}, times {len(seeds)} seeds), more than the limit of {limit:,}; "
+        "expected fewer values (harness run --trial-limit N raises the limit)",
+    )
+    return False
+
+
 def _validate_seeds(raw: Any, problems: _Problems) -> list[int]:
     if not isinstance(raw, list) or not raw:
         problems.add("seeds", f"found {_describe(raw)}, expected a non-empty list of integers")
         return [0]
     seeds: list[int] = []
+    seen: set[int] = set()  # a set: a list of a million seeds must not cost a million squared
     for i, seed in enumerate(raw):
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            problems.add(f"seeds[{i}]", f"found {_describe(seed)}, expected an integer >= 0")
-        elif seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            problems.add(f"seeds[{i}]", f"found {_describe(seed)}, expected an integer in [0, {MAX_SEED}]")
+        elif seed in seen:
             problems.add(f"seeds[{i}]", f"found {seed} twice, expected distinct seeds")
         else:
+            seen.add(seed)
             seeds.append(seed)
     return seeds
 
@@ -1080,7 +1150,8 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
     if not isinstance(enqueue_raw, list):
         problems.add("search.enqueue", f"found {_describe(enqueue_raw)}, expected a list of mappings knob: value")
     else:
-        names = {p.name for p in space}
+        by_name = {p.name: p for p in space}
+        names = set(by_name)
         for i, point in enumerate(enqueue_raw):
             path = f"search.enqueue[{i}]"
             if not isinstance(point, Mapping):
@@ -1094,7 +1165,9 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
                         problems.add(f"{path}.{knob}", f"not in search.space, expected one of {', '.join(sorted(names))}")
                     continue
                 ok, coerced = _validate_value(str(knob), value, f"{path}.{knob}", problems)
-                if ok:
+                if ok and (outside := _outside_space(by_name[str(knob)], coerced)):
+                    problems.add(f"{path}.{knob}", f"found {_describe(value)}, expected {outside}")
+                elif ok:
                     clean[str(knob)] = coerced
             enqueue.append(clean)
     return SearchSpec(
@@ -1106,6 +1179,16 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
         space=tuple(space),
         enqueue=tuple(enqueue),
     )
+
+
+def _outside_space(param: SearchParam, value: Any) -> str | None:
+    """None if ``value`` is a point of the dimension, else what it should be (Optuna only warns
+    about an enqueued value outside the space, then samples it anyway)."""
+    if param.choices is not None:
+        return None if value in param.choices else f"one of the search.space choices {list(param.choices)}"
+    if param.low is not None and param.high is not None and not param.low <= value <= param.high:
+        return f"a value in the search.space range [{param.low}, {param.high}]"
+    return None
 
 
 def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Problems) -> SearchParam | None:
