@@ -123,7 +123,7 @@ def test_folder_pipeline__shard_streamed_against_resident(
     seconds: dict[str, list[float]] = {"resident": [], "streamed": []}
 
     def interleaved() -> int:
-        for key, run in runs.items():  # warm-up
+        for run in runs.values():  # warm-up
             run()
         for _ in range(ROUNDS):
             for key, run in runs.items():
