@@ -349,3 +349,36 @@ def test_search__two_processes_run_six_trials_with_a_pruner_into_one_database(
         if row.status == "complete":
             assert trial.value == pytest.approx(row.knn_top1)
     assert db.run(lambda s: s.scalar(select(StudyRow.kind))) == "search"
+
+
+def test_search__runs_without_importing_torch_when_the_trainer_is_injected(tmp_path: Path) -> None:
+    # The study layer needs torch only to train: TrialPruned comes from harness.trial_api.
+    path = search_file(tmp_path, SPACE, n_trials=3, extra="", name="notorch")
+    path.write_text(path.read_text().replace("fixed:\n", "fixed:\n  device: cpu\n"))
+    script = f"""
+import sys
+from harness.db import SUMMARY_METRICS, utcnow
+from harness.spec import load_study
+from harness.study import RunOptions, run_study
+from harness.trial_api import TrialPruned
+
+class Record:
+    def __init__(self, status, value, reason=None):
+        self.status, self.reason, self.curves, self.provenance = status, reason, [], {{}}
+        self.summary = dict.fromkeys(SUMMARY_METRICS, None)
+        self.summary["knn_top1"] = value
+        self.started_at = self.ended_at = utcnow()
+
+def trainer(config, *, on_eval=None, progress=None):
+    try:
+        on_eval(1, 0.5)
+    except TrialPruned as pruned:
+        return Record("pruned", None, str(pruned))
+    return Record("complete", 0.5)
+
+result = run_study(load_study({str(path)!r}), RunOptions(db={str(tmp_path / "h.db")!r}), run_trial=trainer, echo=print)
+assert result.exit_code == 0 and result.tally.complete == 3, result
+sys.exit(3 if "torch" in sys.modules else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -27,6 +27,7 @@ from harness.spec import SpecError, TrialConfig, load_study
 from harness.study import (
     RunOptions,
     StudyConflict,
+    WorkerEvents,
     claim_next,
     finish,
     heartbeat,
@@ -386,6 +387,39 @@ def test_run_study__ctrl_c_hands_the_trial_back_and_a_rerun_finishes(tmp_path: P
     assert {r.status for r in rows(Database(tmp_path / "h.db"))} == {"complete"}
 
 
+@dataclass
+class EventLog(WorkerEvents):
+    """Records the worker loop's hooks, in order."""
+
+    seen: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def claimed(self, ctx: Any, claim: Any) -> None:
+        self.seen.append(("claimed", claim.row_id))
+
+    def finished(self, ctx: Any, claim: Any, result: Any) -> None:
+        self.seen.append(("finished", claim.row_id, None if result is None else result.status))
+
+    def released(self, ctx: Any, claim: Any) -> None:
+        self.seen.append(("released", claim.row_id))
+
+
+def test_run_study__worker_events_see_each_trial_claimed_finished_or_released(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
+    log = EventLog()
+    trainer = FakeTrainer(interrupt_on_call=3, fail_on=lambda c: "bad lr" if c.lr == 0.002 else None)
+    result = run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=quiet, events=[log])
+    assert result.exit_code == 130
+    first, second, third = (r.id for r in rows(Database(tmp_path / "h.db")))
+    assert log.seen == [
+        ("claimed", first),
+        ("finished", first, "complete"),
+        ("claimed", second),
+        ("finished", second, "failed"),
+        ("claimed", third),
+        ("released", third),
+    ]
+
+
 def test_run_study__max_trials_stops_early(tmp_path: Path) -> None:
     study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
     trainer = FakeTrainer()
@@ -560,7 +594,7 @@ def test_run_options__heartbeat_interval_is_a_fraction_of_the_timeout() -> None:
 
 
 def test_device_shown__auto_is_resolved_for_the_progress_line() -> None:
-    from harness.study.runner import _device_shown
+    from harness.study.worker import _device_shown
 
     expected = "cuda (auto)" if __import__("torch").cuda.is_available() else "cpu (auto)"
     assert _device_shown("auto") == expected

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from harness.db import Database, StudyRow, TrialRow, utcnow
 from harness.spec import SpecError, Study, parse_study
 from harness.study import store
+from harness.study.kinds import kind_of
 
 STATUS_ORDER: tuple[str, ...] = ("complete", "running", "pending", "failed", "pruned")
 SHOWN_METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "final_loss")
@@ -172,26 +173,4 @@ def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failu
 def dry_run_lines(study: Study, existing: Mapping[tuple[str, int], str] | None) -> list[str]:
     """``harness run --dry-run``: the expanded trials (and notes), marked with their state in the
     database when it has the study. Writes nothing."""
-    if study.search is not None:
-        from harness.study import search
-
-        lines = search.describe(study)
-        lines.extend(f"note: {note}" for note in study.notes)
-        return lines
-    trials = study.trials()
-    configurations = len({t.config_hash for t in trials})
-    lines = [
-        f"study {study.name} ({study.kind}): {configurations} configuration(s) x {len(study.seeds)} seed(s) "
-        f"= {len(trials)} trial(s) (dry run: nothing is written)"
-    ]
-    lines.extend(f"note: {note}" for note in study.notes)
-    knobs = study.swept_knobs
-    for index, config in enumerate(trials, 1):
-        state = "new" if existing is None else existing.get((config.config_hash, config.seed), "new")
-        lines.append(f"  {index:>4}  {store.trial_label(config.to_dict(), knobs)}  [{state}]")
-    if existing is not None:
-        wanted = {(t.config_hash, t.seed) for t in trials}
-        gone = [key for key in existing if key not in wanted]
-        if gone:
-            lines.append(f"  {len(gone)} trial(s) in the database are no longer in the file (kept, not run)")
-    return lines
+    return kind_of(study).dry_run_lines(existing)

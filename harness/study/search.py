@@ -16,7 +16,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 from harness.db import Database, sqlite_file
 from harness.spec import SearchParam, SearchSpec, SpecError, Study, config_hash, resolve
 from harness.study import store
-from harness.study.runner import WorkerContext, run_claim
-from harness.study.store import Claim
+from harness.study.store import Claim, SyncReport
+from harness.study.worker import SKIPPED, Finished, Job, Skipped, WorkerContext
+from harness.trial_api import TrialPruned
 
 T = TypeVar("T")
 
@@ -317,88 +318,104 @@ def _tell(search: _Search, trial: Any, *, value: float | None = None, state: str
 
 
 # ----------------------------------------------------------------------------------------------
-# The worker loop
+# One worker's trials
 
 
-def search_loop(ctx: WorkerContext) -> None:
-    """Rerun the search's trials that need it, then sample new ones until ``n_trials`` is used."""
-    study = ctx.study
-    assert study.search is not None
-    search = open_search(ctx.db, study)
-    seed = study.seeds[0]
-    waiting_said = False
-    while ctx.budget.take():
-        claim = store.claim_next(
-            ctx.db,
-            ctx.study_id,
-            ctx.worker,
-            stale_before=ctx.stale_before,
-            retry_failed_before=ctx.retry_failed_before,
+class SearchSource:
+    """A search's trials for one worker: claimed rows get a new Optuna trial with the same
+    parameters; new trials are sampled while the study has used fewer than ``n_trials``."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        assert ctx.study.search is not None
+        self.ctx = ctx
+        self.search = open_search(ctx.db, ctx.study)
+        self.seed = ctx.study.seeds[0]
+
+    def adopt(self, claim: Claim) -> Job | None:
+        """A claimed harness trial (interrupted, its worker dead, or a failure to retry) gets a new
+        Optuna trial with the same parameters."""
+        optuna = _optuna()
+        search = self.search
+        supersede(search, claim.optuna_number)
+        params = {p.name: claim.config.get(p.name) for p in search.spec.space}
+        template = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING,
+            params=params,
+            distributions={p.name: distribution(p, params[p.name]) for p in search.spec.space},
+            # fixed_params: a GridSampler must not assign this trial a grid point of its own.
+            system_attrs={"fixed_params": params},
+            user_attrs={HARNESS_TRIAL: claim.row_id},
         )
-        if claim is not None:
-            _rerun(ctx, search, claim)
-            waiting_said = False
-            continue
-        with sampling_lock(ctx.db, study.name):
+        trial_id = _retry(lambda: search.storage.create_new_trial(search.study_id, template_trial=template))
+        trial = optuna.trial.Trial(search.study, trial_id)
+        number = trial.number
+        if not store.set_optuna_number(self.ctx.db, claim, number):
+            _tell(search, trial, state="failed")
+            return None
+        return self._job(trial, replace(claim, optuna_number=number))
+
+    def propose(self) -> Job | Skipped | None:
+        """Sample one point in a new Optuna trial, claimed; SKIPPED when nothing needs training
+        (the point was invalid, or the study already has a result for it)."""
+        search = self.search
+        with sampling_lock(self.ctx.db, self.ctx.study.name):
             trial = _retry(search.study.ask) if trials_used(search) < search.spec.n_trials else None
-        if trial is not None:
-            if not _ask_and_run(ctx, search, trial, seed):
-                ctx.budget.give_back()  # nothing trained (a reused or invalid point)
-            waiting_said = False
-            continue
-        ctx.budget.give_back()
-        others = store.live_running(ctx.db, ctx.study_id, stale_before=ctx.stale_before)
-        if others == 0:
-            return
-        if not waiting_said:
-            ctx.echo(
-                f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)"
+        if trial is None:
+            return None
+        try:
+            claim = _configure(self.ctx, search, trial, self.seed)
+        except KeyboardInterrupt:
+            supersede(search, trial.number)
+            raise
+        except Exception as error:  # e.g. an enqueued value Optuna rejects: a failed sample, not a crash
+            _tell(search, trial, state="failed")
+            self.ctx.echo(
+                f"optuna trial {trial.number}: could not be set up ({type(error).__name__}: {error}); counted as failed"
             )
-            waiting_said = True
-        time.sleep(ctx.poll_seconds)
+            return SKIPPED
+        if claim is None:
+            return SKIPPED
+        return self._job(trial, claim)
 
+    def _job(self, trial: Any, claim: Claim) -> Job:
+        ctx, search = self.ctx, self.search
+        spec = search.spec
+        # Intermediate values are the k-NN accuracy (what training measures as it goes); they rank
+        # trials the right way round only when the objective is maximized.
+        report = spec.direction == "maximize"
 
-def _rerun(ctx: WorkerContext, search: _Search, claim: Claim) -> None:
-    """A claimed harness trial (interrupted, its worker dead, or a failure to retry) gets a new
-    Optuna trial with the same parameters."""
-    optuna = _optuna()
-    supersede(search, claim.optuna_number)
-    params = {p.name: claim.config.get(p.name) for p in search.spec.space}
-    template = optuna.trial.create_trial(
-        state=optuna.trial.TrialState.RUNNING,
-        params=params,
-        distributions={p.name: distribution(p, params[p.name]) for p in search.spec.space},
-        # fixed_params: a GridSampler must not assign this trial a grid point of its own.
-        system_attrs={"fixed_params": params},
-        user_attrs={HARNESS_TRIAL: claim.row_id},
-    )
-    trial_id = _retry(lambda: search.storage.create_new_trial(search.study_id, template_trial=template))
-    trial = optuna.trial.Trial(search.study, trial_id)
-    number = trial.number
-    if not store.set_optuna_number(ctx.db, claim, number):
-        _tell(search, trial, state="failed")
-        return
-    _run(ctx, search, trial, replace(claim, optuna_number=number))
+        def on_eval(epoch: int, value: float) -> None:
+            if not report or value is None or not math.isfinite(value):
+                return
+            try:
+                trial.report(float(value), int(epoch))
+                prune = trial.should_prune()
+            except Exception as error:  # a busy database must not fail the trial; it just is not pruned now
+                ctx.echo(
+                    f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})"
+                )
+                return
+            if prune:
+                raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
 
+        def on_finished(finished: Finished | None) -> None:
+            if finished is None:  # taken over by another worker, which owns the Optuna side now
+                return
+            value = objective_value(spec, finished.summary)
+            _tell(search, trial, value=value, state=finished.status)
 
-def _ask_and_run(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> bool:
-    """Sample one point in a new Optuna trial and run it; False when nothing was trained (the
-    point was invalid, or the study already has a result for it)."""
-    try:
-        claim = _configure(ctx, search, trial, seed)
-    except KeyboardInterrupt:
-        supersede(search, trial.number)
-        raise
-    except Exception as error:  # e.g. an enqueued value Optuna rejects: a failed sample, not a crash
-        _tell(search, trial, state="failed")
-        ctx.echo(
-            f"optuna trial {trial.number}: could not be set up ({type(error).__name__}: {error}); counted as failed"
+        return Job(
+            claim,
+            on_eval=on_eval,
+            on_finished=on_finished,
+            on_interrupted=lambda: supersede(search, trial.number),
         )
-        return False
-    if claim is None:
-        return False
-    _run(ctx, search, trial, claim)
-    return True
+
+
+def objective_value(spec: SearchSpec, summary: Mapping[str, Any] | None) -> float | None:
+    """The value a finished trial reports to Optuna (None when it has none)."""
+    value = (summary or {}).get(spec.metric)
+    return None if value is None else float(value)
 
 
 def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | None:
@@ -439,7 +456,7 @@ def _existing(
     metric = search.spec.metric
     status = row["status"]
     if status == "complete":
-        value = row.get(metric)
+        value = objective_value(search.spec, row)
         _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
         _tell(search, trial, value=value, state="complete" if value is not None else "failed")
         ctx.tally.reused += 1
@@ -474,39 +491,6 @@ def _existing(
     return claim
 
 
-def _run(ctx: WorkerContext, search: _Search, trial: Any, claim: Claim) -> None:
-    from harness.train import TrialPruned
-
-    spec = search.spec
-    # Intermediate values are the k-NN accuracy (what training measures as it goes); they rank
-    # trials the right way round only when the objective is maximized.
-    report = spec.direction == "maximize"
-
-    def on_eval(epoch: int, value: float) -> None:
-        if not report or value is None or not math.isfinite(value):
-            return
-        try:
-            trial.report(float(value), int(epoch))
-            prune = trial.should_prune()
-        except Exception as error:  # a busy database must not fail the trial; it just is not pruned now
-            ctx.echo(
-                f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})"
-            )
-            return
-        if prune:
-            raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
-
-    try:
-        finished = run_claim(ctx, claim, on_eval=on_eval)
-    except KeyboardInterrupt:
-        supersede(search, trial.number)
-        raise
-    if finished is None:  # taken over by another worker, which owns the Optuna side now
-        return
-    value = finished.summary.get(spec.metric) if finished.summary else None
-    _tell(search, trial, value=None if value is None else float(value), state=finished.status)
-
-
 def describe(study: Study) -> list[str]:
     """The search as ``--dry-run`` prints it."""
     spec = study.search
@@ -534,15 +518,37 @@ def describe(study: Study) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class SearchKind:
+    """``search:`` studies: an Optuna study stored beside the harness tables."""
+
+    study: Study
+
+    def prepare(self, db: Database) -> None:
+        prepare(db, self.study)
+
+    def sync_lines(self, report: SyncReport, limit: int = 10) -> list[str]:
+        state = "new" if report.created else ("file changed" if report.file_changed else "unchanged")
+        return [f"study {self.study.name} (search, {state}): {report.kept} trial(s) in the database so far"]
+
+    def dry_run_lines(self, existing: Mapping[tuple[str, int], str] | None) -> list[str]:
+        return describe(self.study) + [f"note: {note}" for note in self.study.notes]
+
+    def source(self, ctx: WorkerContext) -> SearchSource:
+        return SearchSource(ctx)
+
+
 __all__ = [
+    "SearchKind",
     "SearchSetupError",
+    "SearchSource",
     "describe",
     "distribution",
     "grid_values",
     "make_storage",
+    "objective_value",
     "open_search",
     "prepare",
-    "search_loop",
     "search_problems",
     "suggest",
     "supersede",
