@@ -2,6 +2,8 @@
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
+This module imports only the standard library at import time: everything else is imported
+inside ``main``, where Ctrl-C during start-up is one line ("interrupted"), not a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-
-from harness.db import DEFAULT_DB_PATH
 
 DESCRIPTION = (
     "Benchmark and ablation harness for self-supervised representation learning. A study file "
@@ -68,6 +68,8 @@ def _device(text: str) -> str:
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
+    from harness.db import DEFAULT_DB_PATH
+
     parser.add_argument(
         "--db",
         metavar="URL",
@@ -105,7 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes on this machine, each claiming trials (one per GPU where there are several)",
     )
     run.add_argument(
+        "--force-workers",
+        action="store_true",
+        help="run --workers N even when N is more than this machine's CUDA devices (or CPU cores)",
+    )
+    run.add_argument(
         "--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials"
+    )
+    run.add_argument(
+        "--allow-large",
+        action="store_true",
+        help="run a study above the size limits (a search's n_trials; see docs/STUDIES.md)",
     )
     run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
@@ -227,7 +239,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         study = load_study(args.study)
-        problems = search_problems(study)
+        problems = search_problems(study, allow_large=args.allow_large)
         if problems:
             raise SpecError(problems)
     except SpecError as error:
@@ -269,6 +281,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_trials=args.max_trials,
         retry_failed=args.retry_failed,
+        force_workers=args.force_workers,
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
     )

@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +81,10 @@ def run_study(
     for note in study.notes:
         say(f"note: {note}")
     started = utcnow()
+    workers, note = capped_workers(options)
+    if note:
+        say(f"note: {note}")
+    options = replace(options, workers=workers)
     if options.workers <= 1:
         budget = TrialBudget(options.max_trials)
         ctx = WorkerContext(
@@ -125,15 +129,40 @@ def worker_devices(device: str | None, workers: int) -> list[str | None]:
     """One device per worker: with several CUDA devices and no explicit one, round-robin cuda:i."""
     if device not in (None, "auto", "cuda"):
         return [device] * workers
-    try:
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # no usable torch/CUDA: every worker takes the configured device
-        count = 0
+    count = _cuda_devices()
     if count > 1:
         return [f"cuda:{i % count}" for i in range(workers)]
     return [device] * workers
+
+
+def capped_workers(options: RunOptions) -> tuple[int, str | None]:
+    """``--workers`` capped at what this machine can keep busy: one worker per CUDA device when the
+    trials run on CUDA, else one per CPU core; ``--force-workers`` lifts the cap. Returns the
+    count and, when capped, a note saying so."""
+    wanted = options.workers
+    if wanted <= 1 or options.force_workers:
+        return wanted, None
+    devices = worker_devices(options.device, wanted)
+    if _uses_cuda(devices):
+        limit, what = _cuda_devices(), "CUDA device(s)"
+    else:
+        limit, what = _cpu_cores(), "CPU core(s)"
+    limit = max(1, limit)
+    if wanted <= limit:
+        return wanted, None
+    return limit, (
+        f"--workers {wanted}: this machine has {limit} {what}; running {limit} worker(s) "
+        f"(--force-workers runs {wanted})"
+    )
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # no usable torch/CUDA
+        return 0
 
 
 @dataclass(frozen=True)
@@ -293,6 +322,7 @@ __all__ = [
     "RunOptions",
     "RunResult",
     "RunTally",
+    "capped_workers",
     "default_trial_runner",
     "describe_sync",
     "run_study",

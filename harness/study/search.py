@@ -11,7 +11,9 @@ excepted, across all processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import random
 import tempfile
@@ -19,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,22 +35,36 @@ from harness.trial_api import TrialPruned
 T = TypeVar("T")
 
 SQLITE_TIMEOUT_S = 30.0
+# n_trials above this is refused unless `harness run --allow-large` (docs/STUDIES.md).
+MAX_SEARCH_TRIALS = 10_000
 _STORAGE_RETRIES = 8
 SUPERSEDED = "harness_superseded"
 HARNESS_TRIAL = "harness_trial_id"
+REUSED = "harness_reused_trial_id"
+SETUP_FAILED = "harness_setup_failed"
+# A RUNNING Optuna trial that no harness row points at (its process died between sampling and
+# registering the sample) stops counting against n_trials after this long.
+ORPHAN_AFTER_S = 120.0
 
 
 class SearchSetupError(Exception):
     """The search cannot run against this database or this environment (nothing was run)."""
 
 
-def search_problems(study: Study) -> list[str]:
+def search_problems(study: Study, *, allow_large: bool = False) -> list[str]:
     """Problems of a valid study file that only the search machinery sees (reported like
-    validation problems, before anything is written)."""
+    validation problems, before anything is written). ``allow_large``: ``--allow-large``, which
+    lifts ``MAX_SEARCH_TRIALS``."""
     spec = study.search
     if spec is None:
         return []
     problems: list[str] = []
+    if spec.n_trials > MAX_SEARCH_TRIALS and not allow_large:
+        problems.append(
+            f"{study.path}: search.n_trials: {spec.n_trials} is above the limit of {MAX_SEARCH_TRIALS} "
+            "trials per search (a guard against a typo); expected at most "
+            f"{MAX_SEARCH_TRIALS}, or pass --allow-large to run it anyway"
+        )
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -234,12 +251,74 @@ def prepare(db: Database, study: Study) -> None:
     """Before the workers start: Optuna's tables and study exist, and the file's ``enqueue``
     points are queued (once: points already in the study are skipped)."""
     search = open_search(db, study)
-    for point in search.spec.enqueue:
-        _retry(lambda point=point: search.study.enqueue_trial(dict(point), skip_if_exists=True))
+    if not search.spec.enqueue:
+        return
+    # Under the search's lock: runners that start together must not each find a point missing
+    # and each enqueue it (skip_if_exists alone is check-then-insert).
+    with sampling_lock(db, study.name):
+        for point in search.spec.enqueue:
+            _retry(lambda point=point: search.study.enqueue_trial(dict(point), skip_if_exists=True))
 
 
-def trials_used(search: _Search) -> int:
-    """Optuna trials that count against ``n_trials`` (all processes together)."""
+def counts_toward_n_trials(state: str, user_attrs: Mapping[str, Any], linked: bool) -> bool:
+    """Whether an Optuna trial (``state``: a TrialState name) uses one of the search's ``n_trials``.
+
+    A running trial does, and so does a finished one with a result in the harness: a row that
+    points at it (``linked``), a reused row, or a sample that could not be set up. A superseded
+    trial does not (a replacement runs its configuration), nor a failed trial that nothing in the
+    harness accounts for: an older harness failed duplicate samples that way, and a rerun of the
+    study now runs the trial they took the place of.
+    """
+    if user_attrs.get(SUPERSEDED) or state == "WAITING":
+        return False
+    if state in ("RUNNING", "COMPLETE", "PRUNED"):
+        return True
+    return linked or any(user_attrs.get(key) is not None for key in (HARNESS_TRIAL, REUSED, SETUP_FAILED))
+
+
+def trials_used_in_database(db: Database, study_name: str, study_id: int) -> int | None:
+    """``trials_used`` read from Optuna's tables with plain queries (for ``harness status``: no
+    Optuna import, nothing written); None when the database has no Optuna study of that name."""
+    from sqlalchemy import inspect, text
+
+    if not inspect(db.engine).has_table("trials"):
+        return None
+
+    def query(session: Any) -> tuple[bool, list[Any]]:
+        found = session.execute(
+            text("SELECT study_id FROM studies WHERE study_name = :name"), {"name": study_name}
+        ).first()
+        if found is None:
+            return False, []
+        rows = session.execute(
+            text(
+                "SELECT t.number, t.state, a.key, a.value_json FROM trials t "
+                "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id WHERE t.study_id = :id"
+            ),
+            {"id": found[0]},
+        ).all()
+        return True, list(rows)
+
+    exists, rows = db.run(query)
+    if not exists:
+        return None
+    trials: dict[int, tuple[str, dict[str, Any]]] = {}
+    for number, state, key, value in rows:
+        state_name = getattr(state, "name", str(state))  # an enum on some drivers, its name on others
+        _, attrs = trials.setdefault(int(number), (state_name, {}))
+        if key is not None:
+            attrs[key] = json.loads(value)
+    linked = store.optuna_numbers(db, study_id)
+    return sum(
+        counts_toward_n_trials(state, attrs, number in linked or attrs.get(HARNESS_TRIAL) is not None)
+        for number, (state, attrs) in trials.items()
+    )
+
+
+def trials_used(search: _Search, db: Database, study_id: int) -> int:
+    """Optuna trials that count against ``n_trials`` (all processes together). Call it under
+    ``sampling_lock``: it also retires orphans, RUNNING trials that no harness row points at,
+    older than ``ORPHAN_AFTER_S``."""
     optuna = _optuna()
     states = optuna.trial.TrialState
     trials = _retry(
@@ -247,7 +326,22 @@ def trials_used(search: _Search) -> int:
             deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL, states.RUNNING)
         )
     )
-    return sum(1 for t in trials if not t.user_attrs.get(SUPERSEDED))
+    linked = store.optuna_numbers(db, study_id)
+    orphaned_before = datetime.now() - timedelta(seconds=ORPHAN_AFTER_S)  # Optuna's local times
+    used = 0
+    for trial in trials:
+        is_linked = trial.number in linked or trial.user_attrs.get(HARNESS_TRIAL) is not None
+        if (
+            trial.state == states.RUNNING
+            and not is_linked
+            and not trial.user_attrs.get(SUPERSEDED)
+            and trial.datetime_start is not None
+            and trial.datetime_start < orphaned_before
+        ):
+            supersede(search, trial.number)
+            continue
+        used += counts_toward_n_trials(trial.state.name, trial.user_attrs, is_linked)
+    return used
 
 
 @contextmanager
@@ -358,24 +452,27 @@ class SearchSource:
         """Sample one point in a new Optuna trial, claimed; SKIPPED when nothing needs training
         (the point was invalid, or the study already has a result for it)."""
         search = self.search
-        with sampling_lock(self.ctx.db, self.ctx.study.name):
-            trial = _retry(search.study.ask) if trials_used(search) < search.spec.n_trials else None
+        ctx = self.ctx
+        with sampling_lock(ctx.db, ctx.study.name):
+            used = trials_used(search, ctx.db, ctx.study_id)
+            trial = _retry(search.study.ask) if used < search.spec.n_trials else None
         if trial is None:
             return None
         try:
-            claim = _configure(self.ctx, search, trial, self.seed)
+            claim = _configure(ctx, search, trial, self.seed)
         except KeyboardInterrupt:
             supersede(search, trial.number)
             raise
         except Exception as error:  # e.g. an enqueued value Optuna rejects: a failed sample, not a crash
+            reason = f"{type(error).__name__}: {error}"
+            # The mark makes the failure count against n_trials (so a sample that always fails
+            # cannot loop); if even it cannot be written, the failure is still reported below.
+            with contextlib.suppress(Exception):
+                _retry(lambda: trial.set_user_attr(SETUP_FAILED, reason))
             _tell(search, trial, state="failed")
-            self.ctx.echo(
-                f"optuna trial {trial.number}: could not be set up ({type(error).__name__}: {error}); counted as failed"
-            )
+            ctx.echo(f"optuna trial {trial.number}: could not be set up ({reason}); counted as failed")
             return SKIPPED
-        if claim is None:
-            return SKIPPED
-        return self._job(trial, claim)
+        return self._job(trial, claim) if isinstance(claim, Claim) else claim
 
     def _job(self, trial: Any, claim: Claim) -> Job:
         ctx, search = self.ctx, self.search
@@ -418,8 +515,10 @@ def objective_value(spec: SearchSpec, summary: Mapping[str, Any] | None) -> floa
     return None if value is None else float(value)
 
 
-def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | None:
-    """The sampled configuration's harness trial, claimed; None when there is nothing to train."""
+def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | Skipped | None:
+    """The sampled configuration's harness trial, claimed; SKIPPED when there is nothing to train;
+    None when the configuration runs in another worker right now (the sample does not count; the
+    worker waits before it samples again)."""
     params = {p.name: suggest(trial, p) for p in search.spec.space}
     overrides = {**ctx.study.fixed, **params, "seed": seed}
     label = " ".join(f"{k}={store.format_value(v)}" for k, v in params.items())
@@ -432,46 +531,55 @@ def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Cl
         )
         _tell(search, trial, state="failed")
         ctx.echo(f"optuna trial {trial.number} ({label}): {reason}")
-        return None
+        return SKIPPED
     _retry(lambda: trial.set_user_attr("config_hash", config.config_hash))
     claim = store.insert_running(
         ctx.db, ctx.study_id, config.to_dict(), config.config_hash, seed, ctx.worker, trial.number
     )
     if claim is None:
-        claim = _existing(ctx, search, trial, config.config_hash, seed, label)
-    if claim is not None:
-        _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
+        return _existing(ctx, search, trial, config.config_hash, seed, label)
+    _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
     return claim
 
 
 def _existing(
     ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed: int, label: str
-) -> Claim | None:
+) -> Claim | Skipped | None:
     """The sampled configuration is already in the study: reuse its result instead of training
-    it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed)."""
+    it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed).
+    A copy of an enqueued point whose result exists, and any sample of a configuration that runs
+    in another worker right now, are duplicates: superseded, so that they do not use a trial of
+    ``n_trials`` (None for the latter: wait for that worker before sampling again)."""
     row = store.find_row(ctx.db, ctx.study_id, hash_, seed)
     if row is None:  # deleted meanwhile; treat the sample as failed rather than loop
         _tell(search, trial, state="failed")
-        return None
+        return SKIPPED
     metric = search.spec.metric
     status = row["status"]
+    if status in ("complete", "pruned", "failed") and _enqueued(search, trial):
+        supersede(search, trial.number)
+        ctx.echo(
+            f"optuna trial {trial.number} ({label}): an enqueued point already in the study as trial "
+            f"#{row['id']}; not counted"
+        )
+        return SKIPPED
     if status == "complete":
         value = objective_value(search.spec, row)
-        _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
+        _retry(lambda: trial.set_user_attr(REUSED, row["id"]))
         _tell(search, trial, value=value, state="complete" if value is not None else "failed")
         ctx.tally.reused += 1
         ctx.echo(
             f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {metric} {value}"
         )
-        return None
+        return SKIPPED
     if status == "pruned" or (status == "failed" and not ctx.options.retry_failed):
-        _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
+        _retry(lambda: trial.set_user_attr(REUSED, row["id"]))
         _tell(search, trial, state=status)
         ctx.tally.reused += 1
         ctx.echo(
             f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, which was {status}; counted as {status}"
         )
-        return None
+        return SKIPPED
     claim = store.claim_row(
         ctx.db,
         row["id"],
@@ -481,14 +589,23 @@ def _existing(
         optuna_number=trial.number,
     )
     if claim is None:  # running in another worker right now
-        _tell(search, trial, state="failed")
+        supersede(search, trial.number)
         ctx.echo(
-            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running elsewhere; counted as failed"
+            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running in "
+            "another worker; not counted"
         )
         return None
     if row.get("optuna_number") is not None and row["optuna_number"] != trial.number:
         supersede(search, row["optuna_number"])
     return claim
+
+
+def _enqueued(search: _Search, trial: Any) -> bool:
+    """Whether ``trial`` came from the queue of enqueued points (``enqueue_trial``)."""
+    trial_id = _retry(
+        lambda: search.storage.get_trial_id_from_study_id_trial_number(search.study_id, trial.number)
+    )
+    return "fixed_params" in _retry(lambda: search.storage.get_trial_system_attrs(trial_id))
 
 
 def describe(study: Study) -> list[str]:
@@ -539,6 +656,7 @@ class SearchKind:
 
 
 __all__ = [
+    "MAX_SEARCH_TRIALS",
     "SearchKind",
     "SearchSetupError",
     "SearchSource",
@@ -553,4 +671,5 @@ __all__ = [
     "suggest",
     "supersede",
     "trials_used",
+    "trials_used_in_database",
 ]

@@ -483,6 +483,14 @@ def claim_running(db: Database, row_id: int, worker: str, *, attempts: int) -> C
     return db.run(lambda session: _take(session, row_id, "running", attempts, worker, far_future, None))
 
 
+def optuna_numbers(db: Database, study_id: int) -> set[int]:
+    """The Optuna trial numbers that the study's rows point at."""
+    statement = select(TrialRow.optuna_number).where(
+        TrialRow.study_id == study_id, TrialRow.optuna_number.is_not(None)
+    )
+    return db.run(lambda session: {int(n) for n in session.scalars(statement)})
+
+
 def status_counts(db: Database, study_id: int, row_ids: Iterable[int] | None = None) -> dict[str, int]:
     ids = None if row_ids is None else tuple(row_ids)
 

@@ -54,6 +54,7 @@ class RunOptions:
     retry_failed: bool = False
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     progress: bool | None = None  # progress bars; None = when stderr is a terminal
+    force_workers: bool = False  # more workers than the machine has devices/cores (--force-workers)
 
     @property
     def heartbeat_interval(self) -> float:
