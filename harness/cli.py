@@ -114,11 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials"
     )
-    run.add_argument(
-        "--allow-large",
-        action="store_true",
-        help="run a study above the size limits (a search's n_trials; see docs/STUDIES.md)",
-    )
+
     run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
     )
@@ -239,7 +235,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         study = load_study(args.study)
-        problems = search_problems(study, allow_large=args.allow_large)
+        problems = search_problems(study)
         if problems:
             raise SpecError(problems)
     except SpecError as error:

@@ -515,21 +515,3 @@ def test_search__an_enqueued_point_already_in_the_study_does_not_use_a_trial(tmp
     study = optuna.load_study(study_name="srch", storage=url)
     assert len(counted(study)) == 3 and len(study.trials) == 4
     assert len(our_rows(Database(url))) == 3
-
-
-def test_search_problems__n_trials_above_the_limit_needs_allow_large(tmp_path: Path) -> None:
-    from harness.cli import main
-    from harness.study.search import MAX_SEARCH_TRIALS
-
-    path = search_file(tmp_path, SPACE, n_trials=MAX_SEARCH_TRIALS + 1, name="huge")
-    study = load_study(path)
-    assert search_problems(study) == [
-        f"{path}: search.n_trials: {MAX_SEARCH_TRIALS + 1} is above the limit of {MAX_SEARCH_TRIALS} trials "
-        f"per search (a guard against a typo); expected at most {MAX_SEARCH_TRIALS}, or pass --allow-large "
-        "to run it anyway"
-    ]
-    assert search_problems(study, allow_large=True) == []
-    assert search_problems(load_study(search_file(tmp_path, SPACE, n_trials=MAX_SEARCH_TRIALS))) == []
-    db = tmp_path / "h.db"
-    assert main(["run", str(path), "--db", str(db)]) == 2 and not db.exists()
-    assert main(["run", str(path), "--db", str(db), "--dry-run", "--allow-large"]) == 0

@@ -35,8 +35,6 @@ from harness.trial_api import TrialPruned
 T = TypeVar("T")
 
 SQLITE_TIMEOUT_S = 30.0
-# n_trials above this is refused unless `harness run --allow-large` (docs/STUDIES.md).
-MAX_SEARCH_TRIALS = 10_000
 _STORAGE_RETRIES = 8
 SUPERSEDED = "harness_superseded"
 HARNESS_TRIAL = "harness_trial_id"
@@ -51,20 +49,13 @@ class SearchSetupError(Exception):
     """The search cannot run against this database or this environment (nothing was run)."""
 
 
-def search_problems(study: Study, *, allow_large: bool = False) -> list[str]:
+def search_problems(study: Study) -> list[str]:
     """Problems of a valid study file that only the search machinery sees (reported like
-    validation problems, before anything is written). ``allow_large``: ``--allow-large``, which
-    lifts ``MAX_SEARCH_TRIALS``."""
+    validation problems, before anything is written)."""
     spec = study.search
     if spec is None:
         return []
     problems: list[str] = []
-    if spec.n_trials > MAX_SEARCH_TRIALS and not allow_large:
-        problems.append(
-            f"{study.path}: search.n_trials: {spec.n_trials} is above the limit of {MAX_SEARCH_TRIALS} "
-            "trials per search (a guard against a typo); expected at most "
-            f"{MAX_SEARCH_TRIALS}, or pass --allow-large to run it anyway"
-        )
     if spec.sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
@@ -472,7 +463,7 @@ class SearchSource:
             _tell(search, trial, state="failed")
             ctx.echo(f"optuna trial {trial.number}: could not be set up ({reason}); counted as failed")
             return SKIPPED
-        return self._job(trial, claim) if isinstance(claim, Claim) else claim
+        return claim if claim is SKIPPED else self._job(trial, claim)
 
     def _job(self, trial: Any, claim: Claim) -> Job:
         ctx, search = self.ctx, self.search
@@ -515,10 +506,8 @@ def objective_value(spec: SearchSpec, summary: Mapping[str, Any] | None) -> floa
     return None if value is None else float(value)
 
 
-def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | Skipped | None:
-    """The sampled configuration's harness trial, claimed; SKIPPED when there is nothing to train;
-    None when the configuration runs in another worker right now (the sample does not count; the
-    worker waits before it samples again)."""
+def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | Skipped:
+    """The sampled configuration's harness trial, claimed; SKIPPED when there is nothing to train."""
     params = {p.name: suggest(trial, p) for p in search.spec.space}
     overrides = {**ctx.study.fixed, **params, "seed": seed}
     label = " ".join(f"{k}={store.format_value(v)}" for k, v in params.items())
@@ -544,12 +533,12 @@ def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Cl
 
 def _existing(
     ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed: int, label: str
-) -> Claim | Skipped | None:
+) -> Claim | Skipped:
     """The sampled configuration is already in the study: reuse its result instead of training
     it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed).
     A copy of an enqueued point whose result exists, and any sample of a configuration that runs
     in another worker right now, are duplicates: superseded, so that they do not use a trial of
-    ``n_trials`` (None for the latter: wait for that worker before sampling again)."""
+    ``n_trials`` (the latter after a pause, so that the other worker can finish it)."""
     row = store.find_row(ctx.db, ctx.study_id, hash_, seed)
     if row is None:  # deleted meanwhile; treat the sample as failed rather than loop
         _tell(search, trial, state="failed")
@@ -594,7 +583,10 @@ def _existing(
             f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running in "
             "another worker; not counted"
         )
-        return None
+        # Sampling again at once would likely propose the same point (small spaces); give the
+        # other worker time to finish it.
+        time.sleep(ctx.poll_seconds)
+        return SKIPPED
     if row.get("optuna_number") is not None and row["optuna_number"] != trial.number:
         supersede(search, row["optuna_number"])
     return claim
@@ -656,7 +648,6 @@ class SearchKind:
 
 
 __all__ = [
-    "MAX_SEARCH_TRIALS",
     "SearchKind",
     "SearchSetupError",
     "SearchSource",
