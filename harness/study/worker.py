@@ -232,7 +232,7 @@ class Skipped(enum.Enum):
 SKIPPED = Skipped.SKIPPED
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
     """A claimed trial about to run, with what its source wants to know about it."""
 
