@@ -38,6 +38,34 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
 }
 
 
+def version_text() -> str:
+    """``harness 0.1.0`` (the installed distribution's version, from pyproject.toml), plus the git
+    commit of the checkout the package runs from, when it is one (``+dirty`` for local changes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from harness.provenance import git_state
+
+    try:
+        text = f"harness {version('harness')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        text = "harness (not installed)"
+    commit, dirty = git_state()
+    if commit:
+        text += f" (git {commit[:12]}{'+dirty' if dirty else ''})"
+    return text
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, computing the text only when asked (it runs git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -80,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction, help="print the version and git commit, and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(

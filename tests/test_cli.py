@@ -344,3 +344,18 @@ def test_cli__output_cut_short_by_head_is_not_a_traceback(tmp_path: Path) -> Non
     result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.stdout.startswith("study cli-tiny (grid)")
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_cli__version_names_the_package_version_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    from harness.provenance import git_state
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"harness {version('harness')}")
+    commit, _ = git_state()
+    if commit:  # a git checkout: the commit is named
+        assert f"(git {commit[:12]}" in printed
