@@ -237,6 +237,8 @@ def test_cli__status_shows_counts_best_trials_and_failures(
     best = out.index("method=simclr lr=0.001")
     assert best < out.index("method=random_init")
     assert "method=simclr lr=0.002 seed=0: diverged at step 7" in out
+    # Accuracies in percent, as in the reports (the database keeps fractions).
+    assert "knn_top1 70.0%  linear_top1 75.0%  final_loss -" in out
     assert cli.main(["status", "--db", str(tmp_path / "h.db")]) == 0
     assert "cli-tiny (grid" in capsys.readouterr().out
 

@@ -583,3 +583,13 @@ def test_html__every_table_scrolls_inside_its_own_box(reports: Path) -> None:
     page = _html(reports, "method-grid")
     assert page.count("<table>") == page.count('<div class="table-wrap">\n<table>') > 0
     assert re.search(r"\.table-wrap \{[^}]*overflow-x: auto", page)
+
+
+def test_metric_text__one_unit_for_accuracies_everywhere() -> None:
+    from harness.reports.data import ACCURACY_COLUMNS
+    from harness.units import ACCURACY_METRICS, metric_text
+
+    assert ACCURACY_COLUMNS == ACCURACY_METRICS
+    assert metric_text("knn_top1", 0.715) == "71.5%" and metric_text("linear_top5", 1.0) == "100.0%"
+    assert metric_text("final_loss", 4.79612) == "4.796"
+    assert metric_text("knn_top1", math.nan) == "nan" and metric_text("knn_top1", None) == "-"
