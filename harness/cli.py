@@ -140,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
     )
     run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the study file (repeatable): KNOB=VALUE sets fixed.KNOB, a dotted path any key "
+        "(search.n_trials=4), VALUE is YAML; the run is then a separate study, NAME.set.KEY-VALUE "
+        "(or --set study=NAME)",
+    )
+    run.add_argument(
         "--retry-failed",
         action="store_true",
         help="rerun trials that failed (by default a failure is a result)",
@@ -242,7 +252,8 @@ def _delegate(command: str, rest: list[str]) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from harness.spec import SpecError, load_study
+    from harness.overrides import load_study_with_overrides
+    from harness.spec import SpecError
     from harness.study import (
         RunOptions,
         SearchSetupError,
@@ -255,7 +266,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study.store import check_kind, existing_rows
 
     try:
-        study = load_study(args.study)
+        study, overrides = load_study_with_overrides(args.study, args.overrides)
         problems = search_problems(study)
         if problems:
             raise SpecError(problems)
@@ -265,6 +276,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RecursionError:  # absurdly deep YAML nesting, which the parser cannot handle
         print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
+    if overrides:
+        print(
+            f"overrides: {', '.join(f'{o.key}={o.value_text}' for o in overrides)}; "
+            f"running them as study {study.name} (the file's own study is not touched)",
+            flush=True,
+        )
     from harness.spec import DEFAULTS
     from harness.train import device_problem
 
