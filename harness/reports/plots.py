@@ -17,36 +17,17 @@ from harness.reports.data import ReportData, ablation_base, plain_value, reads_k
 from harness.reports.search import SearchSummary
 from harness.reports.style import METRICS, MIB, format_knob_value, is_finite, method_colour, method_rank
 from harness.reports.tables import display_values
-from harness.spec import UNTRAINED_METHODS
+from harness.spec import KNOBS, method_declarations
 
 CURVE_POINTS = 200  # a loss curve longer than this is averaged into this many epoch bins
-KNOB_LABELS: dict[str, str] = {
-    "temperature": "temperature τ",
-    "batch_size": "batch size (images)",
-    "queue_size": "queue size (keys)",
-    "aug_strength": "augmentation strength (0 = identity, 1 = SimCLR recipe)",
-    "lr": "learning rate (per 256 images)",
-    "epochs": "training epochs",
-    "weight_decay": "weight decay",
-    "warmup_epochs": "warm-up (epochs)",
-    "momentum": "target EMA momentum",
-    "train_size": "training subset (images)",
-    "test_size": "test subset (images)",
-    "proj_dim": "projection dimension",
-    "proj_hidden_dim": "projector hidden dimension",
-    "pred_hidden_dim": "predictor hidden dimension",
-    "local_crops": "local crops (views)",
-    "swav_prototypes": "prototypes",
-    "knn_k": "k-NN neighbours k",
-    "knn_t": "k-NN temperature T",
-    "linear_epochs": "linear probe epochs",
-}
 # What the ablation figures plot against each knob: the training objective and the accuracies.
 ABLATION_PANELS: tuple[str, ...] = ("final_loss", "knn_top1", "linear_top1")
 
 
 def knob_label(knob: str) -> str:
-    return KNOB_LABELS.get(knob, knob.replace("_", " "))
+    """The knob's declared plot label (``harness.spec.KNOBS``); a column that is no knob (any more)
+    is named with spaces for underscores."""
+    return KNOBS[knob].plot_label if knob in KNOBS else knob.replace("_", " ")
 
 
 def axis_label(column: str) -> str:
@@ -402,8 +383,9 @@ def knn_curves(data: ReportData, groups: dict[str, str]) -> Figure | None:
         return None
     # An untrained baseline has one point (epoch 0): a reference level for every epoch, drawn as
     # a horizontal line across the axes rather than a lone marker at the origin.
-    untrained = frame[frame["method"].isin(UNTRAINED_METHODS)]
-    frame = frame[~frame["method"].isin(UNTRAINED_METHODS)]
+    untrained_methods = [name for name, declared in method_declarations().items() if not declared.trains]
+    untrained = frame[frame["method"].isin(untrained_methods)]
+    frame = frame[~frame["method"].isin(untrained_methods)]
     figure, axes = _new_figure(7.5, 4.0)
     ax = axes[0][0]
     for method, part in sorted(untrained.groupby("method"), key=lambda item: method_rank(str(item[0]))):

@@ -27,7 +27,7 @@ from harness.reports.document import (
 )
 from harness.reports.style import MISSING, figure_style, format_number, save_svg
 from harness.results import as_database, bench_frame
-from harness.spec import UNTRAINED_METHODS
+from harness.spec import method_declarations
 
 DEFAULT_OUT_ROOT = Path("reports")
 FIGURES = "figures"
@@ -278,7 +278,8 @@ def _curves(document: Document, data: ReportData, figures: _Figures) -> None:
         )
     if knn is not None:
         caption = "k-NN top-1 on the test split at each evaluation epoch."
-        untrained = sorted(m for m in groups if m in UNTRAINED_METHODS)
+        declared = method_declarations()
+        untrained = sorted(m for m in groups if m in declared and not declared[m].trains)
         if untrained:
             caption += (
                 f" Dotted horizontal line: {', '.join(untrained)}, the untrained encoder (its epoch-0 value), "
