@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export.
+"""The ``harness`` command: run, status, report, bench, export, data.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -34,6 +34,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "loss-kernel microbenchmarks, stored and compared to a saved baseline",
         "Time the loss kernels (reference and fast implementations), store the results and "
         "compare them to a saved baseline with a regression gate.",
+    ),
+    "data": (
+        "harness.data.cli",
+        "prepare image-folder datasets as memory-mappable shards, and inspect them",
+        "Decode an image folder (imagefolder, imagenet100) once into uint8 shards at a chosen "
+        "resolution, where trials look for them; or show whether they are prepared and up to date.",
     ),
 }
 
@@ -105,6 +111,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.spec import DEFAULT_TRIAL_LIMIT
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
@@ -148,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the study file (repeatable): KNOB=VALUE sets fixed.KNOB, a dotted path any key "
         "(search.n_trials=4), VALUE is YAML; the run is then a separate study, NAME.set.KEY-VALUE "
         "(or --set study=NAME)",
+    )
+    run.add_argument(
+        "--trial-limit",
+        type=_positive_int,
+        default=DEFAULT_TRIAL_LIMIT,
+        metavar="N",
+        help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
     )
     run.add_argument(
         "--retry-failed",
@@ -266,7 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study.store import check_kind, existing_rows
 
     try:
-        study, overrides = load_study_with_overrides(args.study, args.overrides)
+        study, overrides = load_study_with_overrides(args.study, args.overrides, max_trials=args.trial_limit)
         problems = search_problems(study)
         if problems:
             raise SpecError(problems)

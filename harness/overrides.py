@@ -30,7 +30,7 @@ from harness.spec import SpecError, Study
 # Keys of the study file itself; any other bare key is a knob of ``fixed:``.
 TOP_LEVEL_KEYS: tuple[str, ...] = ("study", "description", "dataset", "seeds")
 SWEEP_SECTIONS: tuple[str, ...] = ("grid", "ablate")
-MAX_DERIVED_NAME = 100
+MAX_DERIVED_NAME = spec.MAX_STUDY_NAME
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -168,11 +168,14 @@ def _located(problem: str, source: str, overrides: Sequence[Override]) -> str:
     return problem
 
 
-def load_study_with_overrides(path: str | Path, arguments: Sequence[str]) -> tuple[Study, list[Override]]:
+def load_study_with_overrides(
+    path: str | Path, arguments: Sequence[str], *, max_trials: int | None = None
+) -> tuple[Study, list[Override]]:
     """``load_study`` with ``--set`` arguments applied (none: the file as it is). Raises SpecError
-    listing every problem: the argument's own, then the validation of the result."""
+    listing every problem: the argument's own, then the validation of the result. ``max_trials``:
+    see ``spec.parse_study``."""
     if not arguments:
-        return spec.load_study(path), []
+        return spec.load_study(path, max_trials=max_trials), []
     problems: list[str] = []
     overrides: list[Override] = []
     for argument in arguments:
@@ -183,16 +186,17 @@ def load_study_with_overrides(path: str | Path, arguments: Sequence[str]) -> tup
     file = Path(path)
     source = str(file)
     try:
-        text = file.read_text()
+        data = file.read_bytes()
     except OSError as error:
         raise SpecError([f"{file}: cannot read the study file ({error.strerror or error})"]) from None
     if problems:
         raise SpecError(problems)
+    text = spec.decode_study_text(data, source)
     changed, problems = apply_overrides(text, overrides, source)
     if problems:
         raise SpecError(problems)
     try:
-        study = spec.parse_study(changed, source=source)
+        study = spec.parse_study(changed, source=source, max_trials=max_trials)
     except SpecError as error:
         raise SpecError([_located(p, source, overrides) for p in error.problems]) from None
     return study, overrides
