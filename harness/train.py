@@ -28,6 +28,8 @@ from harness.methods import METHODS
 from harness.methods.base import Method
 from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from harness.spec import TrialConfig
+from harness.tracking import MetricSink
+from harness.trial_api import TrialPruned
 
 # Steps excluded from the throughput measurement: the first steps pay for allocator growth,
 # cuDNN autotuning and compilation.
@@ -38,10 +40,6 @@ SUBSET_SEED = 0
 # Alignment/uniformity use the standard recipe whatever the trial trained with, so an
 # aug_strength ablation compares encoders under one measurement.
 EVAL_VIEW_STRENGTH = 1.0
-
-
-class TrialPruned(Exception):
-    """Raised by an ``on_eval`` callback to stop a trial early (Optuna pruning)."""
 
 
 class TrialDiverged(Exception):
@@ -235,6 +233,13 @@ class _Context:
     autocast: torch.dtype | None
     generator: torch.Generator
     curves: list[tuple[float, int, str, float]] = field(default_factory=list)
+    sink: MetricSink | None = None
+
+    def record(self, epoch: float, step: int, name: str, value: float) -> None:
+        """One point of a curve: kept for the database, and handed to the trial's tracker."""
+        self.curves.append((epoch, step, name, value))
+        if self.sink is not None:
+            self.sink.on_metric(name, value, step=step, epoch=epoch)
 
     @contextlib.contextmanager
     def precision(self) -> Iterator[None]:
@@ -271,8 +276,11 @@ def run_trial(
     *,
     on_eval: Callable[[int, float], None] | None = None,
     progress: bool | None = None,
+    sink: MetricSink | None = None,
 ) -> TrialRecord:
-    """Train and evaluate one configuration; see the module docstring for the failure contract."""
+    """Train and evaluate one configuration; see the module docstring for the failure contract.
+    ``sink`` (an MLflow/TensorBoard tracker, harness.tracking) gets every curve point as it is
+    recorded; it must not raise (``harness.tracking.TrialTracker`` guards its own calls)."""
     started = utcnow()
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     curves: list[tuple[float, int, str, float]] = []
@@ -281,6 +289,7 @@ def run_trial(
         device = resolve_device(config.device)
         device_label = str(device)
         context = _build(config, device)
+        context.sink = sink
         curves = context.curves
         _train(context, summary, on_eval, progress)
         _final_evaluation(context, summary)
@@ -418,8 +427,11 @@ def _train(
                 step += 1
                 timed_images += index.numel()
                 if step % config.log_every == 0 or batch == steps_per_epoch - 1:
-                    checked = _check_losses(losses, checked, step, epoch, steps_per_epoch, context.curves)
-                    context.curves.append((epoch + (batch + 1) / steps_per_epoch, step, "lr", lr))
+                    checked, mean_loss = _check_losses(
+                        losses, checked, step, epoch, steps_per_epoch, context.record
+                    )
+                    context.record(epoch + (batch + 1) / steps_per_epoch, step, "lr", lr)
+                    bar.set_postfix_str(f"loss {mean_loss:.4g}, lr {lr:.3g}", refresh=False)
                 bar.update(1)
             bar.close()
             _sync(device)
@@ -442,17 +454,19 @@ def _check_losses(
     step: int,
     epoch: int,
     steps_per_epoch: int,
-    curves: list[tuple[float, int, str, float]],
-) -> int:
-    """Record the mean loss since the last check; raise TrialDiverged at the first non-finite."""
+    record: Callable[[float, int, str, float], None],
+) -> tuple[int, float]:
+    """Record the mean loss since the last check and return (step, that mean); raise
+    TrialDiverged at the first non-finite."""
     window = losses[checked:step]
     finite = torch.isfinite(window)
     if not bool(finite.all()):
         first = checked + int((~finite).nonzero()[0, 0]) + 1
         raise TrialDiverged(f"diverged at step {first} (loss {float(window[first - checked - 1])})")
     epoch_position = epoch + (step - epoch * steps_per_epoch) / steps_per_epoch
-    curves.append((epoch_position, step, "loss", float(window.mean())))
-    return step
+    mean = float(window.mean())
+    record(epoch_position, step, "loss", mean)
+    return step, mean
 
 
 @torch.no_grad()
@@ -460,7 +474,7 @@ def _intermediate_eval(context: _Context, epoch: int, step: int, on_eval: Callab
     train_features = context.features(context.train)
     test_features = context.features(context.test)
     knn = context.knn(train_features, test_features)
-    context.curves.append((float(epoch), step, "knn_top1", knn))
+    context.record(float(epoch), step, "knn_top1", knn)
     if on_eval is not None:
         on_eval(epoch, knn)
 
@@ -476,7 +490,7 @@ def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> No
         final_epoch, final_step = config.epochs, (context.pretrain.images.shape[0] // config.batch_size) * config.epochs
     else:  # an untrained encoder (random_init) is the state at epoch 0, whatever its reset knobs say
         final_epoch, final_step = 0, 0
-    context.curves.append((float(final_epoch), final_step, "knn_top1", knn))
+    context.record(float(final_epoch), final_step, "knn_top1", knn)
     top1, top5 = evaluation.linear_probe(
         train_features,
         context.train.labels,
