@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from harness import evaluation, protocols
 from harness.backbones import small_cnn
 from harness.data import DATASETS, ImageDataset, balanced_subset_indices
-from harness.protocol_spec import FineTune, Task, parse_evaluate
+from harness.protocol_spec import FineTune, parse_evaluate
 
 
 def _labels(n: int = 6000, classes: int = 10, seed: int = 0) -> torch.Tensor:
