@@ -202,7 +202,7 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
     limit = tables.SEARCH_TABLE_ROWS if objective is not None else None
     table, missing = tables.comparison_table(comparison, limit=limit)
     document.add(table)
-    notes = []
+    notes = [tables.statistics_note(comparison)]
     n_regular = int((~comparison["is_reference"]).sum())
     if objective is not None and n_regular > tables.SEARCH_TABLE_ROWS:
         notes.append(
@@ -227,6 +227,10 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
             f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
         )
     document.add(Paragraph(" ".join(notes)))
+    shown, _ = tables.shown_metrics(comparison)
+    significance = tables.significance_table(comparison, [m for m in shown if m.kind == "accuracy"])
+    if significance is not None:
+        document.add(Heading("Is the best distinguishable from the rest?", level=3), significance)
 
 
 def _ablations(document: Document, data: ReportData, figures: _Figures) -> None:

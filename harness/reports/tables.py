@@ -1,11 +1,12 @@
-"""The report's tables, computed from ``ReportData``: the comparison table (mean ± std over seeds),
-the evaluation protocol, failed and pruned trials, provenance and the kernel benchmarks."""
+"""The report's tables, computed from ``ReportData``: the comparison table (mean and 95% interval over
+seeds, paired tests against the best), the evaluation protocol, the evaluations of saved encoders
+(label efficiency, few-shot, transfer), failed and pruned trials, provenance and the kernel
+benchmarks."""
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,18 @@ import pandas as pd
 
 from harness.reports.data import ReportData, group_order, plain_value
 from harness.reports.document import Cell, Table
+from harness.reports.statistics import (
+    ALPHA,
+    CONFIDENCE,
+    INTERVAL_METHOD,
+    TEST_METHOD,
+    Interval,
+    Verdict,
+    compare_with_best,
+    interval_text,
+    p_value_text,
+    t_interval,
+)
 from harness.reports.style import (
     METRICS,
     MIB,
@@ -35,43 +48,16 @@ def display_values(metric: Metric, values: pd.Series) -> list[float]:
     return [float(v) * scale if is_finite(v) else math.nan for v in pd.to_numeric(values, errors="coerce")]
 
 
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation over the finite values of a configuration's seeds."""
-
-    mean: float
-    std: float
-    n_finite: int
-    n_nonfinite: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Stat:
-        finite = [v for v in values if math.isfinite(v)]
-        mean = float(np.mean(finite)) if finite else math.nan
-        std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
-        return cls(mean, std, len(finite), len(values) - len(finite))
-
-
-def stat_text(mean: float, std: float, n_nonfinite: int, decimals: int) -> str:
-    """'mean ± std', the mean alone for a single seed, '(k nan)' for diverged seeds, 'nan' when
-    no seed has a finite value."""
-    if not math.isfinite(mean):
-        return "nan"
-    text = format_number(mean, decimals)
-    if math.isfinite(std):
-        text += f" ± {format_number(std, decimals)}"
-    if n_nonfinite:
-        text += f" ({n_nonfinite} nan)"
-    return text
-
-
 def comparison_frame(data: ReportData) -> pd.DataFrame:
     """One row per configuration of the complete trials: ``label``, ``method``, ``n`` (seeds),
-    ``is_reference`` and, per table metric, ``<metric>_mean``, ``<metric>_std``,
-    ``<metric>_nonfinite`` in the report's units. Ordered by method then the varied knobs; a search
+    ``is_reference`` and, per table metric, ``<metric>_mean``, ``<metric>_std``, ``<metric>_low`` and
+    ``<metric>_high`` (the 95% t-interval; NaN with one finite seed), ``<metric>_n`` (finite seeds),
+    ``<metric>_nonfinite``, ``<metric>_verdict`` (best, tie, worse, untested; empty for baselines)
+    and ``<metric>_p`` (the paired test against the best) in the report's units. Ordered by method then the varied knobs; a search
     is ordered by its objective, best first."""
     complete = data.complete
     records: list[dict[str, Any]] = []
+    samples: dict[str, dict[str, dict[int, float]]] = {}  # metric -> group -> seed -> value
     if complete.empty:
         return pd.DataFrame(columns=["group", "label", "method", "n", "is_reference"])
     for group in group_order(complete):
@@ -89,12 +75,18 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
         for metric in TABLE_METRICS:
             if metric.column not in rows.columns:
                 continue
-            stat = Stat.of(display_values(metric, rows[metric.column]))
-            record[f"{metric.column}_mean"] = stat.mean
-            record[f"{metric.column}_std"] = stat.std
-            record[f"{metric.column}_nonfinite"] = stat.n_nonfinite
+            values = display_values(metric, rows[metric.column])
+            interval = t_interval(values)
+            record[f"{metric.column}_mean"] = interval.mean
+            record[f"{metric.column}_std"] = interval.std
+            record[f"{metric.column}_low"] = interval.low
+            record[f"{metric.column}_high"] = interval.high
+            record[f"{metric.column}_n"] = interval.n
+            record[f"{metric.column}_nonfinite"] = interval.n_nonfinite
+            samples.setdefault(metric.column, {})[group] = dict(zip((int(s) for s in rows["seed"]), values))
         records.append(record)
     frame = pd.DataFrame.from_records(records)
+    add_verdicts(frame, samples, [m for m in TABLE_METRICS if m.column in samples])
     objective = search_objective(data)
     if objective is not None:
         column, maximize = objective
@@ -113,6 +105,31 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
     else:
         frame = frame.sort_values("is_reference", kind="stable").reset_index(drop=True)
     return frame
+
+
+def add_verdicts(frame: pd.DataFrame, samples: dict[str, dict[str, dict[int, float]]], metrics: list[Metric]) -> None:
+    """Per metric, ``<metric>_verdict`` and ``<metric>_p`` of each row against the best non-baseline
+    row (a paired t-test over the seeds both have; ``statistics.compare_with_best``)."""
+    if frame.empty:
+        return
+    candidates = [g for g, ref in zip(frame["group"], frame["is_reference"]) if not ref]
+    for metric in metrics:
+        verdicts = compare_with_best(
+            samples[metric.column], higher_is_better=metric.higher_is_better, candidates=candidates
+        )
+        frame[f"{metric.column}_verdict"] = [verdicts.get(g, Verdict("")).status for g in frame["group"]]
+        frame[f"{metric.column}_p"] = [
+            verdicts[g].test.p_value if g in verdicts and verdicts[g].test is not None else math.nan  # type: ignore[union-attr]
+            for g in frame["group"]
+        ]
+        frame[f"{metric.column}_shared"] = [
+            verdicts[g].test.n if g in verdicts and verdicts[g].test is not None else 0  # type: ignore[union-attr]
+            for g in frame["group"]
+        ]
+        frame[f"{metric.column}_difference"] = [
+            verdicts[g].test.mean_difference if g in verdicts and verdicts[g].test is not None else math.nan  # type: ignore[union-attr]
+            for g in frame["group"]
+        ]
 
 
 def search_objective(data: ReportData) -> tuple[str, bool] | None:
@@ -145,6 +162,29 @@ def best_values(frame: pd.DataFrame, metric: Metric) -> float:
     return max(candidates) if metric.higher_is_better else min(candidates)
 
 
+def _interval_of(record: pd.Series, column: str) -> Interval:
+    return Interval(
+        mean=float(record[f"{column}_mean"]),
+        low=float(record.get(f"{column}_low", math.nan)),
+        high=float(record.get(f"{column}_high", math.nan)),
+        std=float(record.get(f"{column}_std", math.nan)),
+        n=int(record.get(f"{column}_n", 0)),
+        n_nonfinite=int(record.get(f"{column}_nonfinite", 0)),
+    )
+
+
+def _marked(record: pd.Series, column: str, best: float, digits: int) -> bool:
+    """Bold: the best mean, a configuration the paired test cannot tell from it (a tie, not a
+    loser), and a mean equal to the best at the precision shown (the reader cannot tell them apart)."""
+    if record["is_reference"]:
+        return False
+    mean = float(record[f"{column}_mean"])
+    if not (math.isfinite(best) and math.isfinite(mean)):
+        return False
+    verdict = str(record.get(f"{column}_verdict", "") or "")
+    return verdict in ("best", "tie") or format_number(mean, digits) == format_number(best, digits)
+
+
 def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Table, list[Metric]]:
     """The comparison table and the metrics it leaves out because nothing recorded them."""
     shown, missing = shown_metrics(frame)
@@ -158,18 +198,9 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
     for _, record in frame.iterrows():
         cells = [Cell(str(record["label"])), Cell(str(int(record["n"])))]
         for metric in shown:
-            mean = float(record[f"{metric.column}_mean"])
-            std = float(record[f"{metric.column}_std"])
             digits = decimals[metric.column]
-            # Ties at the shown precision are all marked: the reader cannot tell them apart.
-            is_best = (
-                not record["is_reference"]
-                and math.isfinite(best[metric.column])
-                and math.isfinite(mean)
-                and format_number(mean, digits) == format_number(best[metric.column], digits)
-            )
-            text = stat_text(mean, std, int(record[f"{metric.column}_nonfinite"]), digits)
-            cells.append(Cell(text, bold=is_best))
+            text = interval_text(_interval_of(record, metric.column), digits)
+            cells.append(Cell(text, bold=_marked(record, metric.column, best[metric.column], digits)))
         rows.append(tuple(cells))
     n_regular = int((~frame["is_reference"]).sum())
     reference_from = n_regular if n_regular < len(frame) else None
@@ -180,6 +211,66 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
         reference_from=reference_from,
     )
     return table, missing
+
+
+def statistics_note(frame: pd.DataFrame) -> str:
+    """What the ± and the bold cells mean, and, with one seed per configuration, that no interval
+    exists."""
+    seeds = [int(n) for n in frame["n"]] if not frame.empty else []
+    percent = round(100 * CONFIDENCE)
+    if seeds and max(seeds) < 2:
+        return (
+            "Each configuration has one seed (n = 1): no confidence interval exists and no paired test can be "
+            "made, so a cell is that seed's value and bold marks the best value only."
+        )
+    text = (
+        f"Each cell is the mean over the seeds of one configuration ± the half-width of its {percent}% "
+        f"confidence interval ({INTERVAL_METHOD}, n - 1 degrees of freedom; n = seeds with a finite value). "
+        f"Bold: the best mean of the column and every configuration not distinguishable from it by a "
+        f"{TEST_METHOD} over the seeds both share (p ≥ {ALPHA:.2f}): ties, not losers."
+    )
+    if seeds and min(seeds) < 2:
+        text += " A configuration with one seed shows its value alone: no interval exists for it."
+    return text
+
+
+def significance_table(frame: pd.DataFrame, metrics: list[Metric]) -> Table | None:
+    """For each metric, each non-baseline configuration against the column's best: shared seeds,
+    mean difference, p of the paired test and the verdict. None when nothing could be tested."""
+    rows: list[tuple[Cell, ...]] = []
+    for metric in metrics:
+        key = f"{metric.column}_verdict"
+        if key not in frame.columns:
+            continue
+        column_rows = frame[frame[key].isin(["tie", "worse", "untested"])]
+        if column_rows.empty or not (frame[key] == "best").any():
+            continue
+        best_labels = ", ".join(str(v) for v in frame.loc[frame[key] == "best", "label"])
+        decimals = metric_decimals(metric, list(frame[f"{metric.column}_mean"]))
+        for _, record in column_rows.iterrows():
+            verdict = str(record[key])
+            shared = int(record.get(f"{metric.column}_shared", 0))
+            difference = float(record.get(f"{metric.column}_difference", math.nan))
+            rows.append(
+                (
+                    Cell(metric.short),
+                    Cell(str(record["label"])),
+                    Cell(best_labels),
+                    Cell(str(shared) if shared else "< 2"),
+                    Cell(format_number(difference, decimals) if math.isfinite(difference) else "–"),
+                    Cell(p_value_text(float(record.get(f"{metric.column}_p", math.nan)))),
+                    Cell({"tie": "tie", "worse": "worse", "untested": "no test (< 2 shared seeds)"}[verdict], bold=verdict == "tie"),
+                )
+            )
+    if not rows:
+        return None
+    return Table(
+        columns=("metric", "configuration", "best", "shared seeds", "difference to best", "p", "verdict"),
+        rows=tuple(rows),
+        numeric=(False, False, False, True, True, True, False),
+        caption=f"{TEST_METHOD} of each configuration against the best of the column over the seeds both "
+        f"completed; tie: p ≥ {ALPHA:.2f}. Differences are in the column's unit (configuration − best).",
+    )
 
 
 def _values(trials: pd.DataFrame, column: str) -> list[Any]:
@@ -232,9 +323,7 @@ def protocol_text(data: ReportData) -> str:
         f"Evaluation protocol: k-NN top-1 with k = {_listing(k)} neighbours and temperature T = {_listing(t)} "
         f"(cosine similarity, weighted vote); linear probe trained for {_listing(probe)} epochs on frozen, cached "
         f"features; {subset(train, 'training')} and {subset(test, 'test')}; dataset {_listing(dataset)}, backbone "
-        f"{_listing(backbone)}, {_listing(epochs)} training epochs. Each cell is the mean ± sample standard "
-        "deviation over the seeds of one configuration (n = seeds that completed; a single seed shows no ±); "
-        "the best value of each column is in bold."
+        f"{_listing(backbone)}, {_listing(epochs)} training epochs."
     )
 
 
