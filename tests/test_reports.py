@@ -367,6 +367,8 @@ def test_search__history_importances_and_best_trials(database: Database, reports
     assert (reports / "lr-search" / "figures" / "search_importance.svg").is_file()
     importances = markdown.split("### Parameter importances", 1)[1].split("###", 1)[0]
     assert all(f"| {p} |" in importances for p in ("lr", "temperature", "method"))
+    # 5 complete trials: shown, with the caveat below statistics.RELIABLE_IMPORTANCE_TRIALS (20).
+    assert "Caveat: these importances come from 5 complete trials, fewer than 20" in importances
     best = markdown.split("### Best trials", 1)[1].split("\n## ", 1)[0]
     first = next(line for line in best.splitlines() if line.startswith("| 1 |")).split(" | ")
     complete = [t for t in _db_trials(database, "lr-search") if t.status == "complete"]

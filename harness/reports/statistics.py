@@ -26,8 +26,9 @@ ALPHA = 1.0 - CONFIDENCE
 INTERVAL_METHOD = "Student t-interval"
 TEST_METHOD = "paired t-test (two-sided)"
 # Hyperparameter importances (fANOVA) fitted on fewer complete trials than this are shown with a
-# caveat: a random forest on a handful of points ranks knobs by noise (docs/REPORTS.md).
-MIN_IMPORTANCE_TRIALS = 20
+# caveat: a random forest on a handful of points ranks knobs by noise (docs/REPORTS.md). 20 is
+# about 2 points per parameter at the 5-10 parameters of a usual search space.
+RELIABLE_IMPORTANCE_TRIALS = 20
 
 VERDICTS: tuple[str, ...] = ("best", "tie", "worse", "untested")
 
