@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -191,33 +192,46 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
     if limit is not None:
         regular = frame[~frame["is_reference"]].head(limit)
         frame = pd.concat([regular, frame[frame["is_reference"]]], ignore_index=True)
-    columns = ("configuration", "n", *(m.label for m in shown))
-    decimals = {m.column: metric_decimals(m, list(frame[f"{m.column}_mean"])) for m in shown}
-    best = {m.column: best_values(frame, m) for m in shown}
+    return metric_table(frame, shown), missing
+
+
+def metric_table(frame: pd.DataFrame, metrics: list[Metric], caption: str = "", spread: bool = False) -> Table:
+    """Rows of ``frame`` (label, n, is_reference and per metric the columns of
+    :func:`interval_columns`) as 'mean ± half-width' cells, the best and its ties in bold, baselines
+    below the rule. ``spread``: add '(draws sd x)' from ``<metric>_spread`` (few-shot draws)."""
+    columns = ("configuration", "n", *(m.label for m in metrics))
+    decimals = {m.column: metric_decimals(m, list(frame[f"{m.column}_mean"])) for m in metrics}
+    best = {m.column: best_values(frame, m) for m in metrics}
     rows: list[tuple[Cell, ...]] = []
     for _, record in frame.iterrows():
         cells = [Cell(str(record["label"])), Cell(str(int(record["n"])))]
-        for metric in shown:
+        for metric in metrics:
             digits = decimals[metric.column]
             text = interval_text(_interval_of(record, metric.column), digits)
+            draws = float(record.get(f"{metric.column}_spread", math.nan))
+            if spread and math.isfinite(draws) and text != "nan":
+                text += f" (draws sd {format_number(draws, digits)})"
             cells.append(Cell(text, bold=_marked(record, metric.column, best[metric.column], digits)))
         rows.append(tuple(cells))
     n_regular = int((~frame["is_reference"]).sum())
     reference_from = n_regular if n_regular < len(frame) else None
-    table = Table(
+    return Table(
         columns=columns,
         rows=tuple(rows),
         numeric=(False, *([True] * (len(columns) - 1))),
         reference_from=reference_from,
+        caption=caption,
     )
-    return table, missing
 
 
-def statistics_note(frame: pd.DataFrame) -> str:
+def statistics_note(frame: pd.DataFrame, short: bool = False) -> str:
     """What the ± and the bold cells mean, and, with one seed per configuration, that no interval
-    exists."""
+    exists; ``short`` refers to the comparison table's note instead of repeating it."""
     seeds = [int(n) for n in frame["n"]] if not frame.empty else []
     percent = round(100 * CONFIDENCE)
+    if short and seeds and max(seeds) >= 2:
+        text = f"Cells as in the comparison table: mean ± half-width of the {percent}% t-interval over seeds; bold: the best and its ties."
+        return text + (" A configuration with one seed has no interval." if min(seeds) < 2 else "")
     if seeds and max(seeds) < 2:
         return (
             "Each configuration has one seed (n = 1): no confidence interval exists and no paired test can be "
@@ -556,3 +570,213 @@ def bench_trend_table(trend: pd.DataFrame) -> Table | None:
 
 def metric_label(column: str) -> str:
     return METRICS[column].label if column in METRICS else column
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluations of the saved encoders (harness evaluate): label efficiency, few-shot, transfer
+
+PROTOCOL_LABELS: dict[str, str] = {
+    "knn": "k-NN",
+    "linear": "linear",
+    "finetune": "fine-tune",
+    "few_shot_knn": "k-NN",
+    "embedding": "embedding",
+}
+_PROTOCOL_ORDER: tuple[str, ...] = ("knn", "linear", "finetune", "few_shot_knn", "embedding")
+EVALUATION_KINDS: tuple[str, ...] = ("label_efficiency", "few_shot", "transfer")
+
+
+@dataclass(frozen=True)
+class EvaluationColumn:
+    """One evaluation task as a table column (``metric.column`` is its key in the frame)."""
+
+    task_hash: str
+    protocol: str
+    dataset: str
+    fraction: float | None
+    shots: int | None
+    metric: Metric
+
+
+def percent_text(fraction: float) -> str:
+    """0.01 -> '1%', 0.001 -> '0.1%', 1 -> '100%'."""
+    return f"{100 * fraction:.6g}%"
+
+
+def evaluation_columns(evaluations: pd.DataFrame, kind: str) -> list[EvaluationColumn]:
+    """The columns of one evaluation table: ``label_efficiency`` (linear and fine-tune on the
+    study's dataset, per label fraction, linear beside fine-tune), ``few_shot`` (per shots) or
+    ``transfer`` (per target dataset and protocol)."""
+    if kind not in EVALUATION_KINDS:
+        raise ValueError(f"unknown evaluation table {kind!r}; expected one of {', '.join(EVALUATION_KINDS)}")
+    if evaluations.empty:
+        return []
+    evaluations = evaluations[evaluations["status"] == "complete"]
+    own = ~evaluations["transfer"].astype(bool)
+    if kind == "label_efficiency":
+        rows = evaluations[own & evaluations["protocol"].isin(["linear", "finetune"])]
+    elif kind == "few_shot":
+        rows = evaluations[own & (evaluations["protocol"] == "few_shot_knn")]
+    else:
+        rows = evaluations[~own & evaluations["protocol"].isin(["knn", "linear", "finetune"])]
+    tasks = rows.drop_duplicates("task_hash")
+
+    def sort_key(row: pd.Series) -> tuple[Any, ...]:
+        fraction = float(row["fraction"]) if is_finite(row["fraction"]) else math.inf
+        shots = int(row["shots"]) if is_finite(row["shots"]) else 0
+        return (str(row["dataset"]) if kind == "transfer" else "", fraction, shots,
+                _PROTOCOL_ORDER.index(str(row["protocol"])), str(row["task_hash"]))
+
+    ordered = sorted((row for _, row in tasks.iterrows()), key=sort_key)
+    headers: list[str] = []
+    for row in ordered:
+        protocol = PROTOCOL_LABELS[str(row["protocol"])]
+        if kind == "label_efficiency":
+            headers.append(f"{protocol} · {percent_text(float(row['fraction']))} labels (%)")
+        elif kind == "few_shot":
+            headers.append(f"{int(row['shots'])}-shot k-NN (%)")
+        else:
+            headers.append(f"{row['dataset']} · {protocol} (%)")
+    columns = []
+    for index, (row, header) in enumerate(zip(ordered, headers)):
+        # The same header twice: one task ran with other settings (the evaluate section changed).
+        if headers.count(header) > 1:
+            header = f"{header[:-4]} [{str(row['task_hash'])[:6]}] (%)"
+        columns.append(
+            EvaluationColumn(
+                task_hash=str(row["task_hash"]),
+                protocol=str(row["protocol"]),
+                dataset=str(row["dataset"]),
+                fraction=float(row["fraction"]) if is_finite(row["fraction"]) else None,
+                shots=int(row["shots"]) if is_finite(row["shots"]) else None,
+                metric=Metric(f"e{index}", header, True, "accuracy"),
+            )
+        )
+    return columns
+
+
+def evaluation_frame(data: ReportData, columns: list[EvaluationColumn]) -> pd.DataFrame:
+    """One row per configuration with a complete evaluation in ``columns``: ``group``, ``label``,
+    ``method``, ``n`` (seeds evaluated), ``is_reference`` and per column the interval, the verdict
+    against the best (as :func:`comparison_frame`) and ``<key>_spread`` (mean std over draws)."""
+    evaluations = data.evaluations
+    if evaluations.empty or not columns:
+        return pd.DataFrame(columns=["group", "label", "method", "n", "is_reference"])
+    hashes = {c.task_hash for c in columns}
+    done = evaluations[(evaluations["status"] == "complete") & evaluations["task_hash"].isin(hashes)]
+    if done.empty:
+        return pd.DataFrame(columns=["group", "label", "method", "n", "is_reference"])
+    records: list[dict[str, Any]] = []
+    samples: dict[str, dict[str, dict[int, float]]] = {}
+    for group in group_order(done):
+        rows = done[done["group"] == group]
+        first = rows.iloc[0]
+        record: dict[str, Any] = {
+            "group": group,
+            "label": str(first["label"]),
+            "method": str(first["method"]),
+            "n": int(rows["seed"].nunique()),
+            "is_reference": bool(first["is_reference"]),
+        }
+        for column in columns:
+            part = rows[rows["task_hash"] == column.task_hash]
+            values = [float(v) if is_finite(v) else math.nan for v in part["top1"]]
+            interval = t_interval(values)
+            key = column.metric.column
+            record.update(
+                {
+                    f"{key}_mean": interval.mean,
+                    f"{key}_std": interval.std,
+                    f"{key}_low": interval.low,
+                    f"{key}_high": interval.high,
+                    f"{key}_n": interval.n,
+                    f"{key}_nonfinite": interval.n_nonfinite,
+                }
+            )
+            spreads = [float(v) for v in part["spread"] if is_finite(v)]
+            record[f"{key}_spread"] = float(np.mean(spreads)) if spreads else math.nan
+            samples.setdefault(key, {})[group] = dict(zip((int(s) for s in part["seed"]), values))
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.sort_values("is_reference", kind="stable").reset_index(drop=True)
+    add_verdicts(frame, samples, [c.metric for c in columns])
+    return frame
+
+
+def evaluation_table(data: ReportData, kind: str) -> tuple[Table, pd.DataFrame, list[EvaluationColumn]] | None:
+    """The table of one kind of evaluation (see :func:`evaluation_columns`), its frame and
+    columns; None when the study has no such evaluation."""
+    columns = evaluation_columns(data.evaluations, kind)
+    frame = evaluation_frame(data, columns)
+    if frame.empty:
+        return None
+    columns = [c for c in columns if f"{c.metric.column}_mean" in frame.columns]
+    return metric_table(frame, [c.metric for c in columns], spread=kind == "few_shot"), frame, columns
+
+
+def evaluation_protocol_text(data: ReportData) -> str:
+    """How the evaluations ran, from the tasks stored with them."""
+    evaluations = data.evaluations
+    if evaluations.empty:
+        return ""
+    parts: list[str] = []
+    tasks = [t for t in evaluations.drop_duplicates("task_hash")["task"] if isinstance(t, dict)]
+    seeds = sorted({int(t["label_seed"]) for t in tasks if t.get("label_seed") is not None})
+    fine = [dict(t.get("settings", {})) for t in tasks if t.get("protocol") == "finetune"]
+    if any(t.get("fraction") is not None for t in tasks):
+        parts.append(
+            "Label fractions are class-balanced draws from the whole labeled training split (independent of the "
+            f"subset a trial pre-trained on), label seed {_listing(seeds)}; the same images for every configuration"
+        )
+    if fine:
+        epochs = sorted({f.get("epochs") for f in fine if f.get("epochs") is not None})
+        lrs = sorted({f.get("lr") for f in fine if f.get("lr") is not None})
+        scales = sorted({f.get("backbone_lr_scale") for f in fine if f.get("backbone_lr_scale") is not None})
+        parts.append(
+            f"fine-tuning trains the whole encoder and a linear head for {_listing(epochs)} epochs (SGD, Nesterov "
+            f"momentum 0.9, cosine decay, lr {_listing(lrs)} per 256 images for the head and {_listing(scales)} times "
+            "that for the pre-trained layers; random_init is trained from scratch at the full rate)"
+        )
+    if (evaluations["protocol"] == "linear").any():
+        parts.append("the linear probe is the trial's own (Adam on frozen, cached, standardized features)")
+    if (evaluations["protocol"] == "few_shot_knn").any():
+        parts.append(
+            "n-shot k-NN uses n labeled images per class as the only neighbours (every one votes, weighted by "
+            "exp(cos / T)), averaged over independent draws; '(draws sd x)' is the mean standard deviation over draws"
+        )
+    adaptations = sorted(
+        {f"{row['dataset']}: {row['details'].get('adaptation')}" for _, row in evaluations.iterrows()
+         if bool(row["transfer"]) and isinstance(row["details"], dict) and row["details"].get("adaptation")}
+    )
+    if adaptations:
+        parts.append("transfer inputs adapted as recorded (" + "; ".join(adaptations) + ")")
+    return ("Evaluation protocols: " + "; ".join(parts) + ".") if parts else ""
+
+
+def evaluation_failures_table(data: ReportData) -> Table | None:
+    """Evaluations that failed, each with its trial, protocol and reason."""
+    evaluations = data.evaluations
+    if evaluations.empty:
+        return None
+    failed = evaluations[evaluations["status"] != "complete"]
+    if failed.empty:
+        return None
+    rows = []
+    for _, row in failed.sort_values(["trial_id", "evaluation_id"]).iterrows():
+        reason = " ".join(str(row["reason"] or "(no reason recorded)").split())
+        if len(reason) > REASON_CHARS:
+            reason = reason[: REASON_CHARS - 1] + "…"
+        rows.append(
+            (
+                Cell(str(int(row["trial_id"]))),
+                Cell(str(row["label"])),
+                Cell(str(int(row["seed"]))),
+                Cell(f"{PROTOCOL_LABELS.get(str(row['protocol']), row['protocol'])} on {row['dataset']}"),
+                Cell(reason),
+            )
+        )
+    return Table(
+        columns=("trial", "configuration", "seed", "evaluation", "reason"),
+        rows=tuple(rows),
+        numeric=(True, False, True, False, False),
+    )
