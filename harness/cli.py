@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export.
+"""The ``harness`` command: run, status, report, evaluate, bench, export.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -28,6 +28,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "harness.reports.cli",
         "tables and plots of a study, from the database alone",
         "Write a study's comparison tables and ablation plots from the database.",
+    ),
+    "evaluate": (
+        "harness.study.evaluate",
+        "run evaluation protocols (fine-tune, label fractions, few-shot, transfer) on saved encoders",
+        "Run the evaluate: section of a study (or of --file) on the saved encoders of its complete "
+        "trials, without retraining; each result is stored with its protocol.",
     ),
     "bench": (
         "harness.bench.cli",
