@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from harness.db import DEFAULT_DB_PATH
 
@@ -279,11 +280,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     try:
-        return run_study(study, options).exit_code
+        code = run_study(study, options).exit_code
+        if study.evaluate is not None and args.max_trials is None:
+            code = max(code, _evaluate_after_run(study, args))
+        return code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
     except (SQLAlchemyError, ImportError) as error:  # unreachable server, not a database, no driver
         return _error("run", _database_problem(error), 1)
+
+
+def _evaluate_after_run(study: Any, args: argparse.Namespace) -> int:
+    """The study's evaluate: section on its complete trials' saved encoders (what `harness evaluate
+    STUDY` does); results already stored are not computed again."""
+    from harness.study import open_existing
+    from harness.study.evaluate import run_evaluations
+
+    db = open_existing(args.db)
+    try:
+        device = args.device or study.fixed.get("device", "auto")
+        report = run_evaluations(db, study.name, study.evaluate, device=device)
+    finally:
+        db.dispose()
+    for trial_id, reason in report.unavailable:
+        print(f"harness run: trial {trial_id} cannot be evaluated: {reason}", file=sys.stderr)
+    return report.exit_code
 
 
 def _database_problem(error: BaseException) -> str:

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from harness.db import Database, EvaluationRow, StudyRow, TrialRow, open_existing, utcnow
 from harness.protocol_spec import EvaluationPlan, Task, parse_evaluate
-from harness.spec import DATASET_NAMES, UNTRAINED_METHODS
+from harness.spec import DATASET_NAMES, UNTRAINED_METHODS, _StudyLoader
 
 EncoderLoader = Callable[[Database, int, str], Any]
 
@@ -66,7 +66,8 @@ class EvaluationReport:
 def plan_from_text(text: str, source: str) -> EvaluationPlan | None:
     """The ``evaluate:`` section of a study file's text; None when it has none."""
     try:
-        data = yaml.safe_load(text)
+        # The study files' loader: YAML 1.2 floats (1e-2 is a number) and no repeated keys.
+        data = yaml.load(text, Loader=_StudyLoader)
     except yaml.YAMLError as error:
         raise EvaluationSetupError(f"{source}: not readable as YAML: {error}") from None
     if not isinstance(data, dict) or data.get("evaluate") is None:
