@@ -36,7 +36,7 @@ def test_t_interval__one_value_has_no_interval_and_nan_is_counted() -> None:
     assert not interval.exists and math.isnan(interval.half_width)
     assert interval_text(interval, 1) == "0.8 (2 nan)"
     empty = t_interval([math.nan])
-    assert math.isnan(empty.mean) and interval_text(empty, 1) == "nan"
+    assert math.isnan(empty.mean) and interval_text(empty, 1) == "—"
 
 
 def test_t_interval__identical_values_give_a_point_interval() -> None:

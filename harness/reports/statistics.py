@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from harness.reports.style import format_number
+from harness.reports.style import MISSING, format_number
 
 CONFIDENCE = 0.95
 ALPHA = 1.0 - CONFIDENCE
@@ -161,9 +161,9 @@ def compare_with_best(
 
 def interval_text(interval: Interval, decimals: int) -> str:
     """'mean ± half-width' of the interval, the mean alone when no interval exists, '(k nan)' for
-    diverged seeds, 'nan' when no seed has a finite value."""
+    diverged seeds, MISSING ("—") when no seed has a finite value."""
     if not math.isfinite(interval.mean):
-        return "nan"
+        return MISSING
     text = format_number(interval.mean, decimals)
     if interval.exists:
         text += f" ± {format_number(interval.half_width, decimals)}"

@@ -30,6 +30,7 @@ from harness.reports.statistics import (
 from harness.reports.style import (
     METRICS,
     MIB,
+    MISSING,
     TABLE_METRICS,
     Metric,
     format_knob_value,
@@ -209,7 +210,7 @@ def metric_table(frame: pd.DataFrame, metrics: list[Metric], caption: str = "", 
             digits = decimals[metric.column]
             text = interval_text(_interval_of(record, metric.column), digits)
             draws = float(record.get(f"{metric.column}_spread", math.nan))
-            if spread and math.isfinite(draws) and text != "nan":
+            if spread and math.isfinite(draws) and text != MISSING:
                 text += f" (draws sd {format_number(draws, digits)})"
             cells.append(Cell(text, bold=_marked(record, metric.column, best[metric.column], digits)))
         rows.append(tuple(cells))
@@ -414,7 +415,7 @@ def provenance_table(data: ReportData) -> Table | None:
 
 def _text(value: Any, key: str) -> str:
     if value is None or _is_nan(value):
-        return "–"
+        return MISSING
     if key == "git_commit":
         return str(value)[:12]
     if key == "git_dirty":
@@ -468,14 +469,14 @@ def bench_table(bench: pd.DataFrame) -> Table | None:
                 Cell(str(row["dtype"])),
                 Cell(str(row["device"])),
                 Cell(str(row["impl"])),
-                Cell(format_number(ref * 1e3, 3) if ref else "–"),
+                Cell(format_number(ref * 1e3, 3) if ref else MISSING),
                 Cell(format_number(float(row["median_s"]) * 1e3, 3)),
-                Cell(format_number(float(row["iqr_s"]) * 1e3, 3) if is_finite(row["iqr_s"]) else "–"),
+                Cell(format_number(float(row["iqr_s"]) * 1e3, 3) if is_finite(row["iqr_s"]) else MISSING),
                 Cell(format_number(ratio, 3), bold=is_finite(ratio) and float(ratio) > 1.0),
                 Cell(
                     format_number(1.0 / float(ratio), 2) + "×"
                     if is_finite(ratio) and float(ratio) > 0
-                    else "–"
+                    else MISSING
                 ),
             )
         )
@@ -558,7 +559,7 @@ def bench_trend_table(trend: pd.DataFrame) -> Table | None:
         part = trend[trend["kernel"] == kernel]
         values = {r: v for r, v in zip(part["run"], part["ratio"])}
         rows.append(
-            (Cell(kernel), *(Cell(format_number(values[r], 3) if r in values else "–") for r in runs))
+            (Cell(kernel), *(Cell(format_number(values[r], 3) if r in values else MISSING) for r in runs))
         )
     return Table(
         columns=("kernel", *runs),
