@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.losses import infonce
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import MethodSpec, Rule, TrialConfig
@@ -78,6 +79,7 @@ class MoCo(Method):
                 F.normalize(k, dim=1)
                 for k in encode_views(self._keys, views[1::-1] if symmetric else views[1:2])
             ]
+        queries, keys = list(gather(*queries)), list(gather(*keys))  # the global batch
         # The negatives are the queue before this batch's keys enter it (He et al. 2020, Alg. 1).
         kwargs = {"temperature": self.config.temperature, "impl": self.config.loss_impl}
         with fp32_loss(self.queue):
