@@ -9,7 +9,7 @@ from torch import Tensor
 
 from harness.distributed import gather
 from harness.losses import inbatch_infonce
-from harness.methods.base import Method, encode_views, fp32_loss, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp, ring_write
 from harness.spec import MethodSpec, Rule, TrialConfig
 
 SPEC = MethodSpec(
@@ -69,15 +69,6 @@ class NNCLR(Method):
         tau, impl = self.config.temperature, self.config.loss_impl
         with fp32_loss(p1):
             loss = (inbatch_infonce(nn1, p2, tau, impl=impl) + inbatch_infonce(nn2, p1, tau, impl=impl)) / 2
-        self._enqueue(F.normalize(z1.detach().to(self.support.dtype), dim=1))
+        new_rows = F.normalize(z1.detach().to(self.support.dtype), dim=1)
+        self.support, self.support_ptr = ring_write(self.support, self.support_ptr, new_rows)
         return loss
-
-    @torch.no_grad()
-    def _enqueue(self, rows: Tensor) -> None:
-        """Write ``rows`` ``(M, D)`` at ``support_ptr``, wrapping around; out of place, since this
-        step's loss still refers to the old support set."""
-        size = self.support.shape[0]
-        rows = rows[-size:].to(self.support.dtype)
-        index = (self.support_ptr + torch.arange(rows.shape[0], device=rows.device)) % size
-        self.support = self.support.index_copy(0, index, rows)
-        self.support_ptr = (self.support_ptr + rows.shape[0]) % size
