@@ -89,6 +89,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
+    return value
+
+
+def _slurm_time(text: str) -> str:
+    from harness.study.slurm import time_minutes
+
+    try:
+        time_minutes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -195,6 +215,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress", dest="progress", action="store_true", default=None, help="show progress bars"
     )
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    launch = run.add_argument_group(
+        "Slurm", "--launcher slurm: submit the workers as a Slurm job array (docs/SCALING.md; needs PostgreSQL)"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: run the workers here (default); slurm: submit --jobs Slurm jobs, each one worker",
+    )
+    launch.add_argument("--jobs", type=_positive_int, default=1, metavar="K", help="Slurm jobs (one array; default 1)")
+    launch.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
+    launch.add_argument(
+        "--gpus-per-job", type=_non_negative_int, default=0, metavar="G", help="GPUs per job (default 0)"
+    )
+    launch.add_argument("--cpus-per-job", type=_positive_int, metavar="C", help="CPUs per job (default: the cluster's)")
+    launch.add_argument(
+        "--time",
+        type=_slurm_time,
+        default=None,
+        metavar="T",
+        help="time limit per job, in Slurm's format (MINUTES, HH:MM:SS, D-HH:MM:SS; default 4:00:00); "
+        "a job near its limit hands its trial back and is requeued",
+    )
+    launch.add_argument("--mem", metavar="M", help="memory per job, in Slurm's format (16G, 4000M)")
+    launch.add_argument(
+        "--slurm-folder", metavar="DIR", help="where submitit keeps job logs and pickles (default results/slurm/STUDY)"
+    )
     run.set_defaults(handler=_cmd_run)
 
     status = commands.add_parser(
@@ -213,6 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="best trials shown per study (default: 5 for one study, 3 each for every study)",
     )
     status.set_defaults(handler=_cmd_status)
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a study's Slurm jobs (their running trials are handed back)",
+        description="scancel the Slurm jobs that `harness run --launcher slurm` submitted for STUDY and "
+        "that are still queued or running; each running job hands its trial back as pending.",
+    )
+    cancel.add_argument("study", metavar="STUDY", help="the study name")
+    _add_db(cancel)
+    cancel.set_defaults(handler=_cmd_cancel)
 
     for name, (_, help_text, description) in _DELEGATED.items():
         # Their own arguments are added when the command runs (see _delegate): importing them
@@ -337,6 +394,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 db.dispose()
         for line in dry_run_lines(study, existing):
             print(line)
+        if args.launcher == "slurm":
+            from harness.study.slurm import sbatch_lines, sqlite_refusal
+
+            refusal = sqlite_refusal(args.db)
+            if refusal:
+                return _error("run", refusal, 2)
+            for line in sbatch_lines(study, _slurm_options(args)):
+                print(line)
         return 0
     options = RunOptions(
         db=args.db,
@@ -348,6 +413,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
     )
+    if args.launcher == "slurm":
+        return _submit_slurm(study, options, args)
     try:
         code = run_study(study, options).exit_code
         if study.evaluate is not None and args.max_trials is None:
@@ -357,6 +424,58 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _error("run", str(error), 2)
     except (SQLAlchemyError, ImportError) as error:  # unreachable server, not a database, no driver
         return _error("run", _database_problem(error), 1)
+
+
+def _slurm_options(args: argparse.Namespace) -> Any:
+    from harness.study.slurm import DEFAULT_TIME, SlurmOptions
+
+    return SlurmOptions(
+        jobs=args.jobs,
+        partition=args.partition,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        time=args.time or DEFAULT_TIME,
+        mem=args.mem,
+        folder=Path(args.slurm_folder) if args.slurm_folder else None,
+    )
+
+
+def _submit_slurm(study: Any, options: Any, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.study import SearchSetupError, StudyConflict
+    from harness.study.slurm import SlurmSetupError, submit
+
+    if args.workers != 1:
+        return _error("run", "--workers: with --launcher slurm each job is one worker; use --jobs K", 2)
+    try:
+        submit(study, options, _slurm_options(args), echo=lambda line: print(line, flush=True))
+    except (SlurmSetupError, StudyConflict, SearchSetupError) as error:
+        return _error("run", str(error), 2)
+    except (SQLAlchemyError, ImportError) as error:
+        return _error("run", _database_problem(error), 1)
+    except Exception as error:  # sbatch refused the job (submitit raises a plain error with its output)
+        return _error("run", f"submitting to Slurm failed: {type(error).__name__}: {error}", 1)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.study import open_existing
+    from harness.study.slurm import SlurmSetupError, cancel
+
+    try:
+        db = open_existing(args.db)
+        try:
+            cancel(db, args.study)
+        finally:
+            db.dispose()
+    except (FileNotFoundError, LookupError, SlurmSetupError) as error:
+        return _error("cancel", str(error), 2)
+    except (SQLAlchemyError, ImportError) as error:
+        return _error("cancel", _database_problem(error), 1)
+    return 0
 
 
 def _evaluate_after_run(study: Any, args: argparse.Namespace) -> int:

@@ -73,6 +73,11 @@ case "$what" in
     ;;
   test)
     start_test_postgres
+    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+      echo "== installing Debian's slurm-wlm and munge (tests/test_slurm.py runs a one-node Slurm cluster)"
+      as_root apt-get update -q
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge
+    fi
     if ! command -v chromium >/dev/null; then
       echo "== installing Debian's chromium (for the report's browser test)"
       as_root apt-get update -q
