@@ -15,13 +15,13 @@ from torch import Tensor
 from harness.losses._common import IMPLS
 from harness.losses.barlow_twins import barlow_twins
 from harness.losses.byol import byol
-from harness.losses.dino import dino
+from harness.losses.dino import dino, dino_multicrop
 from harness.losses.geometry import alignment, uniformity
 from harness.losses.infonce import infonce
 from harness.losses.metric import npair, triplet
 from harness.losses.nt_xent import NT_XENT_IMPLS, nt_xent
 from harness.losses.supcon import supcon
-from harness.losses.swav import sinkhorn, swav
+from harness.losses.swav import sinkhorn, swav, swav_multicrop
 from harness.losses.vicreg import vicreg
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -47,12 +47,14 @@ __all__ = [
     "barlow_twins",
     "byol",
     "dino",
+    "dino_multicrop",
     "infonce",
     "npair",
     "nt_xent",
     "sinkhorn",
     "supcon",
     "swav",
+    "swav_multicrop",
     "triplet",
     "uniformity",
     "vicreg",

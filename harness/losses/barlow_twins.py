@@ -11,6 +11,7 @@ from torch import Tensor
 
 from harness.losses._common import (
     autocast_off,
+    blockwise_dot,
     checked_inputs,
 )
 
@@ -75,27 +76,6 @@ def frobenius_sq_cross(a: Tensor, b: Tensor) -> Tensor:
         return blockwise_dot(gram_a, gram_b)
     c = a.T @ b
     return blockwise_dot(c, c)
-
-
-# Elements per partial dot product of :func:`blockwise_dot`: short enough that float32 keeps about
-# 1e-8 relative on each block, long enough that the Python loop costs little (measured 3x one BLAS
-# dot at 4M elements, 0.3% of a Barlow Twins step at N = D = 2048).
-DOT_BLOCK = 1 << 15
-
-
-def blockwise_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``Σ a ⊙ b`` over all entries, accurate in float32: BLAS dot products of ``DOT_BLOCK``
-    entries each, summed in float64.
-
-    One BLAS ``dot`` over millions of entries accumulates in a few float32 lanes and drifts: over
-    the 4M entries of a 2048² Gram matrix it was 8e-5 relative off, over 67M entries 4e-3
-    (docs/LOSSES.md). Blocks keep each partial sum short; returned in the inputs' dtype.
-    """
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.numel() <= DOT_BLOCK or a.dtype == torch.float64:
-        return torch.dot(a, b)
-    parts = [torch.dot(a[i : i + DOT_BLOCK], b[i : i + DOT_BLOCK]) for i in range(0, a.numel(), DOT_BLOCK)]
-    return torch.stack(parts).sum(dtype=torch.float64).to(a.dtype)
 
 
 def _fast(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
