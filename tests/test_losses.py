@@ -13,7 +13,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -24,20 +24,17 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from harness.losses import (
+    LOSS_SPECS,
     LOSSES,
+    LossSpec,
     alignment,
-    barlow_twins,
     byol,
     dino,
     infonce,
-    npair,
     nt_xent,
     sinkhorn,
     supcon,
     swav,
-    triplet,
-    uniformity,
-    vicreg,
 )
 
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-5}
@@ -223,6 +220,46 @@ def formula_dino(
     return total / student.shape[0]
 
 
+def cross_entropy_rows(codes: Tensor, scores: Tensor, temperature: float) -> Tensor:
+    """``mean_n -Σ_k codes_nk log softmax(scores_n / τ)_k``, row by row."""
+    total = scores.new_zeros(())
+    for i in range(scores.shape[0]):
+        log_p = scores[i] / temperature - torch.log(torch.exp(scores[i] / temperature).sum())
+        total = total - (codes[i] * log_p).sum()
+    return total / scores.shape[0]
+
+
+def formula_swav_multicrop(
+    scores: Tensor,
+    temperature: float = 0.1,
+    epsilon: float = 0.05,
+    sinkhorn_iterations: int = 3,
+    n_global: int = 2,
+    queue_scores: list[Tensor] | None = None,
+) -> Tensor:
+    n = scores.shape[1]
+    terms = []
+    for i in range(n_global):
+        block = scores[i].detach()
+        if queue_scores is not None:
+            block = torch.cat([block, queue_scores[i].detach().to(block.dtype)])
+        codes = formula_sinkhorn(block.double(), epsilon, sinkhorn_iterations)[:n].to(scores.dtype)
+        terms += [cross_entropy_rows(codes, scores[v], temperature) for v in range(scores.shape[0]) if v != i]
+    return sum(terms) / len(terms)
+
+
+def formula_dino_multicrop(
+    student: Tensor, teacher: Tensor, center: Tensor, student_temp: float = 0.1, teacher_temp: float = 0.04
+) -> Tensor:
+    terms = [
+        formula_dino(student[v], teacher[i], center, student_temp, teacher_temp)
+        for i in range(teacher.shape[0])
+        for v in range(student.shape[0])
+        if v != i
+    ]
+    return sum(terms) / len(terms)
+
+
 def formula_supcon(z: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
     n, v, _ = z.shape
     anchors = [(z[i, view], int(labels[i])) for view in range(v) for i in range(n)]
@@ -270,10 +307,26 @@ def formula_uniformity(z: Tensor, t: float = 2) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The table of losses
+# The table of losses: each declaration (harness.losses.LOSS_SPECS: implementations, input builder,
+# minimum batch, properties) with the independent formula written here.
 
 
-Maker = Callable[[int, int, torch.dtype, torch.Generator], tuple[list[Any], dict[str, Any]]]
+FORMULAS: dict[str, Callable[..., Tensor]] = {
+    "nt_xent": formula_nt_xent,
+    "infonce": formula_infonce,
+    "byol": formula_byol,
+    "barlow_twins": formula_barlow_twins,
+    "vicreg": formula_vicreg,
+    "swav": formula_swav,
+    "swav_multicrop": formula_swav_multicrop,
+    "dino": formula_dino,
+    "dino_multicrop": formula_dino_multicrop,
+    "supcon": formula_supcon,
+    "triplet": formula_triplet,
+    "npair": formula_npair,
+    "alignment": formula_alignment,
+    "uniformity": formula_uniformity,
+}
 
 
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64, grad: bool = True) -> Tensor:
@@ -282,95 +335,39 @@ def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float64,
 
 @dataclass(frozen=True)
 class Spec:
-    name: str
-    fn: Callable[..., Tensor]
-    make: Maker
+    declared: LossSpec
     formula: Callable[..., Tensor]
-    min_batch: int
-    symmetric: bool = False  # swapping the two views leaves the loss unchanged
-    scale_invariant: tuple[int, ...] = ()  # positions of arguments whose norm does not matter
-    fast_impls: tuple[str, ...] = ("fast",)
-    temperature_kw: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.declared.name
+
+    @property
+    def fn(self) -> Callable[..., Tensor]:
+        return self.declared.fn
+
+    @property
+    def min_batch(self) -> int:
+        return self.declared.min_batch
+
+    @property
+    def symmetric(self) -> bool:
+        return self.declared.symmetric
+
+    @property
+    def scale_invariant(self) -> tuple[int, ...]:
+        return self.declared.scale_invariant
+
+    @property
+    def fast_impls(self) -> tuple[str, ...]:
+        return self.declared.fast_impls
+
+    @property
+    def temperature_kw(self) -> tuple[str, ...]:
+        return self.declared.temperature_kw
 
 
-def make_pair(n: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[Any], dict[str, Any]]:
-    return [randn(gen, n, d, dtype=dtype), randn(gen, n, d, dtype=dtype)], {}
-
-
-def make_nt_xent(
-    n: int, d: int, dtype: torch.dtype, gen: torch.Generator
-) -> tuple[list[Any], dict[str, Any]]:
-    return [randn(gen, n, d, dtype=dtype), randn(gen, n, d, dtype=dtype)], {"temperature": 0.3}
-
-
-def make_infonce(
-    n: int, d: int, dtype: torch.dtype, gen: torch.Generator
-) -> tuple[list[Any], dict[str, Any]]:
-    queue = F.normalize(randn(gen, 11, d, grad=False), dim=1).to(dtype).requires_grad_()
-    return [randn(gen, n, d, dtype=dtype), randn(gen, n, d, dtype=dtype), queue], {"temperature": 0.2}
-
-
-def make_scores(n: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[Any], dict[str, Any]]:
-    # Cosine-like scores in [-1, 1] (SwAV's prototype scores); d plays the number of prototypes.
-    s1 = torch.tanh(randn(gen, n, d, grad=False)).to(dtype).requires_grad_()
-    s2 = torch.tanh(randn(gen, n, d, grad=False)).to(dtype).requires_grad_()
-    return [s1, s2], {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3}
-
-
-def make_dino(n: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[Any], dict[str, Any]]:
-    return [
-        randn(gen, n, d, dtype=dtype),
-        randn(gen, n, d, dtype=dtype),
-        randn(gen, d, dtype=dtype, grad=False),
-    ], {
-        "student_temp": 0.1,
-        "teacher_temp": 0.04,
-    }
-
-
-def make_supcon(n: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[Any], dict[str, Any]]:
-    labels = torch.randint(0, max(1, n // 2), (n,), generator=gen)
-    return [randn(gen, n, 2, d, dtype=dtype), labels], {"temperature": 0.1}
-
-
-def make_triplet(
-    n: int, d: int, dtype: torch.dtype, gen: torch.Generator
-) -> tuple[list[Any], dict[str, Any]]:
-    # A margin of d keeps most hinges active (the loss is then differentiable everywhere).
-    return [randn(gen, n, d, dtype=dtype) for _ in range(3)], {"margin": float(d)}
-
-
-def make_single(n: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[list[Any], dict[str, Any]]:
-    return [randn(gen, n, d, dtype=dtype)], {"t": 2.0}
-
-
-SPECS: list[Spec] = [
-    Spec(
-        "nt_xent",
-        nt_xent,
-        make_nt_xent,
-        formula_nt_xent,
-        2,
-        True,
-        (0, 1),
-        ("fast", "chunked"),
-        ("temperature",),
-    ),
-    Spec(
-        "infonce", infonce, make_infonce, formula_infonce, 1, False, (0, 1), temperature_kw=("temperature",)
-    ),
-    Spec("byol", byol, make_pair, formula_byol, 1, True, (0, 1)),
-    Spec("barlow_twins", barlow_twins, make_pair, formula_barlow_twins, 2, True),
-    Spec("vicreg", vicreg, make_pair, formula_vicreg, 2, True),
-    Spec("swav", swav, make_scores, formula_swav, 1, True, temperature_kw=("temperature",)),
-    Spec("dino", dino, make_dino, formula_dino, 1, temperature_kw=("student_temp", "teacher_temp")),
-    Spec("supcon", supcon, make_supcon, formula_supcon, 1, False, (0,), temperature_kw=("temperature",)),
-    Spec("triplet", triplet, make_triplet, formula_triplet, 1),
-    Spec("npair", npair, make_pair, formula_npair, 2),
-    Spec("alignment", alignment, make_pair, formula_alignment, 1, True, (0, 1)),
-    Spec("uniformity", uniformity, make_single, formula_uniformity, 2, False, (0,), temperature_kw=("t",)),
-]
+SPECS: list[Spec] = [Spec(declared, FORMULAS[name]) for name, declared in LOSS_SPECS.items() if declared.loss]
 BY_NAME = {spec.name: spec for spec in SPECS}
 ALL = [pytest.param(spec, id=spec.name) for spec in SPECS]
 
@@ -386,7 +383,14 @@ def with_impl(specs: list[Spec]) -> list[Any]:
 def inputs(
     spec: Spec, n: int = 6, d: int = 5, dtype: torch.dtype = torch.float64, seed: int = 0
 ) -> tuple[list[Any], dict[str, Any]]:
-    return spec.make(n, d, dtype, torch.Generator().manual_seed(seed))
+    """The declared builder's inputs at batch ``n`` and width ``d``, every floating-point argument a
+    leaf that requires grad (the contract compares every gradient, not only the trained ones)."""
+    made = spec.declared.inputs(spec.declared.test_params_for(n, d), "cpu", dtype, seed)
+    args = [
+        a.detach().clone().requires_grad_() if isinstance(a, Tensor) and a.is_floating_point() else a
+        for a in made.args
+    ]
+    return args, dict(made.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +418,15 @@ DESIGN_SIGNATURES: dict[str, list[tuple[str, Any]]] = {
         ("teacher_temp", 0.04),
     ],
     "supcon": [("z", None), ("labels", None), ("temperature", 0.1)],
+    # Beyond DESIGN.md's table: the multi-crop forms that SwAV and DINO train through (issue 10).
+    "swav_multicrop": [("scores", None), ("temperature", 0.1), ("epsilon", 0.05), ("sinkhorn_iterations", 3)],
+    "dino_multicrop": [
+        ("student", None),
+        ("teacher", None),
+        ("center", None),
+        ("student_temp", 0.1),
+        ("teacher_temp", 0.04),
+    ],
     "triplet": [("anchor", None), ("positive", None), ("negative", None), ("margin", 1.0)],
     "npair": [("anchor", None), ("positive", None)],
     "alignment": [("z1", None), ("z2", None), ("alpha", 2)],
@@ -588,23 +601,20 @@ def test_nt_xent__large_logits_do_not_overflow_in_float32(temperature: float) ->
 
 
 @pytest.mark.parametrize(
-    ("name", "n"),
+    ("spec", "n"),
     [
-        ("nt_xent", 1),
-        ("barlow_twins", 1),
-        ("vicreg", 1),
-        ("npair", 1),
-        ("uniformity", 1),
-        *[(name, 0) for name in DESIGN_SIGNATURES if name != "supcon"],
+        pytest.param(spec, n, id=f"{spec.name}-{n}")
+        for spec in SPECS
+        for n in sorted({0, spec.min_batch - 1})
+        if spec.name != "supcon" or n == 0
     ],
 )
-def test_loss__too_small_batch_is_a_value_error(name: str, n: int) -> None:
-    args, kwargs = inputs(BY_NAME[name], n=max(n, 1), d=4)
-    if n == 0:
-        args = [a[:0] if isinstance(a, Tensor) and a.ndim == 2 else a for a in args]
-    for impl in ("reference", "fast"):
+def test_loss__too_small_batch_is_a_value_error(spec: Spec, n: int) -> None:
+    # One below the declared minimum, and an empty batch: the function enforces its declaration.
+    args, kwargs = inputs(spec, n=n, d=4)
+    for impl in ("reference", *spec.fast_impls):
         with pytest.raises(ValueError, match="too small"):
-            LOSSES[name](*args, **kwargs, impl=impl)
+            spec.fn(*args, **kwargs, impl=impl)
 
 
 def test_supcon__too_small_batch_is_a_value_error() -> None:

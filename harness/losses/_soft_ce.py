@@ -136,7 +136,14 @@ class _PairedSoftCE(torch.autograd.Function):
         loss = (lse_sum - scale * cross) / (n_pairs * n)
         ctx.save_for_backward(masses, *targets, *exps, *row_sums)
         ctx.meta = (  # type: ignore[attr-defined]
-            scale, skip_same_index, stacked, len(views), len(targets), len(given), n_pairs, n
+            scale,
+            skip_same_index,
+            stacked,
+            len(views),
+            len(targets),
+            len(given),
+            n_pairs,
+            n,
         )
         return loss.to(views[0].dtype)
 

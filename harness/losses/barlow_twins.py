@@ -14,6 +14,12 @@ from harness.losses._common import (
     blockwise_dot,
     checked_inputs,
 )
+from harness.losses.declaration import (
+    BenchShapes,
+    LossSpec,
+    grid,
+    pair_inputs,
+)
 
 NAME = "barlow_twins"
 BN_EPS = 1e-5
@@ -39,9 +45,7 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3, *, impl: str = "fa
     Returns:
         A scalar (a sum over D, not a mean: the paper's scale, so λ keeps its meaning).
     """
-    z1, z2 = checked_inputs(
-        NAME, impl, min_batch=2, why="the batch standardization of one sample is undefined", z1=z1, z2=z2
-    )
+    z1, z2 = checked_inputs(NAME, impl, min_batch=SPEC.min_batch, why=SPEC.min_batch_why, z1=z1, z2=z2)
     if impl == "reference":
         return _reference(z1, z2, lambd)
     return _fast(z1, z2, lambd)
@@ -85,3 +89,23 @@ def _fast(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
     diag = (a * b).sum(dim=0) / n
     off_diag = frobenius_sq_cross(a, b) / (n * n) - diag.pow(2).sum()
     return (1 - diag).pow(2).sum() + lambd * off_diag
+
+
+# Barlow Twins and VICReg share their shapes: both build a (D, D) cross-correlation/covariance of an
+# (N, D) batch; the issue's N in {256, 2048, 4096} x D in {2048, 8192} on a GPU.
+CROSS_CORRELATION_SHAPES = BenchShapes(
+    grid(N=[128], D=[1024]),
+    grid(N=[256, 1024], D=[1024, 4096]),
+    grid(N=[256, 2048, 4096], D=[2048, 8192]),
+)
+
+SPEC = LossSpec(
+    NAME,
+    barlow_twins,
+    pair_inputs,
+    min_batch=2,
+    min_batch_why="the batch standardization of one sample is undefined",
+    shapes=CROSS_CORRELATION_SHAPES,
+    symmetric=True,
+)
+SPECS = (SPEC,)

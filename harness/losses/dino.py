@@ -23,6 +23,7 @@ from harness.losses._common import (
     upcast,
 )
 from harness.losses._soft_ce import paired_soft_cross_entropy
+from harness.losses.declaration import BenchShapes, LossInputs, LossSpec, Params, grid, leaf, randn
 
 NAME = "dino"
 
@@ -63,7 +64,7 @@ def dino(
     check_same_shape(NAME, student=student, teacher=teacher)
     if center.shape not in {(student.shape[1],), (1, student.shape[1])}:
         raise ValueError(f"{NAME}: center must have shape ({student.shape[1]},), got {tuple(center.shape)}")
-    check_batch(NAME, student.shape[0], 1, "an empty batch has no mean")
+    check_batch(NAME, student.shape[0], DINO.min_batch, DINO.min_batch_why)
     check_positive(NAME, "student_temp", student_temp)
     check_positive(NAME, "teacher_temp", teacher_temp)
     dtype = compute_dtype(student, teacher, center)
@@ -132,7 +133,7 @@ def dino_multicrop(
     k = students[0].shape[1]
     if center.shape not in {(k,), (1, k)}:
         raise ValueError(f"{name}: center must have shape ({k},), got {tuple(center.shape)}")
-    check_batch(name, students[0].shape[0], 1, "an empty batch has no mean")
+    check_batch(name, students[0].shape[0], DINO_MULTICROP.min_batch, DINO_MULTICROP.min_batch_why)
     check_positive(name, "student_temp", student_temp)
     check_positive(name, "teacher_temp", teacher_temp)
     dtype = compute_dtype(*students, *teachers, center)
@@ -154,7 +155,9 @@ def dino_multicrop(
 def _crops(name: str, what: str, crops: Tensor | Sequence[Tensor]) -> list[Tensor]:
     if isinstance(crops, Tensor):
         if crops.ndim != 3:
-            raise ValueError(f"{name}: {what} must be (V, N, K) or a sequence of (N, K), got {tuple(crops.shape)}")
+            raise ValueError(
+                f"{name}: {what} must be (V, N, K) or a sequence of (N, K), got {tuple(crops.shape)}"
+            )
         listed = list(crops.unbind(0))
     else:
         listed = list(crops)
@@ -163,3 +166,51 @@ def _crops(name: str, what: str, crops: Tensor | Sequence[Tensor]) -> list[Tenso
     for v, crop in enumerate(listed):
         check_matrix(name, f"{what}[{v}]", crop)
     return listed
+
+
+def _dino_inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    student = leaf(randn((p["N"], p["K"]), device, dtype, gen))
+    teacher = randn((p["N"], p["K"]), device, dtype, gen)  # the teacher is detached
+    center = randn((p["K"],), device, dtype, gen)
+    return LossInputs((student, teacher, center), {"student_temp": 0.1, "teacher_temp": 0.04}, (student,))
+
+
+def _multicrop_inputs(
+    p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator
+) -> LossInputs:
+    """``V`` student crops as one ``(V, N, K)`` tensor, 2 teacher crops ``(2, N, K)``."""
+    student = leaf(randn((p["V"], p["N"], p["K"]), device, dtype, gen))
+    teacher = randn((2, p["N"], p["K"]), device, dtype, gen)
+    center = randn((p["K"],), device, dtype, gen)
+    return LossInputs((student, teacher, center), {"student_temp": 0.1, "teacher_temp": 0.04}, (student,))
+
+
+DINO = LossSpec(
+    NAME,
+    dino,
+    _dino_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(
+        grid(N=[128], K=[8192]), grid(N=[256], K=[4096, 65536]), grid(N=[256, 1024], K=[65536])
+    ),
+    width_key="K",
+    temperature_kw=("student_temp", "teacher_temp"),
+)
+# Caron et al.'s multi-crop: 2 global crops, 2 to 10 student crops (V); K = 65536 outputs.
+DINO_MULTICROP = LossSpec(
+    "dino_multicrop",
+    dino_multicrop,
+    _multicrop_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(
+        grid(N=[64], K=[8192], V=[4]),
+        grid(N=[64], K=[16384, 65536], V=[2, 10]),
+        grid(N=[256], K=[65536], V=[2, 10]),
+    ),
+    width_key="K",
+    test_params={"V": 4},
+    temperature_kw=("student_temp", "teacher_temp"),
+)
+SPECS = (DINO, DINO_MULTICROP)

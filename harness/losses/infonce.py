@@ -24,6 +24,16 @@ from harness.losses._common import (
     normalize_scaled,
     upcast,
 )
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    leaf,
+    randn,
+    unit_rows,
+)
 
 NAME = "infonce"
 
@@ -53,7 +63,7 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, i
     check_matrix(NAME, "k", k)
     check_matrix(NAME, "queue", queue)
     check_same_shape(NAME, q=q, k=k)
-    check_batch(NAME, q.shape[0], 1, "an empty batch has no mean")
+    check_batch(NAME, q.shape[0], SPEC.min_batch, SPEC.min_batch_why)
     if queue.shape[0] < 1:
         raise ValueError(f"{NAME}: the queue is empty, need at least one negative")
     if queue.shape[1] != q.shape[1]:
@@ -106,3 +116,29 @@ class _InfoNCE(torch.autograd.Function):
             grad_k = q * w_pos if needs[1] else None
             grad_queue = (p_neg.T @ q) * scale if needs[2] else None
             return grad_q, grad_k, grad_queue
+
+
+def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    q = leaf(randn((p["N"], p["D"]), device, dtype, gen))
+    # MoCo detaches the keys and the queue is a buffer: gradients reach the queries only.
+    k = randn((p["N"], p["D"]), device, dtype, gen)
+    queue = unit_rows((p["K"], p["D"]), device, dtype, gen)
+    return LossInputs((q, k, queue), {"temperature": 0.07}, (q,))
+
+
+SPEC = LossSpec(
+    NAME,
+    infonce,
+    _inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(
+        grid(N=[256], K=[16384], D=[128]),
+        grid(N=[256], K=[4096, 65536], D=[128]),
+        grid(N=[256], K=[4096, 65536], D=[128]),
+    ),
+    test_params={"K": 11},
+    scale_invariant=(0, 1),
+    temperature_kw=("temperature",),
+)
+SPECS = (SPEC,)

@@ -26,6 +26,15 @@ from harness.losses._common import (
     upcast,
 )
 from harness.losses._soft_ce import paired_soft_cross_entropy
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    leaf,
+    prototype_scores,
+)
 
 NAME = "swav"
 
@@ -57,7 +66,7 @@ def sinkhorn(scores: Tensor, epsilon: float = 0.05, iterations: int = 3, *, impl
     """
     check_impl("sinkhorn", impl)
     check_matrix("sinkhorn", "scores", scores)
-    check_batch("sinkhorn", scores.shape[0], 1, "an empty batch has no codes")
+    check_batch("sinkhorn", scores.shape[0], SINKHORN.min_batch, SINKHORN.min_batch_why)
     check_positive("sinkhorn", "epsilon", epsilon)
     if iterations < 0:
         raise ValueError(f"sinkhorn: iterations must be ≥ 0, got {iterations}")
@@ -154,7 +163,9 @@ def _sinkhorn_log_domain(
 ) -> Tensor:
     with torch.no_grad():
         n = scores.shape[0]
-        stacked = scores if queue_scores is None else torch.cat([scores, queue_scores.detach().to(scores.dtype)])
+        stacked = (
+            scores if queue_scores is None else torch.cat([scores, queue_scores.detach().to(scores.dtype)])
+        )
         if impl == "reference":
             return _sinkhorn_reference(stacked, epsilon, iterations)[:n]
         return _sinkhorn_fast(stacked, epsilon, iterations)[:n]
@@ -192,7 +203,7 @@ def swav(
     """
     check_positive(NAME, "temperature", temperature)
     scores1, scores2 = checked_inputs(
-        NAME, impl, min_batch=1, why="an empty batch has no mean", scores1=scores1, scores2=scores2
+        NAME, impl, min_batch=SWAV.min_batch, why=SWAV.min_batch_why, scores1=scores1, scores2=scores2
     )
     return _swapped_prediction([scores1, scores2], 2, None, temperature, epsilon, sinkhorn_iterations, impl)
 
@@ -237,7 +248,9 @@ def swav_multicrop(
     check_positive(name, "temperature", temperature)
     views = list(scores.unbind(0)) if isinstance(scores, Tensor) and scores.ndim == 3 else list(scores)
     if isinstance(scores, Tensor) and scores.ndim != 3:
-        raise ValueError(f"{name}: scores must be (V, N, K) or a sequence of (N, K), got {tuple(scores.shape)}")
+        raise ValueError(
+            f"{name}: scores must be (V, N, K) or a sequence of (N, K), got {tuple(scores.shape)}"
+        )
     if len(views) < 2:
         raise ValueError(f"{name}: need at least 2 crops, got {len(views)}")
     if not 1 <= n_global <= len(views):
@@ -245,12 +258,14 @@ def swav_multicrop(
     for v, view in enumerate(views):
         check_matrix(name, f"scores[{v}]", view)
     check_same_shape(name, **{f"scores[{v}]": view for v, view in enumerate(views)})
-    check_batch(name, views[0].shape[0], 1, "an empty batch has no mean")
+    check_batch(name, views[0].shape[0], SWAV_MULTICROP.min_batch, SWAV_MULTICROP.min_batch_why)
     queue: list[Tensor] | None = None
     if queue_scores is not None:
         queue = list(queue_scores)
         if len(queue) != n_global:
-            raise ValueError(f"{name}: queue_scores needs one tensor per global crop ({n_global}), got {len(queue)}")
+            raise ValueError(
+                f"{name}: queue_scores needs one tensor per global crop ({n_global}), got {len(queue)}"
+            )
         for i, q in enumerate(queue):
             check_matrix(name, f"queue_scores[{i}]", q)
             if q.shape[1] != views[0].shape[1]:
@@ -285,7 +300,10 @@ def _swapped_prediction(
         ]
         log_p = [F.log_softmax(view / temperature, dim=1) for view in views]
         terms = [
-            -(q * log_p[v]).sum(dim=1).mean() for i, q in enumerate(codes) for v in range(len(views)) if v != i
+            -(q * log_p[v]).sum(dim=1).mean()
+            for i, q in enumerate(codes)
+            for v in range(len(views))
+            if v != i
         ]
         return torch.stack(terms).mean()
     power = _kernel_power(temperature, epsilon)
@@ -322,3 +340,70 @@ def _kernel_power(temperature: float, epsilon: float) -> int | None:
     ratio = temperature / epsilon
     power = round(ratio)
     return power if 1 <= power <= 4 and abs(ratio - power) <= 1e-12 * ratio else None
+
+
+def _swav_inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    s1 = leaf(prototype_scores((p["N"], p["K"]), device, dtype, gen))
+    s2 = leaf(prototype_scores((p["N"], p["K"]), device, dtype, gen))
+    kwargs = {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3}
+    return LossInputs((s1, s2), kwargs, (s1, s2))
+
+
+def _multicrop_inputs(
+    p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator
+) -> LossInputs:
+    """``V`` crops' scores as one ``(V, N, K)`` tensor (the method scores all crops in one product);
+    with ``Q > 0`` a queue of ``Q`` earlier embeddings per global crop, scored (no gradient)."""
+    scores = leaf(prototype_scores((p["V"], p["N"], p["K"]), device, dtype, gen))
+    kwargs: dict[str, object] = {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3}
+    if p.get("Q", 0) > 0:
+        kwargs["queue_scores"] = [prototype_scores((p["Q"], p["K"]), device, dtype, gen) for _ in range(2)]
+    return LossInputs((scores,), kwargs, (scores,))
+
+
+def _sinkhorn_inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    return LossInputs(
+        (prototype_scores((p["N"], p["K"]), device, dtype, gen),), {"epsilon": 0.05, "iterations": 3}, ()
+    )
+
+
+SWAV = LossSpec(
+    NAME,
+    swav,
+    _swav_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(grid(N=[256], K=[3000]), grid(N=[256, 1024], K=[3000]), grid(N=[256, 1024], K=[3000])),
+    width_key="K",
+    symmetric=True,
+    temperature_kw=("temperature",),
+)
+# Caron et al.'s multi-crop: 2 global crops and 6 local ones (V = 8); the queue of their small-batch
+# runs (3840 rows) with a batch of 256.
+SWAV_MULTICROP = LossSpec(
+    "swav_multicrop",
+    swav_multicrop,
+    _multicrop_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(
+        grid(N=[128], K=[1000], V=[4], Q=[0]),
+        grid(N=[256], K=[3000], V=[2, 8], Q=[0, 3840]),
+        grid(N=[256, 1024], K=[3000], V=[2, 8], Q=[0, 3840]),
+    ),
+    width_key="K",
+    test_params={"V": 4, "Q": 0},
+    temperature_kw=("temperature",),
+)
+SINKHORN = LossSpec(
+    "sinkhorn",
+    sinkhorn,
+    _sinkhorn_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no codes",
+    shapes=BenchShapes(grid(N=[256], K=[3000]), grid(N=[256, 4096], K=[3000]), grid(N=[256, 4096], K=[3000])),
+    directions=("forward",),
+    width_key="K",
+    loss=False,
+)
+SPECS = (SWAV, SWAV_MULTICROP, SINKHORN)
