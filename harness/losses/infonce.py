@@ -96,25 +96,27 @@ class _InfoNCE(torch.autograd.Function):
         # One max over the positive and the queue, then the softmax in place: the (N, 1 + K)
         # concatenation of the reference is never written.
         m = torch.maximum(p_neg.amax(dim=1), l_pos)
-        p_neg.sub_(m.unsqueeze(1)).exp_()
+        e_neg = p_neg.sub_(m.unsqueeze(1)).exp_()
         e_pos = (l_pos - m).exp()
-        total = p_neg.sum(dim=1) + e_pos
-        p_neg.div_(total.unsqueeze(1))
-        ctx.save_for_backward(q, k, queue, p_neg, e_pos / total)
+        total = e_neg.sum(dim=1) + e_pos
+        # The softmax is never normalized in place (a full pass over (N, K)): the backward pass
+        # scales the (N, D) products by 1 / total instead.
+        ctx.save_for_backward(q, k, queue, e_neg, total, e_pos / total)
         return (m + total.log() - l_pos).mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        q, k, queue, p_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, queue, e_neg, total, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
         with autocast_disabled(q):
             scale = grad / q.shape[0]
-            # d/d l_pos = p_pos - 1, d/d l_neg = p_neg (per anchor, times the mean's 1/N).
+            # d/d l_pos = p_pos - 1, d/d l_neg = e_neg / total (per anchor, times the mean's 1/N).
             w_pos = ((p_pos - 1) * scale).unsqueeze(1)
+            w_neg = (scale / total).unsqueeze(1)
             needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-            grad_q = torch.mm(p_neg, queue).mul_(scale).add_(k * w_pos) if needs[0] else None
+            grad_q = torch.mm(e_neg, queue).mul_(w_neg).add_(k * w_pos) if needs[0] else None
             grad_k = q * w_pos if needs[1] else None
-            grad_queue = (p_neg.T @ q) * scale if needs[2] else None
+            grad_queue = e_neg.T @ (q * w_neg) if needs[2] else None
             return grad_q, grad_k, grad_queue
 
 
