@@ -1099,12 +1099,20 @@ def test_loss__float32_within_1e_6_of_float64_at_the_cpu_benchmark_shapes(
     assert float32_error(name, params) <= 1e-6
 
 
+def _gpu_shape_params() -> list[Any]:
+    # VICReg at N = 4096, D = 8192 is left out: its float64 side alone is two 4096 x 8192² products
+    # (4.5 min on this 2-core machine); it shares frobenius_sq_cross with Barlow Twins, which is tested
+    # there, and VICReg itself is tested at every other shape.
+    return [
+        pytest.param(name, dict(p), id=f"{name}-N={p['N']},D={p['D']}")
+        for name in ("barlow_twins", "vicreg")
+        for p in LOSS_SPECS[name].shapes.cuda
+        if not (name == "vicreg" and (p["N"], p["D"]) == (4096, 8192))
+    ]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["barlow_twins", "vicreg"])
-@pytest.mark.parametrize(
-    "params",
-    [pytest.param(dict(p), id=f"N={p['N']},D={p['D']}") for p in LOSS_SPECS["barlow_twins"].shapes.cuda],
-)
+@pytest.mark.parametrize(("name", "params"), _gpu_shape_params())
 def test_barlow_twins_and_vicreg__float32_within_1e_6_at_the_gpu_shapes(
     name: str, params: dict[str, int]
 ) -> None:

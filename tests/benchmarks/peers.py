@@ -108,7 +108,9 @@ def _lightly_dino(inputs: LossInputs) -> Thunk | None:
     student, teacher, center = inputs.args
     if student.ndim != 3:
         return None  # lightly drops same-index pairs: one (student, teacher) pair has no term
-    loss = DINOLoss(output_dim=student.shape[-1], warmup_teacher_temp=0.04, teacher_temp=0.04, student_temp=0.1)
+    loss = DINOLoss(
+        output_dim=student.shape[-1], warmup_teacher_temp=0.04, teacher_temp=0.04, student_temp=0.1
+    )
     loss.center.copy_(center.reshape(1, 1, -1))
     loss.update_center = lambda teacher_out: None  # type: ignore[method-assign]
     return lambda: loss(list(teacher.unbind(0)), list(student.unbind(0)), teacher_temp=0.04)
