@@ -139,6 +139,15 @@ def formula_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.
     return total / q.shape[0]
 
 
+def formula_inbatch_infonce(q: Tensor, k: Tensor, temperature: float = 1.0) -> Tensor:
+    total = q.new_zeros(())
+    for i in range(q.shape[0]):
+        positive = torch.exp(cos(q[i], k[i]) / temperature)
+        everyone = sum(torch.exp(cos(q[i], k[j]) / temperature) for j in range(k.shape[0]))
+        total = total - torch.log(positive / everyone)
+    return total / q.shape[0]
+
+
 def formula_byol(p: Tensor, z: Tensor) -> Tensor:
     return sum(2 - 2 * cos(p[i], z[i]) for i in range(p.shape[0])) / p.shape[0]
 
@@ -316,6 +325,7 @@ def formula_uniformity(z: Tensor, t: float = 2) -> Tensor:
 FORMULAS: dict[str, Callable[..., Tensor]] = {
     "nt_xent": formula_nt_xent,
     "infonce": formula_infonce,
+    "inbatch_infonce": formula_inbatch_infonce,
     "byol": formula_byol,
     "barlow_twins": formula_barlow_twins,
     "vicreg": formula_vicreg,
@@ -402,6 +412,7 @@ def inputs(
 DESIGN_SIGNATURES: dict[str, list[tuple[str, Any]]] = {
     "nt_xent": [("z1", None), ("z2", None), ("temperature", 0.5)],
     "infonce": [("q", None), ("k", None), ("queue", None), ("temperature", 0.07)],
+    "inbatch_infonce": [("q", None), ("k", None), ("temperature", 1.0)],
     "byol": [("p", None), ("z", None)],
     "barlow_twins": [("z1", None), ("z2", None), ("lambd", 5e-3)],
     "vicreg": [("z1", None), ("z2", None), ("sim_coeff", 25), ("std_coeff", 25), ("cov_coeff", 1)],

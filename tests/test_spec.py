@@ -4,6 +4,7 @@ malformed YAML and malformed values always give a clean SpecError naming the fil
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -15,13 +16,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.docs import DOCS, GENERATED, generated_text, knob_table
 from harness.spec import (
     DEFAULTS,
     KNOB_NAMES,
     SpecError,
     Study,
     TrialConfig,
+    at_least,
     config_hash,
+    declared_knobs,
     load_study,
     parse_study,
     resolve,
@@ -796,36 +800,21 @@ def test_parse_study__deeply_nested_yaml_is_a_spec_error() -> None:
 # The documentation lists every knob with its current defaults
 
 
-def _doc_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+@pytest.mark.parametrize("name", list(GENERATED), ids=list(GENERATED))
+def test_docs__generated_tables_match_the_declarations(name: str) -> None:
+    file_name, make = GENERATED[name]
+    text = (DOCS / file_name).read_text(encoding="utf-8")
+    assert generated_text(text, name) == make(), (
+        f"docs/{file_name}'s {name} table differs from the declarations: run `python -m harness.docs`"
+    )
 
 
-def test_docs__studies_md_lists_every_knob_with_its_defaults() -> None:
-    from harness.spec import METHOD_DEFAULTS
-
-    text = (Path(__file__).resolve().parent.parent / "docs" / "STUDIES.md").read_text()
-    rows = {
-        cells[0].strip("`"): cells
-        for line in text.splitlines()
-        if line.startswith("| `")
-        for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]
-    }
-    for knob in KNOB_NAMES:
-        assert knob in rows, f"docs/STUDIES.md does not list the knob {knob}"
-        default = getattr(DEFAULTS, knob)
-        assert rows[knob][2] == f"`{_doc_value(default)}`", (
-            f"{knob}: the doc says {rows[knob][2]}, the code {default!r}"
-        )
-        per_method = ", ".join(
-            f"{m} {_doc_value(d[knob])}"
-            for m, d in METHOD_DEFAULTS.items()
-            if knob in d and d[knob] != default
-        )
-        assert rows[knob][3] == (per_method or "-"), f"{knob}: per-method defaults differ from the code"
+def test_docs__knob_table_lists_every_knob_with_its_defaults() -> None:
+    rows = {line.split("|")[1].strip().strip("`"): line for line in knob_table().splitlines()[2:]}
+    assert list(rows) == list(KNOB_NAMES)
+    assert "| moco 0.2, mocov3 1.0, swav 0.1, nnclr 0.1, supcon 0.1 |" in rows["temperature"]
+    assert "moco: queue_size >= batch_size" in rows["queue_size"]
+    assert "not part of the configuration's identity" in rows["seed"]
 
 
 def test_parse_study__log_scale_with_a_step_is_a_located_error() -> None:
@@ -835,3 +824,235 @@ def test_parse_study__log_scale_with_a_step_is_a_located_error() -> None:
     with pytest.raises(SpecError, match=r"s.yaml: search.space.lr: found log: true and step: 0.01"):
         parse_study(text, source="s.yaml")
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration identity: stable across releases
+
+# The configuration hashes the first release (wave 1) gave each method's default configuration.
+# A change here makes every stored trial of that method "gone" and reruns it: it must be an
+# explicit, documented event (docs/DECISIONS.md), never a side effect.
+WAVE1_HASHES: dict[str, str] = {
+    "simclr": "96ed3ab48660a363dfbbada21047d5e4ac0c2f28663cf86e172346d0edfb30ac",
+    "moco": "c8b4623218e3ec3017c56b087f3d1204dce34582044100438199c02dc3d1b060",
+    "byol": "1ebf6663e82177a0b6d30ff08405074bad1293058657de4d548ecfc7a16099a2",
+    "dino": "997cf6bfdca69d084215e008abbc80ca6f39c146a23b4f67e72160bdb80d9153",
+    "random_init": "ba018d8009281b86702714cb5e31b381d923d915f37018b217a6e255f6f6d7dd",
+    "supervised": "041922f0a6fb6d8add0060722a887fbc2320bc11db263c862c6804eb2012d8ea",
+    "swav": "e3a2a680e26b35bd247b8aa41c7850004ab01ba27e916fa6048b94a53276d431",
+}
+
+
+@pytest.mark.parametrize("method", list(WAVE1_HASHES), ids=list(WAVE1_HASHES))
+def test_config_hash__default_configurations_keep_their_first_release_identity(method: str) -> None:
+    assert resolve({"method": method}).config_hash == WAVE1_HASHES[method]
+
+
+def _with_extra_knob(legacy: Any) -> type:
+    from harness.spec import knob
+
+    @dataclasses.dataclass(frozen=True)
+    class WithExtraKnob(TrialConfig):
+        # A knob added in a later release; 7 reproduces the behaviour from before it existed.
+        extra_iterations: int = knob(7, "a knob added later", group="training", check=at_least(1), legacy=legacy)
+
+    return WithExtraKnob
+
+
+def test_config_hash__a_new_knob_at_its_legacy_value_keeps_every_stored_identity() -> None:
+    extended = _with_extra_knob(legacy=7)
+    knobs = declared_knobs(extended)
+    studies = sorted((Path(__file__).resolve().parent.parent / "studies").rglob("*.yaml"))
+    checked = 0
+    for path in studies:
+        study = load_study(path)
+        if study.search is not None:
+            continue
+        for config in study.trials():
+            grown = extended(**config.to_dict())
+            assert config_hash(grown.to_dict(), knobs) == config.config_hash, f"{path}: {config}"
+            changed = extended(**{**config.to_dict(), "extra_iterations": 8})
+            assert config_hash(changed.to_dict(), knobs) != config.config_hash
+            checked += 1
+    assert checked > 50
+
+
+def test_config_hash__a_new_knob_without_legacy_value_would_change_identities() -> None:
+    """The counterpart: declared as part of the identity from the start (no ``legacy``), the same
+    knob changes every hash, which is why knobs added after the first release declare one."""
+    from harness.spec import IN_IDENTITY
+
+    extended = _with_extra_knob(legacy=IN_IDENTITY)
+    config = resolve({"method": "simclr"})
+    grown = extended(**config.to_dict())
+    assert config_hash(grown.to_dict(), declared_knobs(extended)) != config.config_hash
+
+
+def test_config_hash__stored_configuration_of_a_newer_version_keeps_unknown_keys() -> None:
+    stored = {**DEFAULTS.to_dict(), "knob_of_a_newer_release": 3}
+    assert config_hash(stored) != DEFAULTS.config_hash
+
+
+def test_declarations__every_later_knob_declares_a_legacy_value_of_its_own_type() -> None:
+    from harness.spec import IN_IDENTITY, KNOBS
+
+    for declared in KNOBS.values():
+        if declared.legacy is not IN_IDENTITY and declared.legacy is not None:
+            assert isinstance(declared.legacy, declared.base_type), declared.name
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile files: bounded expansion, encodings, long names, out-of-range values
+
+
+def test_parse_study__million_point_grid_is_refused_before_expanding() -> None:
+    knobs = ["temperature", "lr", "weight_decay", "warmup_epochs", "aug_strength", "knn_t"]
+    grid = "\n".join(f"  {k}: [{', '.join(str(0.1 + i / 100) for i in range(10))}]" for k in knobs)
+    text = f"study: bomb\nfixed: {{method: simclr}}\ngrid:\n{grid}\nseeds: [0, 1]\n"
+    with pytest.raises(SpecError) as error:
+        parse_study(text, source="bomb.yaml", max_trials=10_000)
+    message = str(error.value)
+    assert "bomb.yaml: grid: expands to 2,000,000 trials (10 grid.temperature x 10 grid.lr" in message
+    assert "more than the limit of 10,000" in message and "--trial-limit" in message
+
+
+def test_parse_study__trial_limit_counts_seeds_and_ablations() -> None:
+    seeds = ", ".join(str(i) for i in range(200))
+    ablate = "study: a\nfixed: {method: simclr}\nablate:\n  temperature: [0.1, 0.2, 0.3]\n  lr: [0.01, 0.1]\n"
+    parse_study(ablate + f"seeds: [{seeds}]\n", max_trials=1200)  # (1 + 3 + 2) x 200 = 1200
+    with pytest.raises(SpecError, match=r"ablate: expands to 1,200 trials \(1 \+ 3 ablate.temperature \+ 2 ablate.lr"):
+        parse_study(ablate + f"seeds: [{seeds}]\n", max_trials=1199)
+    many_seeds = ", ".join(str(i) for i in range(100_000))
+    with pytest.raises(SpecError, match="expands to 100,000 trials"):
+        parse_study(f"study: s\ngrid: {{method: [simclr]}}\nseeds: [{many_seeds}]\n", max_trials=10_000)
+
+
+def test_parse_study__search_n_trials_above_the_limit_is_refused() -> None:
+    text = "study: s\nsearch:\n  n_trials: 20000\n  space:\n    lr: {low: 0.001, high: 0.1, log: true}\n"
+    with pytest.raises(SpecError, match=r"search.n_trials: found 20000, more than the limit of 10000 trials"):
+        parse_study(text, max_trials=10_000)
+    assert parse_study(text).search is not None  # no limit: a study already stored is read back
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\xff\xfes\x00t\x00", "the file is UTF-16 (it starts with a byte-order mark); expected UTF-8 text"),
+        (b"study: caf\xe9\n", "line 1: byte 0xe9 is not UTF-8 (is the file Latin-1 or binary?)"),
+        (b"study: s\ngrid: {method: [simclr]}\n\x80\x81\x82", "line 3: byte 0x80 is not UTF-8"),
+    ],
+    ids=["utf16-bom", "latin1", "random-bytes"],
+)
+def test_load_study__text_that_is_not_utf8_is_one_located_line(tmp_path: Path, data: bytes, expected: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(data)
+    with pytest.raises(SpecError) as error:
+        load_study(path)
+    [problem] = error.value.problems
+    assert problem.startswith(f"{path}: {expected}")
+
+
+def test_load_study__utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"\xef\xbb\xbfstudy: s\ngrid: {method: [simclr]}\n")
+    assert load_study(path).name == "s"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("fixed: {epochs: 1e26}", "fixed.epochs: found 1e+26, expected an integer in [0, 100000]"),
+        ("fixed: {device: 'cuda:abc'}", "expected one of auto, cpu, cuda or cuda:N (N >= 0)"),
+        ("fixed: {device: 'cuda:-1'}", "expected one of auto, cpu, cuda or cuda:N (N >= 0)"),
+        ("fixed: {train_size: 70000}", "train_size: found 70000, expected at most 60000 (the fashion-mnist split's size)"),
+        ("fixed: {test_size: 20000}", "test_size: found 20000, expected at most 10000"),
+        ("seeds: [18446744073709551616]", "seeds[0]: found 18446744073709551616, expected an integer in [0, 4294967295]"),
+        ("study2: x\nseeds: []", "seeds: found an empty list, expected a non-empty list of integers"),
+    ],
+)
+def test_parse_study__hostile_values_are_located_errors(line: str, expected: str) -> None:
+    text = f"study: s\ndataset: fashion-mnist\ngrid: {{method: [simclr]}}\n{line}\n"
+    with pytest.raises(SpecError) as error:
+        parse_study(text, source="s.yaml")
+    assert any(expected in problem for problem in error.value.problems), error.value.problems
+
+
+def test_parse_study__train_size_of_a_dataset_in_a_user_folder_is_not_bounded() -> None:
+    text = "study: s\ndataset: cifar10\nfixed: {data_root: /data/bigger, train_size: 80000}\ngrid: {method: [simclr]}\n"
+    assert parse_study(text).fixed["train_size"] == 80000
+
+
+def test_parse_study__study_name_longer_than_the_limit_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"s.yaml: study: found a name of 101 characters, expected at most 100"):
+        parse_study(f"study: {'x' * 101}\ngrid: {{method: [simclr]}}\n", source="s.yaml")
+    assert parse_study(f"study: {'x' * 100}\ngrid: {{method: [simclr]}}\n").name == "x" * 100
+
+
+def test_parse_study__enqueued_point_outside_the_space_is_refused() -> None:
+    text = (
+        "study: s\nsearch:\n  n_trials: 3\n  space:\n    lr: {low: 0.001, high: 0.1, log: true}\n"
+        "    batch_size: {choices: [64, 128]}\n  enqueue:\n    - {lr: 0.5, batch_size: 256}\n"
+    )
+    with pytest.raises(SpecError) as error:
+        parse_study(text, source="s.yaml")
+    assert error.value.problems == [
+        "s.yaml: search.enqueue[0].lr: found 0.5, expected a value in the search.space range [0.001, 0.1]",
+        "s.yaml: search.enqueue[0].batch_size: found 256, expected one of the search.space choices [64, 128]",
+    ]
+
+
+def _hostile_file(kind: str, size: int) -> bytes:
+    """One hostile study file of a family: encodings, huge lists, bombs, long names."""
+    if kind == "utf16":
+        return "study: s\ngrid: {method: [simclr]}\n".encode("utf-16")
+    if kind == "latin1":
+        return f"study: caf{'é' * size}\ngrid: {{method: [simclr]}}\n".encode("latin-1")
+    if kind == "random-bytes":
+        return bytes((i * 131 + size) % 256 for i in range(64 + size))
+    if kind == "huge-grid":
+        values = ", ".join(str(0.001 * (i + 1)) for i in range(size + 10))
+        return f"study: s\ngrid:\n  lr: [{values}]\n  temperature: [{values}]\n  weight_decay: [{values}]\nseeds: [0, 1, 2]\n".encode()
+    if kind == "huge-seeds":
+        return f"study: s\ngrid: {{method: [simclr]}}\nseeds: [{', '.join(map(str, range(20_000 + size)))}]\n".encode()
+    if kind == "alias-bomb":
+        lines = ["study: s", "a0: &a0 [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]"]
+        lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 8 + size % 4)]
+        lines += ["grid: {temperature: *a0, lr: *a0, weight_decay: *a0, knn_t: *a0, aug_strength: *a0}"]
+        return "\n".join(lines).encode()
+    if kind == "long-name":
+        return f"study: {'n' * (101 + size)}\ngrid: {{method: [simclr]}}\n".encode()
+    if kind == "huge-search":
+        return f"study: s\nsearch:\n  n_trials: {10_001 + size}\n  space:\n    lr: {{low: 0.001, high: 0.1}}\n".encode()
+    raise ValueError(kind)
+
+
+HOSTILE_KINDS = ("utf16", "latin1", "random-bytes", "huge-grid", "huge-seeds", "alias-bomb", "long-name", "huge-search")
+
+
+@pytest.mark.slow
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(HOSTILE_KINDS), size=st.integers(min_value=0, max_value=40))
+def test_cli_run__hostile_files_exit_2_with_located_lines_and_touch_nothing(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, size: int
+) -> None:
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    folder = tmp_path_factory.mktemp("hostile")
+    study = folder / "hostile.yaml"
+    study.write_bytes(_hostile_file(kind, size))
+    database = folder / "existing.db"
+    database.write_bytes(b"")  # stands for a database the file must not touch
+    before = sorted(p.name for p in folder.iterdir())
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["run", str(study), "--db", str(folder / "new.db")])
+    lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+    assert code == 2, stderr.getvalue()
+    problems = [line for line in lines if line.startswith("  - ")]
+    assert problems and all(line.startswith(f"  - {study}: ") for line in problems), stderr.getvalue()
+    assert "Traceback" not in stderr.getvalue()
+    assert sorted(p.name for p in folder.iterdir()) == before, "a refused file must create nothing"
+    assert database.read_bytes() == b""

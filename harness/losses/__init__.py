@@ -16,6 +16,7 @@ from harness.losses import barlow_twins as _barlow_twins
 from harness.losses import byol as _byol
 from harness.losses import dino as _dino
 from harness.losses import geometry as _geometry
+from harness.losses import inbatch_infonce as _inbatch_infonce
 from harness.losses import infonce as _infonce
 from harness.losses import metric as _metric
 from harness.losses import nt_xent as _nt_xent
@@ -28,6 +29,7 @@ from harness.losses.byol import byol
 from harness.losses.declaration import LossInputs, LossSpec
 from harness.losses.dino import dino, dino_multicrop
 from harness.losses.geometry import alignment, uniformity
+from harness.losses.inbatch_infonce import inbatch_infonce
 from harness.losses.infonce import infonce
 from harness.losses.metric import npair, triplet
 from harness.losses.nt_xent import NT_XENT_IMPLS, nt_xent
@@ -42,6 +44,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
     for module in (
         _nt_xent,
         _infonce,
+        _inbatch_infonce,
         _byol,
         _barlow_twins,
         _vicreg,
@@ -68,6 +71,7 @@ __all__ = [
     "byol",
     "dino",
     "dino_multicrop",
+    "inbatch_infonce",
     "infonce",
     "npair",
     "nt_xent",
