@@ -1130,3 +1130,19 @@ def test_barlow_twins_and_vicreg__float32_within_1e_6_at_the_gpu_shapes(
     # Up to N = 4096, D = 8192 (a 256 MiB float64 matrix per input): one long float32 dot product
     # for the Frobenius norm was 5e-6 to 4e-3 off here before blockwise_dot.
     assert float32_error(name, params) <= 1e-6
+
+
+def test_declarations__every_loss_reaches_the_bench_cases_and_the_contract_tests() -> None:
+    from harness.bench.cases import KERNELS, select_cases
+
+    assert KERNELS == LOSS_SPECS  # the benchmark's kernels are the declarations themselves
+    losses = {name for name, declared in LOSS_SPECS.items() if declared.loss}
+    assert set(LOSSES) == losses and {spec.name for spec in SPECS} == losses
+    assert set(FORMULAS) == losses, "every declared loss needs its independent formula here"
+    for name, declared in LOSS_SPECS.items():
+        assert len(declared.shapes.quick) == 1, name  # the CI gate: one small case per kernel
+        assert [case.params for case in select_cases([name], "cpu")] == list(declared.shapes.cpu)
+        for params in (*declared.shapes.quick, *declared.shapes.cpu, *declared.shapes.cuda):
+            assert declared.batch_key in params and declared.width_key in params, (name, params)
+        made = declared.inputs(declared.test_params_for(declared.min_batch + 1, 3))
+        assert all(t.requires_grad for t in made.grad_inputs)
