@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from harness.db import PROVENANCE_FIELDS, SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.runtime import retry
 from harness.spec import KNOB_NAMES, Study, TrialConfig
 
 # A transaction that loses an insert race (two processes registering one study) is retried once:
@@ -114,13 +115,11 @@ def sync_study(db: Database, study: Study) -> SyncReport:
     a study of the other family (search vs grid/ablation).
     """
     planned = study.trials() if study.search is None else []
-    for attempt in range(_INTEGRITY_RETRIES):
-        try:
-            return db.run(lambda session: _sync(session, study, planned))
-        except IntegrityError:
-            if attempt == _INTEGRITY_RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")
+    return retry(
+        lambda: db.run(lambda session: _sync(session, study, planned)),
+        attempts=_INTEGRITY_RETRIES,
+        transient=lambda error: isinstance(error, IntegrityError),
+    )
 
 
 def _sync(session: Session, study: Study, planned: Sequence[TrialConfig]) -> SyncReport:
