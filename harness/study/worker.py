@@ -331,7 +331,9 @@ def run_claim(
                     "started_at": None,
                     "ended_at": None,
                 }
-            written = (not beat.lost) and store.finish(ctx.db, claim, config=config.to_dict(), **outcome)
+            written = (not beat.lost) and store.finish(
+                ctx.db, claim, config=config.to_dict(), say=ctx.echo, **outcome
+            )
     except KeyboardInterrupt:
         if store.release(ctx.db, claim, "interrupted"):
             for events in ctx.events:
