@@ -8,7 +8,7 @@ import sys
 
 from harness.db.engine import DEFAULT_DB_PATH, Database, open_existing
 from harness.db.errors import describe
-from harness.db.schema import SCHEMA_VERSION, SchemaState
+from harness.db.schema import CREATED, SCHEMA_VERSION, SchemaState
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def _fail(action: str, error: BaseException) -> int:
 
 def _history(state: SchemaState) -> list[str]:
     lines = [f"{state.where}: schema version {state.version} (this harness: {SCHEMA_VERSION})"]
-    if not state.history:
+    if not state.history or state.history[0][1] != CREATED:
         lines.append("  version 1: written by the wave-1 harness, which recorded no version")
     for version, summary, applied_at in state.history:
         when = applied_at.strftime("%Y-%m-%d %H:%M:%S UTC") if applied_at else "?"

@@ -59,6 +59,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "evaluations of saved encoders (harness_evaluation)", add_tables=("harness_evaluation",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
+CREATED = "created at this version"  # the summary of a fresh database's only version row
 
 
 def declaration_problems(migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:
@@ -197,7 +198,7 @@ def apply(connection: Connection, state: SchemaState) -> tuple[Migration, ...]:
     database, which is created at the current version)."""
     if state.fresh:
         Base.metadata.create_all(connection)
-        _stamp(connection, SCHEMA_VERSION, "created at this version")
+        _stamp(connection, SCHEMA_VERSION, CREATED)
         return ()
     from alembic.migration import MigrationContext
     from alembic.operations import Operations
