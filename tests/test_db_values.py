@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ from harness.reports.render import build_report
 from harness.results import trials_frame
 from harness.spec import TrialConfig, load_study
 from harness.study import RunOptions, run_study
+from harness.train import TrialRecord
 
 STUDY = """\
 study: infinities
@@ -29,18 +28,7 @@ seeds: [0, 1]
 """
 
 
-@dataclass
-class Record:
-    status: str
-    reason: str | None
-    summary: dict[str, float | None]
-    curves: list[tuple[float, int, str, float]]
-    provenance: dict[str, Any]
-    started_at: datetime
-    ended_at: datetime
-
-
-def infinite_trainer(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> Record:
+def infinite_trainer(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> TrialRecord:
     """simclr: final loss +inf on both seeds, alignment -inf on both; byol: one finite loss and
     one +inf, uniformity NaN on one seed."""
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
@@ -50,7 +38,7 @@ def infinite_trainer(config: TrialConfig, *, on_eval: Any = None, progress: bool
     else:
         summary.update(final_loss=2.0 if config.seed == 0 else math.inf, alignment=0.5)
         summary["uniformity"] = -2.0 if config.seed == 0 else math.nan
-    return Record("complete", None, summary, [(1.0, 1, "loss", math.inf)], {}, utcnow(), utcnow())
+    return TrialRecord("complete", None, summary, [(1.0, 1, "loss", math.inf)], {}, utcnow(), utcnow())
 
 
 def test_report__infinite_metrics_show_as_inf_on_both_backends(database_url: str, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from harness.db import SUMMARY_METRICS, Database, MetricRow, TrialRow, resolve_u
 from harness.spec import TrialConfig, load_study
 from harness.study import RunOptions, run_study, store
 from harness.study.store import ResultNotWritten, _unreachable
+from harness.train import TrialRecord
 
 STUDY = """\
 study: outage
@@ -109,30 +110,19 @@ def server() -> Iterator[Server]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-@dataclass
-class Record:
-    status: str
-    reason: str | None
-    summary: dict[str, float | None]
-    curves: list[tuple[float, int, str, float]]
-    provenance: dict[str, Any]
-    started_at: datetime
-    ended_at: datetime
-
-
 def trainer_that_stops(server: Server, restart_after: float | None) -> Any:
     """Stops the server at the end of training (restarting it after ``restart_after`` seconds),
     then returns a result with recognisable values."""
     calls: list[TrialConfig] = []
 
-    def train(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> Record:
+    def train(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> TrialRecord:
         calls.append(config)
         server.stop()
         if restart_after is not None:
             threading.Timer(restart_after, server.start).start()
         summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
         summary.update(knn_top1=0.625, linear_top1=0.75, final_loss=float("inf"))
-        return Record("complete", None, summary, [(1.0, 4, "loss", 2.5)], {}, utcnow(), utcnow())
+        return TrialRecord("complete", None, summary, [(1.0, 4, "loss", 2.5)], {}, utcnow(), utcnow())
 
     train.calls = calls  # type: ignore[attr-defined]
     return train

@@ -77,7 +77,7 @@ def run_study(
     store.check_kind(db, study)
     kind.prepare(db)
     report = store.sync_study(db, study)
-    for line in kind.sync_lines(report):
+    for line in describe_sync(study, report):
         say(line)
     for note in study.notes:
         say(f"note: {note}")
