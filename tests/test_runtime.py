@@ -159,7 +159,7 @@ def test_output_problem__each_unwritable_target_is_named(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"], "checking creates nothing"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; see the CLI test run as nobody")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (tests/test_db_cli.py checks the same path with the permission check a user gets)")
 def test_output_problem__a_read_only_folder_is_an_environment_problem(tmp_path: Path) -> None:
     folder = tmp_path / "ro"
     folder.mkdir()
