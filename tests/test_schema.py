@@ -293,12 +293,12 @@ def test_migration__an_added_column_migration_upgrades_an_older_database(
         connection.execute("ALTER TABLE harness_trial DROP COLUMN reason")  # the database predates it
     before = dump(wave1, ("harness_metric", "harness_bench", "trials"))
     db = Database(wave1, say=lambda _: None)
-    assert [m.version for m in db.upgraded] == [2, SCHEMA_VERSION + 1]
+    assert [m.version for m in db.upgraded] == list(range(2, SCHEMA_VERSION + 2))
     with sqlite3.connect(wave1) as connection:
         reasons = {r for (r,) in connection.execute("SELECT reason FROM harness_trial")}
         versions = [v for (v,) in connection.execute("SELECT version FROM harness_schema_version")]
     assert reasons == {"filled by migration"}
-    assert versions == [2, SCHEMA_VERSION + 1]
+    assert versions == list(range(2, SCHEMA_VERSION + 2))
     assert dump(wave1, ("harness_metric", "harness_bench", "trials")) == before
 
 
