@@ -384,6 +384,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"
         return _error("run", f"{where}: {problem}; nothing was run or written", 2)
+    launcher_problem = _launcher_problem(args)
+    if launcher_problem:
+        return _error("run", launcher_problem, 2)
     if args.dry_run:
         existing = None
         try:
@@ -410,11 +413,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(study, existing):
             print(line)
         if args.launcher == "slurm":
-            from harness.study.slurm import sbatch_lines, sqlite_refusal
+            from harness.study.slurm import sbatch_lines
 
-            refusal = sqlite_refusal(args.db)
-            if refusal:
-                return _error("run", refusal, 2)
             for line in sbatch_lines(study, _slurm_options(args)):
                 print(line)
         return 0
@@ -459,20 +459,44 @@ def _slurm_options(args: argparse.Namespace) -> Any:
     )
 
 
+_SLURM_ONLY = {
+    "jobs": 1,
+    "partition": None,
+    "gpus_per_job": 0,
+    "cpus_per_job": None,
+    "time": None,
+    "mem": None,
+    "slurm_folder": None,
+}
+
+
+def _launcher_problem(args: argparse.Namespace) -> str | None:
+    """Arguments that do not go together with the chosen launcher (nothing is written then)."""
+    if args.launcher == "local":
+        given = [f"--{name.replace('_', '-')}" for name, unset in _SLURM_ONLY.items() if getattr(args, name) != unset]
+        return f"{', '.join(given)}: only with --launcher slurm" if given else None
+    from harness.study.slurm import sqlite_refusal
+
+    if args.workers != 1:
+        return "--workers: with --launcher slurm each job is one worker; use --jobs K"
+    if args.max_trials is not None:
+        return "--max-trials cannot be shared by Slurm jobs; leave it out with --launcher slurm"
+    return sqlite_refusal(args.db)
+
+
 def _submit_slurm(study: Any, options: Any, args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from harness.db import DatabaseProblem
     from harness.study import SearchSetupError, StudyConflict
     from harness.study.slurm import SlurmSetupError, submit
 
-    if args.workers != 1:
-        return _error("run", "--workers: with --launcher slurm each job is one worker; use --jobs K", 2)
     try:
         submit(study, options, _slurm_options(args), echo=lambda line: print(line, flush=True))
     except (SlurmSetupError, StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
-    except (SQLAlchemyError, ImportError) as error:
-        return _error("run", _database_problem(error), 1)
+    except (DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("run", error)
     except Exception as error:  # sbatch refused the job (submitit raises a plain error with its output)
         return _error("run", f"submitting to Slurm failed: {type(error).__name__}: {error}", 1)
     return 0
@@ -481,6 +505,7 @@ def _submit_slurm(study: Any, options: Any, args: argparse.Namespace) -> int:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from harness.db import DatabaseProblem
     from harness.study import open_existing
     from harness.study.slurm import SlurmSetupError, cancel
 
@@ -490,10 +515,10 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
             cancel(db, args.study)
         finally:
             db.dispose()
-    except (FileNotFoundError, LookupError, SlurmSetupError) as error:
+    except (LookupError, SlurmSetupError) as error:
         return _error("cancel", str(error), 2)
-    except (SQLAlchemyError, ImportError) as error:
-        return _error("cancel", _database_problem(error), 1)
+    except (FileNotFoundError, DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("cancel", error)
     return 0
 
 

@@ -29,11 +29,8 @@ from harness.db.models import (
     BenchRow,
     EvaluationRow,
     MetricRow,
-<<<<<<< HEAD
-    SlurmJobRow,
-=======
     SchemaVersionRow,
->>>>>>> main
+    SlurmJobRow,
     StudyRow,
     TrialRow,
     utcnow,
@@ -53,16 +50,13 @@ __all__ = [
     "DatabaseProblem",
     "EvaluationRow",
     "MetricRow",
-<<<<<<< HEAD
-    "SlurmJobRow",
-=======
     "Migration",
     "NewerSchema",
     "NoHarnessTables",
     "NotHarnessDatabase",
     "NotPersistent",
     "SchemaVersionRow",
->>>>>>> main
+    "SlurmJobRow",
     "StudyRow",
     "TrialRow",
     "UnusableDatabase",
