@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, inspect, select
 
 from harness.cli import main
-from harness.db import Database, SlurmJobRow, TrialRow
+from harness.db import Database, SlurmJobRow, TrialRow, resolve_url
 from harness.spec import load_study
 from harness.study.slurm import SlurmOptions, executor_parameters, sbatch_lines, sqlite_refusal, time_minutes
 
@@ -97,15 +97,13 @@ def test_harness_run__slurm_with_sqlite_refused_and_nothing_written(
     assert not db.exists()
 
 
-def test_harness_run__slurm_dry_run_prints_the_sbatch_script(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_sbatch_lines__every_option_reaches_the_script(tmp_path: Path) -> None:
     pytest.importorskip("submitit")
-    args = ["run", str(_write_study(tmp_path)), "--launcher", "slurm", "--jobs", "3", "--dry-run"]
-    args += ["--db", "postgresql://nobody@127.0.0.1:1/none", "--partition", "gpu", "--gpus-per-job", "2"]
-    args += ["--cpus-per-job", "8", "--time", "1-00:00", "--mem", "32G", "--slurm-folder", str(tmp_path / "jobs")]
-    assert main(args) == 0
-    out = capsys.readouterr().out
+    study = load_study(_write_study(tmp_path))
+    options = SlurmOptions(
+        jobs=3, partition="gpu", gpus_per_job=2, cpus_per_job=8, time="1-00:00", mem="32G", folder=tmp_path / "jobs"
+    )
+    lines = sbatch_lines(study, options)
     for line in (
         "#SBATCH --array=0-2%3",
         "#SBATCH --partition=gpu",
@@ -114,9 +112,44 @@ def test_harness_run__slurm_dry_run_prints_the_sbatch_script(
         "#SBATCH --time=1440",
         "#SBATCH --mem=32G",
         "#SBATCH --signal=USR2@90",
+        "#SBATCH --job-name=harness-slurmtiny",
     ):
-        assert line in out
+        assert "  " + line in lines
+    assert any("submitit.core._submit" in line for line in lines)
     assert not (tmp_path / "jobs").exists()
+
+
+def test_harness_run__slurm_dry_run_prints_the_script_and_writes_nothing(
+    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("submitit")
+    args = ["run", str(_write_study(tmp_path)), "--launcher", "slurm", "--jobs", "2", "--dry-run"]
+    assert main([*args, "--db", postgres_url, "--slurm-folder", str(tmp_path / "jobs")]) == 0
+    out = capsys.readouterr().out
+    assert "6 trial(s)" in out and "#SBATCH --array=0-1%2" in out
+    assert not (tmp_path / "jobs").exists()
+    engine = create_engine(resolve_url(postgres_url))
+    try:
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--jobs", "2"], "--jobs: only with --launcher slurm"),
+        (["--launcher", "slurm", "--workers", "2"], "each job is one worker"),
+        (["--launcher", "slurm", "--max-trials", "2"], "--max-trials cannot be shared"),
+    ],
+)
+def test_harness_run__launcher_arguments_that_do_not_go_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    db = tmp_path / "h.db"
+    assert main(["run", str(_write_study(tmp_path)), "--db", str(db), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not db.exists()
 
 
 def test_executor_parameters__only_what_was_asked(tmp_path: Path) -> None:
