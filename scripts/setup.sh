@@ -2,8 +2,8 @@
 # Sets everything up (Debian's Fashion-MNIST, a virtual environment, the project) and runs one of:
 #   quickstart   the quickstart study, then its report
 #   test         the whole test suite (with a throwaway PostgreSQL server for the PostgreSQL tests,
-#                unless HARNESS_TEST_POSTGRES_URL names one, and Debian's chromium for the report's
-#                browser test), then the loss-kernel speed gate
+#                unless HARNESS_TEST_POSTGRES_URL names one, Debian's chromium for the report's
+#                browser test, slurm-wlm and munge for the one-node Slurm test), then the loss-kernel speed gate
 #   setup        only the set-up
 # Idempotent: a second call reuses the environment (re-installing only when pyproject.toml changed).
 set -euo pipefail
