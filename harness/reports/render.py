@@ -227,6 +227,14 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
             f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
         )
     document.add(Paragraph(" ".join(notes)))
+    collapsed = tables.collapse_notes(comparison)
+    if collapsed:
+        document.add(
+            Paragraph(
+                "Collapsed representations (marked in the table; a configuration whose seeds all collapsed is "
+                "never bold): " + " ".join(collapsed) + " Thresholds: harness/reports/collapse.py."
+            )
+        )
 
 
 def _ablations(document: Document, data: ReportData, figures: _Figures) -> None:

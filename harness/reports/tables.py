@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.reports.collapse import collapse_reasons
 from harness.reports.data import ReportData, group_order, plain_value
 from harness.reports.document import Cell, Table
 from harness.reports.style import (
@@ -83,6 +84,10 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
             "method": str(first["method"]),
             "n": len(rows),
             "is_reference": bool(first["is_reference"]),
+            # Seeds whose representation collapsed, with why (harness.reports.collapse).
+            "collapsed": [
+                (int(row["seed"]), reasons) for _, row in rows.iterrows() if (reasons := collapse_reasons(row))
+            ],
         }
         for knob in data.label_knobs:
             record[knob] = plain_value(first.get(knob))
@@ -134,11 +139,21 @@ def shown_metrics(frame: pd.DataFrame) -> tuple[list[Metric], list[Metric]]:
     return shown, missing
 
 
+def is_collapsed(record: pd.Series) -> bool:
+    """Every seed of the configuration collapsed: flagged, and never the best of a column."""
+    collapsed = record.get("collapsed")
+    return isinstance(collapsed, list) and len(collapsed) == int(record["n"]) > 0
+
+
 def best_values(frame: pd.DataFrame, metric: Metric) -> float:
     """The best mean of a column among the non-reference rows (baselines are references, not
-    competitors); NaN when there is none."""
+    competitors) whose seeds did not all collapse; NaN when there is none."""
     key = f"{metric.column}_mean"
-    candidates = [v for v, ref in zip(frame[key], frame["is_reference"]) if not ref and math.isfinite(v)]
+    candidates = [
+        v
+        for (_, record), v, ref in zip(frame.iterrows(), frame[key], frame["is_reference"])
+        if not ref and math.isfinite(v) and not is_collapsed(record)
+    ]
     # A lone candidate is not "best" of anything: bolding every cell of one row says nothing.
     if len(candidates) < 2:
         return math.nan
@@ -156,7 +171,7 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
     best = {m.column: best_values(frame, m) for m in shown}
     rows: list[tuple[Cell, ...]] = []
     for _, record in frame.iterrows():
-        cells = [Cell(str(record["label"])), Cell(str(int(record["n"])))]
+        cells = [Cell(str(record["label"]) + collapse_mark(record)), Cell(str(int(record["n"])))]
         for metric in shown:
             mean = float(record[f"{metric.column}_mean"])
             std = float(record[f"{metric.column}_std"])
@@ -180,6 +195,27 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
         reference_from=reference_from,
     )
     return table, missing
+
+
+def collapse_mark(record: pd.Series) -> str:
+    """' (collapsed)' when every seed collapsed, ' (k of n collapsed)' when some did, else ''."""
+    collapsed = record.get("collapsed")
+    if not isinstance(collapsed, list) or not collapsed:
+        return ""
+    if is_collapsed(record):
+        return " (collapsed)"
+    return f" ({len(collapsed)} of {int(record['n'])} collapsed)"
+
+
+def collapse_notes(frame: pd.DataFrame) -> list[str]:
+    """One sentence per configuration with a collapsed seed: which seeds and why."""
+    notes = []
+    for _, record in frame.iterrows():
+        collapsed = record.get("collapsed")
+        if isinstance(collapsed, list) and collapsed:
+            seeds = "; ".join(f"seed {seed}: {', '.join(reasons)}" for seed, reasons in collapsed)
+            notes.append(f"{record['label']} collapsed ({seeds}).")
+    return notes
 
 
 def _values(trials: pd.DataFrame, column: str) -> list[Any]:

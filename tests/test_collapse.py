@@ -1,0 +1,71 @@
+"""Collapse flags of the reports (harness.reports.collapse) and how the comparison table shows them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from harness.reports import collapse
+from harness.reports.style import TABLE_METRICS
+from harness.reports.tables import best_values, collapse_mark, collapse_notes, comparison_table
+
+HEALTHY = {"method": "simclr", "final_loss": 3.3, "uniformity": -2.8, "effective_rank": 40.0}
+
+
+def test_collapse_reasons__healthy_trial_has_none() -> None:
+    assert collapse.collapse_reasons(HEALTHY) == []
+
+
+def test_collapse_reasons__dino_loss_at_log_of_output_size() -> None:
+    row = {**HEALTHY, "method": "dino", "dino_out_dim": 1024, "final_loss": math.log(1024) + 0.002}
+    reasons = collapse.collapse_reasons(row)
+    assert reasons == [f"loss {row['final_loss']:.3f} at its trivial value {math.log(1024):.3f}"]
+    # The same loss is no collapse for a method whose trivial value is not known.
+    assert collapse.collapse_reasons({**row, "method": "swav"}) == []
+
+
+def test_collapse_reasons__simsiam_at_minus_one_uniformity_and_rank() -> None:
+    row = {"method": "simsiam", "final_loss": -0.999, "uniformity": -0.02, "effective_rank": 1.3}
+    reasons = collapse.collapse_reasons(row)
+    assert len(reasons) == 3
+    assert reasons[1] == "uniformity -0.02 near 0" and reasons[2] == "effective rank 1.30 near 1"
+
+
+def test_collapse_reasons__missing_and_nan_values_flag_nothing() -> None:
+    row = {"method": "dino", "dino_out_dim": None, "final_loss": math.nan, "uniformity": None}
+    assert collapse.collapse_reasons(row) == []
+    assert collapse.collapse_reasons(pd.Series({"method": "byol"})) == []
+
+
+def _frame() -> pd.DataFrame:
+    rows = []
+    for label, knn, collapsed in [
+        ("simclr", 70.0, []),
+        ("dino", 75.0, [(0, ["uniformity -0.10 near 0"]), (1, ["uniformity -0.12 near 0"])]),
+        ("byol", 68.0, [(1, ["effective rank 1.50 near 1"])]),
+    ]:
+        row = {"label": label, "method": label, "n": 2, "is_reference": False, "collapsed": collapsed}
+        for metric in TABLE_METRICS:
+            row[f"{metric.column}_mean"] = knn if metric.column == "knn_top1" else 1.0
+            row[f"{metric.column}_std"] = 0.5
+            row[f"{metric.column}_nonfinite"] = 0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_comparison_table__collapsed_configuration_marked_and_never_best() -> None:
+    frame = _frame()
+    knn = next(m for m in TABLE_METRICS if m.column == "knn_top1")
+    # dino has the highest k-NN, but both its seeds collapsed: simclr is the best.
+    assert best_values(frame, knn) == 70.0
+    table, _ = comparison_table(frame)
+    labels = [row[0].text for row in table.rows]
+    assert labels == ["simclr", "dino (collapsed)", "byol (1 of 2 collapsed)"]
+    knn_column = table.columns.index(knn.label)
+    assert table.rows[0][knn_column].bold and not table.rows[1][knn_column].bold
+    assert [collapse_mark(r) for _, r in frame.iterrows()] == ["", " (collapsed)", " (1 of 2 collapsed)"]
+    assert collapse_notes(frame) == [
+        "dino collapsed (seed 0: uniformity -0.10 near 0; seed 1: uniformity -0.12 near 0).",
+        "byol collapsed (seed 1: effective rank 1.50 near 1).",
+    ]
