@@ -98,6 +98,9 @@ class TrialConfig:
     dino_warmup_teacher_temp: float = 0.04
     dino_warmup_teacher_temp_epochs: float = 3.0
     dino_center_momentum: float = 0.9
+    dino_head_bn: bool = False
+    simsiam_stop_gradient: bool = True
+    simsiam_predictor: bool = True
     # execution
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
@@ -109,6 +112,7 @@ class TrialConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     linear_epochs: int = 50
+    eval_features: str = "backbone"
     eval_every: int = 1  # epochs between intermediate k-NN evaluations; 0 = only at the end
     log_every: int = 10  # steps between loss/lr curve points
 
@@ -144,7 +148,9 @@ METHOD_KNOBS: dict[str, frozenset[str]] = {
     "simclr": frozenset({"temperature", "proj_hidden_dim", "proj_dim"}),
     "moco": frozenset({"temperature", "queue_size", "momentum", "proj_hidden_dim", "proj_dim", "moco_symmetric"}),
     "byol": frozenset({"momentum", "proj_hidden_dim", "proj_dim", "pred_hidden_dim"}),
-    "simsiam": frozenset({"proj_hidden_dim", "proj_dim", "pred_hidden_dim"}),
+    "simsiam": frozenset(
+        {"proj_hidden_dim", "proj_dim", "pred_hidden_dim", "simsiam_stop_gradient", "simsiam_predictor"}
+    ),
     "barlow_twins": frozenset({"proj_hidden_dim", "proj_dim", "barlow_lambda"}),
     "vicreg": frozenset(
         {"proj_hidden_dim", "proj_dim", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff"}
@@ -173,6 +179,7 @@ METHOD_KNOBS: dict[str, frozenset[str]] = {
             "dino_warmup_teacher_temp",
             "dino_warmup_teacher_temp_epochs",
             "dino_center_momentum",
+            "dino_head_bn",
         }
     ),
     "supcon": frozenset({"temperature", "proj_hidden_dim", "proj_dim"}),
@@ -232,6 +239,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "dino_teacher_temp": 0.07,
         "dino_warmup_teacher_temp": 0.04,
         "dino_center_momentum": 0.9,
+        "dino_head_bn": True,
         "dino_out_dim": 1024,
         "proj_hidden_dim": 512,
         "proj_dim": 256,
@@ -287,6 +295,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "loss_impl": (lambda v: v in LOSS_IMPLS, f"one of {', '.join(LOSS_IMPLS)}"),
     "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "eval_features": (lambda v: v in ("backbone", "projector"), "one of backbone, projector"),
 }
 
 

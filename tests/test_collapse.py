@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
+import pytest
+import report_fixtures
 
+from harness.db import Database
+from harness.reports import cli as report_cli
 from harness.reports import collapse
 from harness.reports.style import TABLE_METRICS
 from harness.reports.tables import best_values, collapse_mark, collapse_notes, comparison_table
@@ -36,6 +43,11 @@ def test_collapse_reasons__missing_and_nan_values_flag_nothing() -> None:
     row = {"method": "dino", "dino_out_dim": None, "final_loss": math.nan, "uniformity": None}
     assert collapse.collapse_reasons(row) == []
     assert collapse.collapse_reasons(pd.Series({"method": "byol"})) == []
+
+
+def test_collapse_reasons__untrained_baseline_never_collapsed() -> None:
+    # A random CNN's features are concentrated (uniformity about -0.1 here) without any training.
+    assert collapse.collapse_reasons({"method": "random_init", "uniformity": -0.11, "effective_rank": 7.2}) == []
 
 
 def _frame() -> pd.DataFrame:
@@ -69,3 +81,33 @@ def test_comparison_table__collapsed_configuration_marked_and_never_best() -> No
         "dino collapsed (seed 0: uniformity -0.10 near 0; seed 1: uniformity -0.12 near 0).",
         "byol collapsed (seed 1: effective rank 1.50 near 1).",
     ]
+
+
+def test_report_cli__all_over_several_databases_indexes_every_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = [tmp_path / "grid.db", tmp_path / "ablation.db"]
+    for path, fill in zip(paths, (report_fixtures.fill_grid, report_fixtures.fill_ablation)):
+        database = Database(path)
+        fill(database)
+        database.dispose()
+    argv = ["--all", "--db", str(paths[0]), "--db", str(paths[1]), "--out", str(tmp_path / "r")]
+    assert report_cli.main(_parse(argv)) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert sorted(re.findall(r'<a href="([^"]+/index\.html)">', page)) == [
+        "method-grid/index.html",
+        "moco-ablation/index.html",
+    ]
+    assert (tmp_path / "r" / "moco-ablation" / "report.md").is_file()
+    assert "wrote 2 report(s)" in capsys.readouterr().out
+
+
+def test_report_cli__several_databases_need_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report_cli.main(_parse(["method-grid", "--db", "a.db", "--db", "b.db"])) == 2
+    assert "several --db need --all" in capsys.readouterr().err
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="harness report")
+    report_cli.add_arguments(parser)
+    return parser.parse_args(argv)

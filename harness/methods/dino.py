@@ -18,7 +18,11 @@ class DINO(Method):
     of a momentum teacher (global crops only), centered and sharpened, for every pair of distinct
     crops (Caron et al. 2021, Algorithm 1 and sec. 3.1 multi-crop).
 
-    Head: a 3-layer MLP with GELU and no BN (``proj_hidden_dim`` wide, ``proj_dim`` bottleneck),
+    Head: a 3-layer MLP with GELU (``proj_hidden_dim`` wide, ``proj_dim`` bottleneck; batch norm
+    after its hidden layers when ``dino_head_bn``, the official ``use_bn_in_head`` and solo-learn's
+    setting for convolutional backbones: without it the small CNN's features, all alike at
+    initialization, give a nearly constant teacher output that centering turns into a uniform
+    teacher, and the loss stays at ``ln(dino_out_dim)``; docs/FINDINGS.md),
     L2 normalization, then a bias-free weight-normalized layer to ``dino_out_dim`` whose norm is
     fixed to 1 (the paper's ``norm_last_layer``), computed here by normalizing the weight rows in
     the forward pass.
@@ -34,7 +38,7 @@ class DINO(Method):
     Not implemented: freezing the last layer in the first epoch, gradient clipping.
     Knobs: ``momentum``, ``local_crops``, ``dino_out_dim``, ``dino_student_temp``,
     ``dino_teacher_temp``, ``dino_warmup_teacher_temp``, ``dino_warmup_teacher_temp_epochs``,
-    ``dino_center_momentum``, ``proj_hidden_dim``, ``proj_dim``.
+    ``dino_center_momentum``, ``dino_head_bn``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
     name = "dino"
@@ -46,7 +50,7 @@ class DINO(Method):
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         hidden = config.proj_hidden_dim
         self.projector = mlp(
-            [self.feature_dim, hidden, hidden, config.proj_dim], batch_norm=False, activation=nn.GELU
+            [self.feature_dim, hidden, hidden, config.proj_dim], batch_norm=config.dino_head_bn, activation=nn.GELU
         )
         self.last_layer = nn.Linear(config.proj_dim, config.dino_out_dim, bias=False)
         self.teacher_backbone = frozen_copy(self.backbone)

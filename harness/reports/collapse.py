@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from harness.reports.style import is_finite
+from harness.spec import UNTRAINED_METHODS
 
 UNIFORMITY_COLLAPSED = -0.5  # at or above: the projections sit (nearly) on one point
 EFFECTIVE_RANK_COLLAPSED = 2.0  # at or below: about one direction of variance
@@ -42,8 +43,12 @@ def trivial_loss(config: Any) -> float | None:
 
 def collapse_reasons(row: Any) -> list[str]:
     """Why a trial's (row of ``ReportData.trials``) representation looks collapsed; empty when it
-    does not."""
+    does not, and for an untrained method: collapse is what training does to a representation
+    (a random CNN's ReLU features are concentrated too, uniformity about -0.1, but nothing was
+    learned to get there)."""
     reasons: list[str] = []
+    if _get(row, "method") in UNTRAINED_METHODS:
+        return reasons
     loss, trivial = _get(row, "final_loss"), trivial_loss(row)
     if trivial is not None and is_finite(loss) and abs(float(loss) - trivial) <= TRIVIAL_LOSS_TOLERANCE:
         reasons.append(f"loss {float(loss):.3f} at its trivial value {trivial:.3f}")

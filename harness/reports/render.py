@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +45,26 @@ def build_report(db: Database | str | Path | None, study: str, out_dir: Path | N
     return out
 
 
-def build_all(db: Database | str | Path | None, out_root: Path = DEFAULT_OUT_ROOT) -> Path:
-    """Render every study under ``out_root/<study>`` and an index page linking them; returns the
-    index page (``out_root/index.html``, with ``index.md`` beside it)."""
-    database = as_database(db)
+def build_all(
+    db: Database | str | Path | Sequence[Database | str | Path] | None, out_root: Path = DEFAULT_OUT_ROOT
+) -> Path:
+    """Render every study of the database (or of each database of a sequence) under
+    ``out_root/<study>`` and an index page linking them; returns the index page
+    (``out_root/index.html``, with ``index.md`` beside it)."""
+    databases = [as_database(d) for d in db] if isinstance(db, (list, tuple)) else [as_database(db)]
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    bench = bench_frame(database)
     rows: list[tuple[Cell, ...]] = []
-    for name in study_names(database):
-        data = load(database, name, bench=bench)
-        _write_report(database, data, out_root / name)
-        rows.append(_index_row(data))
+    benches = []
+    for database in databases:
+        bench = bench_frame(database)
+        benches.append(bench)
+        for name in study_names(database):
+            data = load(database, name, bench=bench)
+            _write_report(database, data, out_root / name)
+            rows.append(_index_row(data))
+    non_empty = [b for b in benches if not b.empty]
+    bench = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else (non_empty or benches)[0]
     document = Document("Studies")
     document.add(
         Paragraph(
