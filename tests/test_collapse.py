@@ -56,8 +56,16 @@ def _frame() -> pd.DataFrame:
         ("simclr", 70.0, []),
         ("dino", 75.0, [(0, ["uniformity -0.10 near 0"]), (1, ["uniformity -0.12 near 0"])]),
         ("byol", 68.0, [(1, ["effective rank 1.50 near 1"])]),
+        ("supcon", 80.0, []),
     ]:
-        row = {"label": label, "method": label, "n": 2, "is_reference": False, "collapsed": collapsed}
+        row = {
+            "label": label,
+            "method": label,
+            "n": 2,
+            "is_reference": False,
+            "uses_labels": label == "supcon",
+            "collapsed": collapsed,
+        }
         for metric in TABLE_METRICS:
             row[f"{metric.column}_mean"] = knn if metric.column == "knn_top1" else 1.0
             row[f"{metric.column}_std"] = 0.5
@@ -66,17 +74,18 @@ def _frame() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_comparison_table__collapsed_configuration_marked_and_never_best() -> None:
+def test_comparison_table__collapsed_and_label_using_rows_marked_and_never_best() -> None:
     frame = _frame()
     knn = next(m for m in TABLE_METRICS if m.column == "knn_top1")
-    # dino has the highest k-NN, but both its seeds collapsed: simclr is the best.
+    # dino has a higher k-NN, but both its seeds collapsed, and supcon uses labels: simclr is the best.
     assert best_values(frame, knn) == 70.0
     table, _ = comparison_table(frame)
     labels = [row[0].text for row in table.rows]
-    assert labels == ["simclr", "dino (collapsed)", "byol (1 of 2 collapsed)"]
+    assert labels == ["simclr", "dino (collapsed)", "byol (1 of 2 collapsed)", "supcon [labels]"]
+    assert not table.rows[3][table.columns.index(knn.label)].bold
     knn_column = table.columns.index(knn.label)
     assert table.rows[0][knn_column].bold and not table.rows[1][knn_column].bold
-    assert [collapse_mark(r) for _, r in frame.iterrows()] == ["", " (collapsed)", " (1 of 2 collapsed)"]
+    assert [collapse_mark(r) for _, r in frame.iterrows()] == ["", " (collapsed)", " (1 of 2 collapsed)", ""]
     assert collapse_notes(frame) == [
         "dino collapsed (seed 0: uniformity -0.10 near 0; seed 1: uniformity -0.12 near 0).",
         "byol collapsed (seed 1: effective rank 1.50 near 1).",

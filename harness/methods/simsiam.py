@@ -6,7 +6,21 @@ from torch import Tensor, nn
 
 from harness.losses import byol
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="simsiam",
+    paper="Chen and He 2021, Exploring Simple Siamese Representation Learning",
+    knobs={
+        "proj_hidden_dim": 2048,
+        "proj_dim": 2048,
+        "pred_hidden_dim": 512,
+        "simsiam_stop_gradient": ...,
+        "simsiam_predictor": ...,
+    },
+    cite="CIFAR setting: 2048-d projector, predictor bottleneck 512",
+    colour="#d62728",
+)
 
 
 class SimSiam(Method):
@@ -22,7 +36,7 @@ class SimSiam(Method):
     ``simsiam_predictor`` (false: the projection regresses the other projection directly, ``p = z``).
     """
 
-    name = "simsiam"
+    spec = SPEC
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)

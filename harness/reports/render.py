@@ -236,6 +236,13 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
             f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
         )
     document.add(Paragraph(" ".join(notes)))
+    if "uses_labels" in comparison.columns and comparison["uses_labels"].any():
+        document.add(
+            Paragraph(
+                "Rows marked [labels] train with the labels (" + ", ".join(sorted(tables.label_methods())) + "): "
+                "they are not self-supervised, and the best of a column is taken among the self-supervised rows."
+            )
+        )
     collapsed = tables.collapse_notes(comparison)
     if collapsed:
         document.add(

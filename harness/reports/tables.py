@@ -24,7 +24,7 @@ from harness.reports.style import (
     is_finite,
     metric_decimals,
 )
-from harness.spec import UNTRAINED_METHODS
+from harness.spec import method_declarations
 
 SEARCH_TABLE_ROWS = 20
 REASON_CHARS = 300
@@ -84,6 +84,8 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
             "method": str(first["method"]),
             "n": len(rows),
             "is_reference": bool(first["is_reference"]),
+            # SupCon and supervised train with the labels: marked apart from the self-supervised rows.
+            "uses_labels": str(first["method"]) in label_methods(),
             # Seeds whose representation collapsed, with why (harness.reports.collapse).
             "collapsed": [
                 (int(row["seed"]), reasons) for _, row in rows.iterrows() if (reasons := collapse_reasons(row))
@@ -139,6 +141,11 @@ def shown_metrics(frame: pd.DataFrame) -> tuple[list[Metric], list[Metric]]:
     return shown, missing
 
 
+def label_methods() -> frozenset[str]:
+    """The methods whose declaration says they train with the labels."""
+    return frozenset(name for name, spec in method_declarations().items() if spec.uses_labels)
+
+
 def is_collapsed(record: pd.Series) -> bool:
     """Every seed of the configuration collapsed: flagged, and never the best of a column."""
     collapsed = record.get("collapsed")
@@ -147,13 +154,17 @@ def is_collapsed(record: pd.Series) -> bool:
 
 def best_values(frame: pd.DataFrame, metric: Metric) -> float:
     """The best mean of a column among the non-reference rows (baselines are references, not
-    competitors) whose seeds did not all collapse; NaN when there is none."""
+    competitors) whose seeds did not all collapse; when the table has self-supervised rows, among
+    those only (a method trained with labels is marked, not ranked against them); NaN when there is
+    none."""
     key = f"{metric.column}_mean"
-    candidates = [
-        v
+    eligible = [
+        (record, v)
         for (_, record), v, ref in zip(frame.iterrows(), frame[key], frame["is_reference"])
         if not ref and math.isfinite(v) and not is_collapsed(record)
     ]
+    self_supervised = [(r, v) for r, v in eligible if not r.get("uses_labels", False)]
+    candidates = [v for _, v in (self_supervised or eligible)]
     # A lone candidate is not "best" of anything: bolding every cell of one row says nothing.
     if len(candidates) < 2:
         return math.nan
@@ -171,7 +182,8 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
     best = {m.column: best_values(frame, m) for m in shown}
     rows: list[tuple[Cell, ...]] = []
     for _, record in frame.iterrows():
-        cells = [Cell(str(record["label"]) + collapse_mark(record)), Cell(str(int(record["n"])))]
+        labels_mark = " [labels]" if record.get("uses_labels", False) else ""
+        cells = [Cell(str(record["label"]) + labels_mark + collapse_mark(record)), Cell(str(int(record["n"])))]
         for metric in shown:
             mean = float(record[f"{metric.column}_mean"])
             std = float(record[f"{metric.column}_std"])
@@ -258,7 +270,7 @@ def protocol_text(data: ReportData) -> str:
         )
 
     # Untrained baselines keep the default training knobs; their epochs are not the study's.
-    trained = trials[~trials["method"].isin(UNTRAINED_METHODS)] if "method" in trials else trials
+    trained = trials[~trials["method"].isin([n for n, m in method_declarations().items() if not m.trains])] if "method" in trials else trials
     dataset, backbone, epochs = (
         _values(trials, "dataset"),
         _values(trials, "backbone"),
