@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export.
+"""The ``harness`` command: run, status, report, bench, export, data.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -35,7 +35,41 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "Time the loss kernels (reference and fast implementations), store the results and "
         "compare them to a saved baseline with a regression gate.",
     ),
+    "data": (
+        "harness.data.cli",
+        "prepare image-folder datasets as memory-mappable shards, and inspect them",
+        "Decode an image folder (imagefolder, imagenet100) once into uint8 shards at a chosen "
+        "resolution, where trials look for them; or show whether they are prepared and up to date.",
+    ),
 }
+
+
+def version_text() -> str:
+    """``harness 0.1.0`` (the installed distribution's version, from pyproject.toml), plus the git
+    commit of the checkout the package runs from, when it is one (``+dirty`` for local changes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from harness.provenance import git_state
+
+    try:
+        text = f"harness {version('harness')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        text = "harness (not installed)"
+    commit, dirty = git_state()
+    if commit:
+        text += f" (git {commit[:12]}{'+dirty' if dirty else ''})"
+    return text
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, computing the text only when asked (it runs git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _positive_int(text: str) -> int:
@@ -77,9 +111,11 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.spec import DEFAULT_TRIAL_LIMIT
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction, help="print the version and git commit, and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
@@ -109,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the study file (repeatable): KNOB=VALUE sets fixed.KNOB, a dotted path any key "
+        "(search.n_trials=4), VALUE is YAML; the run is then a separate study, NAME.set.KEY-VALUE "
+        "(or --set study=NAME)",
+    )
+    run.add_argument(
+        "--trial-limit",
+        type=_positive_int,
+        default=DEFAULT_TRIAL_LIMIT,
+        metavar="N",
+        help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
     )
     run.add_argument(
         "--retry-failed",
@@ -213,7 +266,8 @@ def _delegate(command: str, rest: list[str]) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from harness.spec import SpecError, load_study
+    from harness.overrides import load_study_with_overrides
+    from harness.spec import SpecError
     from harness.study import (
         RunOptions,
         SearchSetupError,
@@ -226,7 +280,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study.store import check_kind, existing_rows
 
     try:
-        study = load_study(args.study)
+        study, overrides = load_study_with_overrides(args.study, args.overrides, max_trials=args.trial_limit)
         problems = search_problems(study)
         if problems:
             raise SpecError(problems)
@@ -236,6 +290,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RecursionError:  # absurdly deep YAML nesting, which the parser cannot handle
         print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
+    if overrides:
+        print(
+            f"overrides: {', '.join(f'{o.key}={o.value_text}' for o in overrides)}; "
+            f"running them as study {study.name} (the file's own study is not touched)",
+            flush=True,
+        )
     from harness.spec import DEFAULTS
     from harness.train import device_problem
 

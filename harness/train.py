@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from harness import evaluation, provenance
-from harness.data import ImageDataset, load_dataset, make_views
+from harness.data import FOLDER_DATASETS, ImageDataset, fits_on_device, iter_batches, load_dataset, make_views
 from harness.db.models import SUMMARY_METRICS, utcnow
 from harness.methods import METHODS
 from harness.methods.base import Method
 from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from harness.spec import TrialConfig
+from harness.tracking import MetricSink
 
 # Steps excluded from the throughput measurement: the first steps pay for allocator growth,
 # cuDNN autotuning and compilation.
@@ -93,15 +94,39 @@ _DATASETS: dict[tuple[Any, ...], ImageDataset] = {}
 
 
 def _dataset(config: TrialConfig, split: str, size: int | None, device: torch.device) -> ImageDataset:
-    """The dataset split on the device, kept for the next trial of the same process."""
-    key = (config.dataset, split, config.data_root, size, str(device))
+    """The dataset split, kept for the next trial of the same process: resident on the device when
+    it fits in ``resident_share`` of the device memory, else streamed from host memory."""
+    options = {"image_size": config.image_size, "on_bad_image": config.on_bad_image} if config.dataset in FOLDER_DATASETS else {}
+    key = (config.dataset, split, config.data_root, size, str(device), config.resident_share, *options.values())
     if key not in _DATASETS:
         if len(_DATASETS) >= 4:
             _DATASETS.pop(next(iter(_DATASETS)))
-        _DATASETS[key] = load_dataset(
-            config.dataset, split, root=config.data_root, size=size, device=device, seed=SUBSET_SEED
+        loaded = load_dataset(
+            config.dataset, split, root=config.data_root, size=size, device="cpu", seed=SUBSET_SEED, **options
         )
+        fits = fits_on_device(loaded.images.numel() * loaded.images.element_size(), device, config.resident_share)
+        _DATASETS[key] = loaded.resident(device) if fits else loaded.streaming(device)
     return _DATASETS[key]
+
+
+def _pretraining_dataset(config: TrialConfig, train: ImageDataset, device: torch.device) -> ImageDataset:
+    """The split the encoder trains on (``pretrain_split``): the labeled train split itself, the
+    unlabeled split, or both (STL-10's usual train+unlabeled); ``train_size`` applies to each."""
+    if config.pretrain_split == "train":
+        return train
+    unlabeled = _dataset(config, "unlabeled", config.train_size, device)
+    if config.pretrain_split == "unlabeled":
+        return unlabeled
+    if train.streamed or unlabeled.streamed:
+        host = torch.cat([train.images.cpu(), unlabeled.images.cpu()])
+        return ImageDataset(
+            host, torch.cat([train.labels, unlabeled.labels]), train.num_classes, train.name,
+            "train+unlabeled", train.mean, train.std, train.class_names, streamed=True,
+        )
+    return ImageDataset(
+        torch.cat([train.images, unlabeled.images]), torch.cat([train.labels, unlabeled.labels]),
+        train.num_classes, train.name, "train+unlabeled", train.mean, train.std, train.class_names,
+    )
 
 
 class _PeakMemory:
@@ -206,10 +231,18 @@ class _Context:
     device: torch.device
     train: ImageDataset
     test: ImageDataset
+    pretrain: ImageDataset
     method: Method
     autocast: torch.dtype | None
     generator: torch.Generator
     curves: list[tuple[float, int, str, float]] = field(default_factory=list)
+    sink: MetricSink | None = None
+
+    def record(self, epoch: float, step: int, name: str, value: float) -> None:
+        """One point of a curve: kept for the database, and handed to the trial's tracker."""
+        self.curves.append((epoch, step, name, value))
+        if self.sink is not None:
+            self.sink.on_metric(name, value, step=step, epoch=epoch)
 
     @contextlib.contextmanager
     def precision(self) -> Iterator[None]:
@@ -261,8 +294,11 @@ def run_trial(
     *,
     on_eval: Callable[[int, float], None] | None = None,
     progress: bool | None = None,
+    sink: MetricSink | None = None,
 ) -> TrialRecord:
-    """Train and evaluate one configuration; see the module docstring for the failure contract."""
+    """Train and evaluate one configuration; see the module docstring for the failure contract.
+    ``sink`` (an MLflow/TensorBoard tracker, harness.tracking) gets every curve point as it is
+    recorded; it must not raise (``harness.tracking.TrialTracker`` guards its own calls)."""
     started = utcnow()
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     curves: list[tuple[float, int, str, float]] = []
@@ -271,6 +307,7 @@ def run_trial(
         device = resolve_device(config.device)
         device_label = str(device)
         context = _build(config, device)
+        context.sink = sink
         curves = context.curves
         _train(context, summary, on_eval, progress)
         _final_evaluation(context, summary)
@@ -310,7 +347,13 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
         torch.backends.cudnn.benchmark = True
     train = _dataset(config, "train", config.train_size, device)
     test = _dataset(config, "test", config.test_size, device)
+    pretrain = _pretraining_dataset(config, train, device)
     method_class = METHODS[config.method]
+    if method_class.uses_labels and pretrain is not train:
+        raise ValueError(
+            f"method {config.method!r} trains on labels, but pretrain_split={config.pretrain_split!r} "
+            "includes unlabeled images; use pretrain_split: train"
+        )
     channels, image_size = train.images.shape[1], train.images.shape[-1]
     method = method_class(config, in_channels=channels, image_size=image_size, num_classes=train.num_classes).to(device)
     if config.channels_last:
@@ -324,6 +367,7 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
         device=device,
         train=train,
         test=test,
+        pretrain=pretrain,
         method=method,
         autocast=_autocast_dtype(config, device),
         generator=generator,
@@ -337,7 +381,8 @@ def _train(
     progress: bool | None,
 ) -> None:
     config, device, method = context.config, context.device, context.method
-    images, labels = context.train.images, context.train.labels
+    data = context.pretrain
+    images, labels = data.images, data.labels
     n = images.shape[0]
     steps_per_epoch = n // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -364,19 +409,27 @@ def _train(
             epoch_start = time.perf_counter()
             timed_start, timed_images = None, 0
             bar = _progress(steps_per_epoch, f"{config.method} epoch {epoch + 1}/{config.epochs}", progress)
-            for batch in range(steps_per_epoch):
+            size = config.batch_size
+            # A streamed dataset gathers on the host: one copy of the order per epoch, not per step.
+            gather_order = order.cpu() if data.streamed else order
+            batches = iter_batches(
+                images, [gather_order[b * size : (b + 1) * size] for b in range(steps_per_epoch)], device,
+                stream=data.streamed,
+            )
+            for batch, batch_images in enumerate(batches):
                 if step == WARMUP_STEPS or (batch == 0 and step > WARMUP_STEPS):
                     _sync(device)
                     timed_start, timed_images = time.perf_counter(), 0
-                index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+                index = order[batch * size : (batch + 1) * size]
                 views = make_views(
-                    images[index],
+                    batch_images,
                     method.view_recipe,
                     config.aug_strength,
                     n_local=method.n_local_crops,
                     generator=context.generator,
-                    mean=context.train.mean,
-                    std=context.train.std,
+                    mean=data.mean,
+                    std=data.std,
+                    preset=config.aug_preset,
                 )
                 if channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -392,8 +445,11 @@ def _train(
                 step += 1
                 timed_images += index.numel()
                 if step % config.log_every == 0 or batch == steps_per_epoch - 1:
-                    checked = _check_losses(losses, checked, step, epoch, steps_per_epoch, context.curves)
-                    context.curves.append((epoch + (batch + 1) / steps_per_epoch, step, "lr", lr))
+                    checked, mean_loss = _check_losses(
+                        losses, checked, step, epoch, steps_per_epoch, context.record
+                    )
+                    context.record(epoch + (batch + 1) / steps_per_epoch, step, "lr", lr)
+                    bar.set_postfix_str(f"loss {mean_loss:.4g}, lr {lr:.3g}", refresh=False)
                 bar.update(1)
             bar.close()
             _sync(device)
@@ -416,17 +472,19 @@ def _check_losses(
     step: int,
     epoch: int,
     steps_per_epoch: int,
-    curves: list[tuple[float, int, str, float]],
-) -> int:
-    """Record the mean loss since the last check; raise TrialDiverged at the first non-finite."""
+    record: Callable[[float, int, str, float], None],
+) -> tuple[int, float]:
+    """Record the mean loss since the last check and return (step, that mean); raise
+    TrialDiverged at the first non-finite."""
     window = losses[checked:step]
     finite = torch.isfinite(window)
     if not bool(finite.all()):
         first = checked + int((~finite).nonzero()[0, 0]) + 1
         raise TrialDiverged(f"diverged at step {first} (loss {float(window[first - checked - 1])})")
     epoch_position = epoch + (step - epoch * steps_per_epoch) / steps_per_epoch
-    curves.append((epoch_position, step, "loss", float(window.mean())))
-    return step
+    mean = float(window.mean())
+    record(epoch_position, step, "loss", mean)
+    return step, mean
 
 
 @torch.no_grad()
@@ -434,7 +492,7 @@ def _intermediate_eval(context: _Context, epoch: int, step: int, on_eval: Callab
     train_features = context.features(context.train)
     test_features = context.features(context.test)
     knn = context.knn(train_features, test_features)
-    context.curves.append((float(epoch), step, "knn_top1", knn))
+    context.record(float(epoch), step, "knn_top1", knn)
     if on_eval is not None:
         on_eval(epoch, knn)
 
@@ -447,10 +505,10 @@ def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> No
         test_features = context.features(context.test)
         knn = context.knn(train_features, test_features)
     if context.method.trainable:
-        final_epoch, final_step = config.epochs, (context.train.images.shape[0] // config.batch_size) * config.epochs
+        final_epoch, final_step = config.epochs, (context.pretrain.images.shape[0] // config.batch_size) * config.epochs
     else:  # an untrained encoder (random_init) is the state at epoch 0, whatever its reset knobs say
         final_epoch, final_step = 0, 0
-    context.curves.append((float(final_epoch), final_step, "knn_top1", knn))
+    context.record(float(final_epoch), final_step, "knn_top1", knn)
     top1, top5 = evaluation.linear_probe(
         train_features,
         context.train.labels,
@@ -481,8 +539,8 @@ def _alignment_uniformity(context: _Context) -> tuple[float, float]:
     generator = torch.Generator(device=context.device)
     generator.manual_seed(context.config.seed + 1)
     first, second = [], []
-    for start in range(0, context.test.images.shape[0], EVAL_BATCH_SIZE):
-        batch = context.test.images[start : start + EVAL_BATCH_SIZE]
+    chunks = [slice(start, start + EVAL_BATCH_SIZE) for start in range(0, len(context.test), EVAL_BATCH_SIZE)]
+    for batch in iter_batches(context.test.images, chunks, context.device, stream=context.test.streamed):
         views = make_views(
             batch,
             "simclr",

@@ -25,8 +25,9 @@ from harness.spec import (
     readers_of,
     resolve,
 )
+from harness.units import ACCURACY_METRICS
 
-ACCURACY_COLUMNS: tuple[str, ...] = ("knn_top1", "linear_top1", "linear_top5")
+ACCURACY_COLUMNS: tuple[str, ...] = ACCURACY_METRICS  # shown in %, stored as fractions (harness.units)
 # Knobs that never make two trials different configurations.
 _NOT_CONFIGURATION: frozenset[str] = frozenset({"seed", "device", "data_root"})
 

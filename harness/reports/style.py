@@ -14,6 +14,9 @@ from typing import Any
 from harness.spec import method_declarations
 
 MIB = 2.0**20
+# A table cell with no value: a metric the configuration does not produce (an untrained baseline
+# has no training loss, throughput or memory) or that no seed recorded as a finite number.
+MISSING = "—"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from harness.db import Database, StudyRow, TrialRow, utcnow
 from harness.spec import SpecError, Study, parse_study
 from harness.study import store
+from harness.units import metric_text
 
 STATUS_ORDER: tuple[str, ...] = ("complete", "running", "pending", "failed", "pruned")
 SHOWN_METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "final_loss")
@@ -50,14 +51,6 @@ def compared_knobs(configs: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     keys = list(configs[0])
     return [k for k in keys if k not in _NOT_COMPARED and len({repr(c.get(k)) for c in configs}) > 1]
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
@@ -145,7 +138,7 @@ def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failu
         lines.append(f"  best by {objective.metric} ({objective.direction}):")
         metrics = [objective.metric, *(m for m in SHOWN_METRICS if m != objective.metric)]
         for trial in scored[:top]:
-            values = "  ".join(f"{m} {_fmt(getattr(trial, m))}" for m in metrics)
+            values = "  ".join(f"{m} {metric_text(m, getattr(trial, m))}" for m in metrics)
             lines.append(f"    #{trial.id}  {label(trial)}  {values}")
     failed = [t for t in trials if t.status == "failed"]
     if failed:
