@@ -242,7 +242,7 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
             "throughput or memory) or not finite in any of its seeds."
         )
     document.add(Paragraph(" ".join(notes)))
-    if "uses_labels" in comparison.columns and comparison["uses_labels"].any():
+    if "uses_labels" in comparison.columns and (comparison["uses_labels"] & ~comparison["is_reference"]).any():
         document.add(
             Paragraph(
                 "Rows marked [labels] train with the labels (" + ", ".join(sorted(tables.label_methods())) + "): "

@@ -183,7 +183,8 @@ def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Tab
     best = {m.column: best_values(frame, m) for m in shown}
     rows: list[tuple[Cell, ...]] = []
     for _, record in frame.iterrows():
-        labels_mark = " [labels]" if record.get("uses_labels", False) else ""
+        # Baselines are already set apart (reference rows); a label-using candidate (SupCon) is marked.
+        labels_mark = " [labels]" if record.get("uses_labels", False) and not record["is_reference"] else ""
         cells = [Cell(str(record["label"]) + labels_mark + collapse_mark(record)), Cell(str(int(record["n"])))]
         for metric in shown:
             mean = float(record[f"{metric.column}_mean"])
