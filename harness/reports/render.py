@@ -116,7 +116,11 @@ def _index_row(data: ReportData) -> tuple[Cell, ...]:
     comparison = tables.comparison_frame(data)
     best_text, best_label = MISSING, MISSING
     if not comparison.empty and "knn_top1_mean" in comparison.columns:
-        regular = comparison[~comparison["is_reference"] & comparison["knn_top1_mean"].map(math.isfinite)]
+        # A configuration whose seeds all collapsed is not the study's best (tables.is_collapsed).
+        collapsed = comparison.apply(tables.is_collapsed, axis=1).astype(bool)
+        regular = comparison[
+            ~comparison["is_reference"] & comparison["knn_top1_mean"].map(math.isfinite) & ~collapsed
+        ]
         if not regular.empty:
             best = regular.sort_values(
                 ["knn_top1_mean", "label"], ascending=[False, True], kind="stable"
