@@ -368,8 +368,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     try:
-        code = run_study(study, options).exit_code
-        if study.evaluate is not None and args.max_trials is None:
+        result = run_study(study, options)
+        code = result.exit_code
+        # After an interrupted run (Ctrl-C, SIGTERM) the user asked to stop: no evaluations then.
+        if study.evaluate is not None and args.max_trials is None and not result.tally.interrupted:
             code = max(code, _evaluate_after_run(study, args))
         return code
     except (StudyConflict, SearchSetupError) as error:
