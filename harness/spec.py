@@ -993,8 +993,9 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
             points = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))] if keys else [{}]
         else:
             points = [{}]
+            base = _ablation_base(fixed)
             for knob, values in sweep.items():
-                points.extend({knob: value} for value in values if fixed.get(knob, getattr(DEFAULTS, knob)) != value)
+                points.extend({knob: value} for value in values if base.get(knob, getattr(DEFAULTS, knob)) != value)
     elif kind == "search" and "search" in data:
         search = _validate_search(data["search"], fixed, problems)
         points = [{}]
@@ -1022,6 +1023,17 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         notes=tuple(notes),
         evaluate=evaluate,
     )
+
+
+def _ablation_base(fixed: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The base point of an ablation as it resolves (the method's own defaults included), so that
+    a listed value equal to the base method's default is the base point, and one equal only to the
+    global default (``dino_head_bn: false`` for DINO) is an alternative. ``fixed`` when it does not
+    resolve (its problems are reported elsewhere)."""
+    try:
+        return resolve(fixed).to_dict()
+    except SpecError:
+        return fixed
 
 
 def _within_trial_limit(kind: str, data: Mapping[str, Any], seeds: Sequence[int], limit: int, problems: _Problems) -> bool:

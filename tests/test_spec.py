@@ -1066,3 +1066,10 @@ def test_cli_run__hostile_files_exit_2_with_located_lines_and_touch_nothing(
     assert "Traceback" not in stderr.getvalue()
     assert sorted(p.name for p in folder.iterdir()) == before, "a refused file must create nothing"
     assert database.read_bytes() == b""
+
+
+def test_parse_study__ablation_value_equal_to_the_global_default_but_not_the_methods_is_a_point() -> None:
+    # MoCo's own temperature is 0.2; the global default 0.5 is an alternative, 0.2 the base point.
+    study = parse_study("study: a\nfixed: {method: moco}\nablate:\n  temperature: [0.2, 0.5]\n")
+    assert [dict(p) for p in study.points] == [{}, {"temperature": 0.5}]
+    assert sorted(c.temperature for c in study.trials()) == [0.2, 0.5]
