@@ -12,8 +12,8 @@ Signals, in a job:
   back as pending (the worker's ordinary interrupt path) and the job ends. Slurm itself requeues
   a preempted job when the cluster's ``PreemptMode`` says REQUEUE.
 - SIGUSR2 (submitit's warning ``--signal=USR2@90`` before the time limit or a preemption) and
-  SIGUSR1 (the same warning on clusters configured with it): the trial is handed back the same way,
-  then submitit's own checkpoint/requeue handler runs (``SlurmWorker.checkpoint``): the job is
+  SIGUSR1 (the same warning on clusters configured with it): noted, and delivered to the process as
+  SIGTERM, so the trial is handed back the same way (by whatever handles SIGTERM then), then submitit's own checkpoint/requeue handler runs (``SlurmWorker.checkpoint``): the job is
   requeued and, when it starts again, claims the first runnable trial, which may be that one.
 
 Torch-free at import; submitit is imported only to submit (not needed by ``harness status``).
@@ -29,7 +29,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +43,7 @@ from harness.db import Database, SlurmJobRow, StudyRow, resolve_url, utcnow
 from harness.spec import Study
 from harness.study import store
 from harness.study.kinds import kind_of
-from harness.study.worker import INTERRUPT_SIGNALS, RunOptions, TrialBudget, WorkerContext, run_worker
+from harness.study.worker import RunOptions, TrialBudget, WorkerContext, run_worker
 
 # Signals that announce the end of a job's time (a time limit or a preemption), after which the
 # job asks Slurm to requeue it; SIGTERM/SIGINT interrupt without requeueing.
@@ -185,13 +186,12 @@ class SlurmWorker:
                 echo=echo,
                 run_trial=_trial_runner(),
             )
-            code = run_worker(
-                ctx, kind_of(self.study), signals=INTERRUPT_SIGNALS + REQUEUE_SIGNALS, on_signal=received.append
-            )
+            with _warnings_as_sigterm(received):
+                code = run_worker(ctx, kind_of(self.study))
         finally:
             db.dispose()
         tally = {k: getattr(ctx.tally, k) for k in ("ran", "complete", "failed", "pruned", "lost")}
-        if code == 130 and received and received[0] in REQUEUE_SIGNALS:
+        if ctx.tally.interrupted and received:
             echo(f"{signal.Signals(received[0]).name}: trial handed back; asking Slurm to requeue this job")
             _requeue_through_submitit()
         return {"exit_code": code, **tally}
@@ -202,6 +202,26 @@ class SlurmWorker:
         from submitit.helpers import DelayedSubmission
 
         return DelayedSubmission(self)
+
+
+@contextmanager
+def _warnings_as_sigterm(received: list[int]) -> Iterator[None]:
+    """SIGUSR1/SIGUSR2 (the end of the job's time is near) are noted in ``received`` and delivered
+    to this process as SIGTERM, so that whatever handles SIGTERM at that moment (the worker loop's
+    interrupt, or a trial's own stop-at-the-next-step handler) hands the trial back the one way it
+    always does; after the loop, the note says to requeue."""
+
+    def warned(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, warned) for sig in REQUEUE_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _trial_runner() -> Callable[..., Any]:
