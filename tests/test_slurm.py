@@ -29,7 +29,14 @@ from sqlalchemy import create_engine, inspect, select
 from harness.cli import main
 from harness.db import Database, SlurmJobRow, TrialRow, resolve_url
 from harness.spec import load_study
-from harness.study.slurm import SlurmOptions, executor_parameters, sbatch_lines, sqlite_refusal, time_minutes
+from harness.study.slurm import (
+    SlurmOptions,
+    executor_parameters,
+    sbatch_lines,
+    slurm_states,
+    sqlite_refusal,
+    time_minutes,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -164,6 +171,20 @@ def test_executor_parameters__only_what_was_asked(tmp_path: Path) -> None:
         "array_parallelism": 4,
     }
     assert sbatch_lines(study, SlurmOptions(jobs=4))[0].startswith("slurm job array of 4 job(s)")
+
+
+def test_slurm_states__one_squeue_call_per_array_and_its_states_parsed() -> None:
+    calls: list[list[str]] = []
+
+    def fake_squeue(command: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        out = "7_0|RUNNING\n7_1|CANCELLED\n7_2|PENDING\n9_0|COMPLETED\n"
+        return subprocess.CompletedProcess(command, 0, stdout=out, stderr="")
+
+    states = slurm_states(["7_0", "7_1", "9_0"], run=fake_squeue)
+    assert states["7_0"] == "RUNNING" and states["7_1"] == "CANCELLED" and states["9_0"] == "COMPLETED"
+    assert calls == [["squeue", "-h", "--states=all", "-j", "7,9", "-o", "%i|%T"]]
+    assert slurm_states([], run=fake_squeue) == {} and len(calls) == 1
 
 
 # ----------------------------------------------------------------------------------------------
