@@ -56,7 +56,12 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 LOSS_IMPLS: tuple[str, ...] = ("reference", "fast")
 STUDY_KINDS: tuple[str, ...] = ("grid", "ablate", "search")
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes")
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes", "nsga2")
+# Samplers that handle several objectives (Optuna's CMA-ES is single-objective).
+MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "nsga2")
+# The trackers a study file (or harness run --mlflow/--tensorboard) can switch on, and where each
+# writes when given `true` instead of a location (harness.tracking reads this).
+TRACKERS: dict[str, str] = {"mlflow": "mlruns", "tensorboard": "runs"}
 PRUNERS: tuple[str, ...] = ("none", "median", "hyperband")
 # The typed summary columns of a trial that a search can optimize (harness.db.models reads this).
 OBJECTIVE_METRICS: tuple[str, ...] = (
@@ -746,10 +751,20 @@ class SearchSpec:
     n_trials: int
     sampler: str = "tpe"
     pruner: str = "median"
-    metric: str = "knn_top1"
+    metric: str = "knn_top1"  # the first objective (the one pruning and "best" use)
     direction: str = "maximize"
     space: tuple[SearchParam, ...] = ()
     enqueue: tuple[Mapping[str, Any], ...] = ()
+    # Every objective, in file order, as (metric, direction); one entry for a single objective.
+    objectives: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def all_objectives(self) -> tuple[tuple[str, str], ...]:
+        return self.objectives or ((self.metric, self.direction),)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.all_objectives) > 1
 
 
 @dataclass(frozen=True)
@@ -768,6 +783,8 @@ class Study:
     text: str
     path: str
     notes: tuple[str, ...] = field(default=())
+    # tracker name (TRACKERS) -> location, from the file's `tracking:`; empty = none switched on.
+    tracking: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def text_hash(self) -> str:
@@ -818,6 +835,7 @@ _TOP_KEYS: dict[str, str] = {
     "ablate": "a mapping of knob: [values]",
     "search": "a mapping with n_trials, sampler, pruner, objective, space",
     "seeds": "a list of integers",
+    "tracking": "a mapping of tracker: location or true (mlflow, tensorboard)",
 }
 _SEARCH_KEYS: tuple[str, ...] = ("n_trials", "sampler", "pruner", "objective", "space", "enqueue")
 
@@ -977,6 +995,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         search = _validate_search(data["search"], fixed, problems)
         points = [{}]
 
+    tracking = _validate_tracking(data["tracking"], problems) if "tracking" in data else {}
     notes: list[str] = []
     # Knobs no method reads are reported with the other problems; resolving the points waits for a
     # file without them (a bad value would come back once per point).
@@ -995,6 +1014,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         text=text,
         path=source,
         notes=tuple(notes),
+        tracking=tracking,
     )
 
 
@@ -1119,19 +1139,15 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
     if pruner not in PRUNERS:
         problems.add("search.pruner", f"found {_describe(pruner)}, expected one of {', '.join(PRUNERS)}{_suggest(str(pruner), PRUNERS)}")
     objective = raw.get("objective", {"metric": "knn_top1", "direction": "maximize"})
-    metric, direction = "knn_top1", "maximize"
-    if not isinstance(objective, Mapping):
-        problems.add("search.objective", f"found {_describe(objective)}, expected a mapping {{metric: ..., direction: ...}}")
-    else:
-        for key in objective:
-            if key not in ("metric", "direction"):
-                problems.add(f"search.objective.{key}", "unknown key; expected metric or direction")
-        metric = objective.get("metric", metric)
-        direction = objective.get("direction", direction)
-        if metric not in OBJECTIVE_METRICS:
-            problems.add("search.objective.metric", f"found {_describe(metric)}, expected one of {', '.join(OBJECTIVE_METRICS)}{_suggest(str(metric), OBJECTIVE_METRICS)}")
-        if direction not in DIRECTIONS:
-            problems.add("search.objective.direction", f"found {_describe(direction)}, expected maximize or minimize")
+    objectives = _validate_objectives(objective, problems)
+    metric, direction = objectives[0] if objectives else ("knn_top1", "maximize")
+    if len(objectives) > 1:
+        if "pruner" not in raw:
+            pruner = "none"
+        elif pruner != "none":
+            problems.add("search.pruner", f"found {_describe(pruner)}, expected none with several objectives (Optuna prunes single-objective searches only)")
+        if sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            problems.add("search.sampler", f"found {_describe(sampler)} with several objectives, expected one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
     space_raw = raw.get("space")
     space: list[SearchParam] = []
     if not isinstance(space_raw, Mapping) or not space_raw:
@@ -1178,7 +1194,62 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
         direction=str(direction),
         space=tuple(space),
         enqueue=tuple(enqueue),
+        objectives=tuple(objectives) if len(objectives) > 1 else (),
     )
+
+
+def _validate_objectives(raw: Any, problems: _Problems) -> list[tuple[str, str]]:
+    """``objective:`` as a mapping {metric, direction}, or a list of them (a multi-objective search,
+    e.g. accuracy and throughput); the valid ones as (metric, direction)."""
+    entries = [("search.objective", raw)] if isinstance(raw, Mapping) else None
+    if isinstance(raw, list) and raw:
+        entries = [(f"search.objective[{i}]", item) for i, item in enumerate(raw)]
+    if entries is None:
+        problems.add("search.objective", f"found {_describe(raw)}, expected a mapping {{metric: ..., direction: ...}} or a non-empty list of them")
+        return []
+    objectives: list[tuple[str, str]] = []
+    for path, entry in entries:
+        if not isinstance(entry, Mapping):
+            problems.add(path, f"found {_describe(entry)}, expected a mapping {{metric: ..., direction: ...}}")
+            continue
+        for key in entry:
+            if key not in ("metric", "direction"):
+                problems.add(f"{path}.{key}", "unknown key; expected metric or direction")
+        metric = entry.get("metric", "knn_top1")
+        direction = entry.get("direction", "maximize")
+        ok = True
+        if metric not in OBJECTIVE_METRICS:
+            problems.add(f"{path}.metric", f"found {_describe(metric)}, expected one of {', '.join(OBJECTIVE_METRICS)}{_suggest(str(metric), OBJECTIVE_METRICS)}")
+            ok = False
+        elif any(metric == m for m, _ in objectives):
+            problems.add(f"{path}.metric", f"found {metric!r} twice, expected distinct objectives")
+            ok = False
+        if direction not in DIRECTIONS:
+            problems.add(f"{path}.direction", f"found {_describe(direction)}, expected maximize or minimize")
+            ok = False
+        if ok:
+            objectives.append((str(metric), str(direction)))
+    return objectives
+
+
+def _validate_tracking(raw: Any, problems: _Problems) -> dict[str, str]:
+    """``tracking: {mlflow: URI-or-folder | true, tensorboard: folder | true}``; false/null = off."""
+    if not isinstance(raw, Mapping):
+        problems.add("tracking", f"found {_describe(raw)}, expected {_TOP_KEYS['tracking']}")
+        return {}
+    settings: dict[str, str] = {}
+    for key, value in raw.items():
+        if key not in TRACKERS:
+            problems.add(f"tracking.{key}", f"unknown tracker{_suggest(str(key), TRACKERS)}; expected one of {', '.join(TRACKERS)}")
+        elif value is True:
+            settings[str(key)] = TRACKERS[str(key)]
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, str) and value.strip():
+            settings[str(key)] = value.strip()
+        else:
+            problems.add(f"tracking.{key}", f"found {_describe(value)}, expected a location (a URI or a folder), true or false")
+    return settings
 
 
 def _outside_space(param: SearchParam, value: Any) -> str | None:
