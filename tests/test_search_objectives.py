@@ -77,3 +77,96 @@ def test_parse_study__tracking_section() -> None:
         "mo.yaml: tracking.mlflw: unknown tracker (did you mean 'mlflow'?); expected one of mlflow, tensorboard",
         "mo.yaml: tracking.tensorboard: found 3, expected a location (a URI or a folder), true or false",
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running them: named metrics, study attributes, seeded samplers, the Pareto front in Optuna
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import optuna  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from harness.db import SUMMARY_METRICS, Database, TrialRow, utcnow  # noqa: E402
+from harness.spec import TrialConfig, load_study  # noqa: E402
+from harness.study import RunOptions, run_study  # noqa: E402
+from harness.train import TrialRecord  # noqa: E402
+
+SEARCH = """\
+study: {name}
+description: accuracy against speed
+dataset: synthetic
+fixed: {{method: simclr, train_size: 64, test_size: 32, batch_size: 32, epochs: 1, knn_k: 5}}
+search:
+  n_trials: {n}
+  sampler: {sampler}
+  objective: {objective}
+  space:
+    lr: {{low: 1.0e-4, high: 1.0e-1, log: true}}
+    temperature: {{low: 0.05, high: 1.0}}
+seeds: [{seed}]
+"""
+
+
+def trade_off(config: TrialConfig, **_: object) -> TrialRecord:
+    """A fake trainer whose accuracy and throughput pull against each other (a real Pareto front)."""
+    summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
+    x = (math.log10(config.lr) + 4) / 3  # 0..1 over the space
+    summary["knn_top1"] = 0.5 + 0.4 * x - 0.1 * abs(config.temperature - 0.5)
+    summary["train_img_per_s"] = 1000.0 * (1.2 - x) + 50 * config.temperature
+    return TrialRecord("complete", None, summary, [], {}, utcnow(), utcnow())
+
+
+def _run(tmp_path: Path, db_name: str, *, name: str = "mo", n: int = 6, sampler: str = "tpe",
+         objective: str = TWO, seed: int = 0) -> str:
+    path = tmp_path / f"{name}-{db_name}.yaml"
+    path.write_text(SEARCH.format(name=name, n=n, sampler=sampler, objective=objective, seed=seed))
+    url = f"sqlite:///{tmp_path / db_name}"
+    run_study(load_study(path), RunOptions(db=url), run_trial=trade_off, echo=lambda _: None)
+    return url
+
+
+def _points(url: str, name: str = "mo") -> list[tuple[float, float]]:
+    study = optuna.load_study(study_name=name, storage=url)
+    return [(t.params["lr"], t.params["temperature"]) for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def test_search__metric_names_and_study_attributes_for_the_dashboard(tmp_path: Path) -> None:
+    url = _run(tmp_path, "a.db", n=2, objective="{metric: knn_top1, direction: maximize}")
+    study = optuna.load_study(study_name="mo", storage=url)
+    assert study.metric_names == ["knn_top1"]
+    assert study.user_attrs["description"] == "accuracy against speed"
+    assert study.user_attrs["fixed"]["train_size"] == 64 and study.user_attrs["fixed"]["method"] == "simclr"
+    assert study.user_attrs["objectives"] == ["maximize knn_top1"]
+    assert study.user_attrs["sampler"] == "tpe (seed 0)"
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2"])
+def test_search__same_file_and_seed_propose_the_same_points(tmp_path: Path, sampler: str) -> None:
+    first = _points(_run(tmp_path, "a.db", sampler=sampler))
+    second = _points(_run(tmp_path, "b.db", sampler=sampler))
+    other_seed = _points(_run(tmp_path, "c.db", sampler=sampler, seed=1))
+    assert len(first) == 6 and first == second
+    assert other_seed != first
+
+
+def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] >= b[0] and a[1] >= b[1] and a != b
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
+def test_search__multi_objective_front_in_optuna_matches_the_harness_rows(tmp_path: Path, sampler: str) -> None:
+    url = _run(tmp_path, "mo.db", n=8, sampler=sampler)
+    study = optuna.load_study(study_name="mo", storage=url)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    assert study.metric_names == ["knn_top1", "train_img_per_s"]
+    db = Database(url)
+    rows = db.run(lambda s: list(s.scalars(select(TrialRow).where(TrialRow.status == "complete"))))
+    db.dispose()
+    assert len(rows) == 8
+    points = {r.optuna_number: (r.knn_top1, r.train_img_per_s) for r in rows}
+    front = {n for n, p in points.items() if not any(_dominates(q, p) for q in points.values())}
+    assert {t.number for t in study.best_trials} == front
+    for trial in study.trials:
+        assert trial.values == pytest.approx(list(points[trial.number]))
