@@ -170,3 +170,29 @@ def test_search__multi_objective_front_in_optuna_matches_the_harness_rows(tmp_pa
     assert {t.number for t in study.best_trials} == front
     for trial in study.trials:
         assert trial.values == pytest.approx(list(points[trial.number]))
+
+
+@pytest.mark.slow
+def test_report__multi_objective_search_shows_its_pareto_front(tmp_path: Path) -> None:
+    from harness.reports import build_report
+
+    url = _run(tmp_path, "mo.db", n=8, sampler="nsga2")
+    out = build_report(url, "mo", tmp_path / "report")
+    markdown = (out / "report.md").read_text()
+    assert "Objectives: maximize k-NN top-1 (%) and maximize throughput (img/s)." in markdown
+    section = markdown.split("### Pareto front", 1)[1].split("\n### ", 1)[0]
+    assert "![Pareto front of the search](figures/search_pareto.svg)" in section
+    header = next(line for line in section.splitlines() if line.startswith("| Optuna trial"))
+    assert header.startswith("| Optuna trial | harness trial | k-NN top-1 (%) | throughput (img/s) | lr | temperature |")
+    rows = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    listed = {int(line.split(" | ")[0].strip("| ")) for line in rows}
+    study = optuna.load_study(study_name="mo", storage=url)
+    assert listed == {t.number for t in study.best_trials}
+    by_number = {t.number: t for t in study.trials}
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        trial = by_number[int(cells[0])]
+        assert float(cells[2]) == pytest.approx(100 * trial.values[0], abs=0.05)  # percent, 1 decimal
+        assert float(cells[3]) == pytest.approx(trial.values[1], rel=1e-3)
+    assert (out / "figures" / "search_pareto.svg").is_file()
+    assert "### Best trials" in markdown and "### Parameter importances" in markdown

@@ -140,6 +140,29 @@ def make_sampler(spec: SearchSpec, seed: int | None = None) -> Any:
     return optuna.samplers.TPESampler(constant_liar=True, seed=seed)
 
 
+def sampler_seed(seed: int, held_trials: int) -> int:
+    """The seed of the sampler that proposes a search's next point: the study's seed for the first
+    point, then one derived from it and the number of trials the study already holds. Each ask
+    (serialized across processes by ``sampling_lock``) so gets its own seed: one worker running the
+    same file proposes the same points; a resumed search draws new points instead of replaying its
+    earlier ones; two workers never draw from the same stream."""
+    if held_trials == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{held_trials}".encode()).digest()[:4], "big")
+
+
+def reseed(search: _Search, seed: int) -> None:
+    """Give the search a sampler seeded for its next point (``sampler_seed``). Optuna's samplers
+    keep their state in the storage (NSGA-II generations, CMA-ES), so a fresh one loses nothing."""
+    if search.spec.sampler == "grid":
+        # The grid sampler numbers its points in an order shuffled by its seed, and skips the
+        # points already visited: it needs one seed throughout, and never replays a point.
+        search.study.sampler = make_sampler(search.spec, seed)
+        return
+    held = len(_retry(lambda: search.study.get_trials(deepcopy=False)))
+    search.study.sampler = make_sampler(search.spec, sampler_seed(seed, held))
+
+
 def make_pruner(study: Study) -> Any:
     optuna = _optuna()
     spec = study.search
@@ -392,7 +415,10 @@ def search_loop(ctx: WorkerContext) -> None:
             waiting_said = False
             continue
         with sampling_lock(ctx.db, study.name):
-            trial = _retry(search.study.ask) if trials_used(search) < search.spec.n_trials else None
+            trial = None
+            if trials_used(search) < search.spec.n_trials:
+                reseed(search, seed)
+                trial = _retry(search.study.ask)
         if trial is not None:
             if not _ask_and_run(ctx, search, trial, seed):
                 ctx.budget.give_back()  # nothing trained (a reused or invalid point)
