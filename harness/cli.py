@@ -2,6 +2,8 @@
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
+This module imports only the standard library at import time: everything else is imported
+inside ``main``, where Ctrl-C during start-up is one line ("interrupted"), not a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-
-from harness.db import DEFAULT_DB_PATH
 
 DESCRIPTION = (
     "Benchmark and ablation harness for self-supervised representation learning. A study file "
@@ -102,6 +102,8 @@ def _device(text: str) -> str:
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
+    from harness.db import DEFAULT_DB_PATH
+
     parser.add_argument(
         "--db",
         metavar="URL",
@@ -111,7 +113,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.spec import DEFAULT_TRIAL_LIMIT
+    from harness.spec import DEFAULT_TRIAL_LIMIT, TRACKERS
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
@@ -141,8 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes on this machine, each claiming trials (one per GPU where there are several)",
     )
     run.add_argument(
+        "--force-workers",
+        action="store_true",
+        help="run --workers N even when N is more than this machine's CUDA devices (or CPU cores)",
+    )
+    run.add_argument(
         "--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials"
     )
+
     run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
     )
@@ -162,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TRIAL_LIMIT,
         metavar="N",
         help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
+    )
+    run.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=TRACKERS["mlflow"],
+        metavar="URI",
+        help="mirror each trial to MLflow (a run per trial: params, curves, summary): a tracking URI, or "
+        "a folder for a local store (default: mlruns/, as sqlite:///mlruns/mlflow.db); needs the "
+        "tracking extra",
+    )
+    run.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=TRACKERS["tensorboard"],
+        metavar="DIR",
+        help="write TensorBoard events, one directory per trial under DIR/STUDY/ (default: runs/); "
+        "needs the tracking extra",
     )
     run.add_argument(
         "--retry-failed",
@@ -323,12 +348,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(study, existing):
             print(line)
         return 0
+    from harness.tracking import TrackingSettings, missing_packages
+
+    tracking = TrackingSettings(**dict(study.tracking)).merged(
+        TrackingSettings(mlflow=args.mlflow, tensorboard=args.tensorboard)
+    )
+    for missing in missing_packages(tracking):
+        print(f"warning: tracking is on but {missing} is not installed; trials run without it", flush=True)
     options = RunOptions(
+        tracking=tracking if tracking.enabled else None,
         db=args.db,
         device=args.device,
         workers=args.workers,
         max_trials=args.max_trials,
         retry_failed=args.retry_failed,
+        force_workers=args.force_workers,
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
     )

@@ -29,6 +29,7 @@ from harness.methods.base import Method
 from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from harness.spec import TrialConfig
 from harness.tracking import MetricSink
+from harness.trial_api import TrialPruned
 
 # Steps excluded from the throughput measurement: the first steps pay for allocator growth,
 # cuDNN autotuning and compilation.
@@ -39,10 +40,6 @@ SUBSET_SEED = 0
 # Alignment/uniformity use the standard recipe whatever the trial trained with, so an
 # aug_strength ablation compares encoders under one measurement.
 EVAL_VIEW_STRENGTH = 1.0
-
-
-class TrialPruned(Exception):
-    """Raised by an ``on_eval`` callback to stop a trial early (Optuna pruning)."""
 
 
 class TrialDiverged(Exception):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-ACCURACY_METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "linear_top5")
+from harness.metrics import ACCURACY_METRICS
+
 PERCENT_DECIMALS = 1
 
 

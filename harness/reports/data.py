@@ -13,6 +13,7 @@ import pandas as pd
 from sqlalchemy import select
 
 from harness.db import Database, StudyRow
+from harness.metrics import ACCURACY_METRICS
 from harness.reports.style import format_knob_value, is_finite, method_rank
 from harness.results import bench_frame, metrics_frame, trials_frame
 from harness.spec import (
@@ -25,9 +26,8 @@ from harness.spec import (
     readers_of,
     resolve,
 )
-from harness.units import ACCURACY_METRICS
 
-ACCURACY_COLUMNS: tuple[str, ...] = ACCURACY_METRICS  # shown in %, stored as fractions (harness.units)
+ACCURACY_COLUMNS: tuple[str, ...] = ACCURACY_METRICS  # shown in %, stored as fractions
 # Knobs that never make two trials different configurations.
 _NOT_CONFIGURATION: frozenset[str] = frozenset({"seed", "device", "data_root"})
 
