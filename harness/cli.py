@@ -322,9 +322,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             flush=True,
         )
     from harness.spec import DEFAULTS
-    from harness.train import device_problem
 
     wanted_device = args.device or study.fixed.get("device", DEFAULTS.device)
+    if not args.dry_run:
+        # Importing torch and probing the device take seconds: say so rather than sit silent.
+        print(f"study {study.name}: loading torch and checking device {wanted_device} ...", flush=True)
+    from harness.train import device_problem
+
     problem = device_problem(wanted_device)
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"
@@ -367,7 +371,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     try:
-        return run_study(study, options).exit_code
+        from harness.study.progress import StudyProgress
+
+        return run_study(study, options, events=(StudyProgress(options.workers),)).exit_code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
     except (SQLAlchemyError, ImportError) as error:  # unreachable server, not a database, no driver

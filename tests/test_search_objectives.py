@@ -196,3 +196,53 @@ def test_report__multi_objective_search_shows_its_pareto_front(tmp_path: Path) -
         assert float(cells[3]) == pytest.approx(trial.values[1], rel=1e-3)
     assert (out / "figures" / "search_pareto.svg").is_file()
     assert "### Best trials" in markdown and "### Parameter importances" in markdown
+
+
+@pytest.mark.slow
+def test_optuna_dashboard__serves_the_search_with_named_metrics(tmp_path: Path) -> None:
+    """The README's claim: optuna-dashboard on the harness database shows the search, its objectives
+    by name and the study's attributes (started on a loopback port, queried through its API)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    binary = Path(sys.executable).parent / "optuna-dashboard"
+    if not binary.exists():
+        pytest.skip("optuna-dashboard is not installed (it is in the dev extra)")
+    url = _run(tmp_path, "mo.db", n=4, sampler="nsga2")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [str(binary), url, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+    def get(path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        studies = None
+        deadline = time.monotonic() + 120
+        while studies is None:
+            try:
+                studies = get("/api/studies")["study_summaries"]
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"the dashboard did not start: {server.stdout.read()}") from None
+                time.sleep(0.5)
+        (study,) = [s for s in studies if s["study_name"] == "mo"]
+        assert study["directions"] == ["maximize", "maximize"]
+        detail = get(f"/api/studies/{study['study_id']}")
+        assert detail["objective_names"] == ["knn_top1", "train_img_per_s"]
+        attributes = {a["key"]: a["value"] for a in detail["user_attrs"]}
+        assert attributes["description"] == "accuracy against speed"
+        assert json.loads(attributes["objectives"]) == ["maximize knn_top1", "maximize train_img_per_s"]
+        assert len(detail["trials"]) == 4 and detail["best_trials"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

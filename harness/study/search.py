@@ -18,6 +18,7 @@ import math
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -280,7 +281,9 @@ def describe_in_optuna(search: _Search, study: Study) -> None:
     seed and file hash as study user attributes."""
     metrics = [metric for metric, _ in search.spec.all_objectives]
     if search.study.metric_names is None:
-        _retry(lambda: search.study.set_metric_names(metrics))
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2; the dashboard reads it
+            warnings.simplefilter("ignore", category=optuna_warning())
+            _retry(lambda: search.study.set_metric_names(metrics))
     attributes = {
         "description": study.description,
         "fixed": {k: _plain(v) for k, v in study.base_config(study.seeds[0]).to_dict().items() if k in study.fixed},
@@ -292,6 +295,10 @@ def describe_in_optuna(search: _Search, study: Study) -> None:
     for key, value in attributes.items():
         if current.get(key) != value:
             _retry(lambda key=key, value=value: search.study.set_user_attr(key, value))
+
+
+def optuna_warning() -> type[Warning]:
+    return _optuna().exceptions.ExperimentalWarning
 
 
 def _plain(value: Any) -> Any:

@@ -36,6 +36,7 @@ from harness.study import liveness, store
 from harness.study.store import Claim, SyncReport
 from harness.tracking import TrackingSettings, TrialIdentity, open_tracker
 from harness.trial_api import TrialRunner
+from harness.units import metric_text
 
 DEFAULT_HEARTBEAT_TIMEOUT = 90.0
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -309,7 +310,10 @@ def run_claim(
         )
     elif claim.previous_status == "failed":
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
-    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)}")
+    ctx.echo(
+        f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)} "
+        "(preparing data and model)"
+    )
     started = time.perf_counter()
     tracker = open_tracker(
         ctx.options.tracking,
@@ -381,9 +385,8 @@ def run_claim(
         return None
     status = str(outcome["status"])
     ctx.tally.add(status)
-    ctx.echo(
-        f"trial #{claim.row_id} ({ctx.label(claim.config)}): {describe_outcome(status, outcome, seconds)}"
-    )
+    # The configuration was printed once, on the "running" line; the result names the trial only.
+    ctx.echo(f"trial #{claim.row_id}: {describe_outcome(status, outcome, seconds)}")
     return Finished(status, dict(outcome["summary"] or {}))
 
 
@@ -407,7 +410,7 @@ def describe_outcome(status: str, outcome: Mapping[str, Any], seconds: float) ->
     summary = outcome.get("summary") or {}
     if status == "complete":
         shown = [
-            f"{name} {summary[name]:.4f}"
+            f"{name} {metric_text(name, summary[name])}"
             for name in ("knn_top1", "linear_top1", "final_loss")
             if isinstance(summary.get(name), (int, float))
         ]
