@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export, data.
+"""The ``harness`` command: run, status, report, evaluate, bench, export, data.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 DESCRIPTION = (
     "Benchmark and ablation harness for self-supervised representation learning. A study file "
@@ -28,6 +29,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "harness.reports.cli",
         "tables and plots of a study, from the database alone",
         "Write a study's comparison tables and ablation plots from the database.",
+    ),
+    "evaluate": (
+        "harness.study.evaluate",
+        "run evaluation protocols (fine-tune, label fractions, few-shot, transfer) on saved encoders",
+        "Run the evaluate: section of a study (or of --file) on the saved encoders of its complete "
+        "trials, without retraining; each result is stored with its protocol.",
     ),
     "bench": (
         "harness.bench.cli",
@@ -373,11 +380,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         from harness.study.progress import StudyProgress
 
-        return run_study(study, options, events=(StudyProgress(options.workers),)).exit_code
+        code = run_study(study, options, events=(StudyProgress(options.workers),)).exit_code
+        if study.evaluate is not None and args.max_trials is None:
+            code = max(code, _evaluate_after_run(study, args))
+        return code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
     except (SQLAlchemyError, ImportError) as error:  # unreachable server, not a database, no driver
         return _error("run", _database_problem(error), 1)
+
+
+def _evaluate_after_run(study: Any, args: argparse.Namespace) -> int:
+    """The study's evaluate: section on its complete trials' saved encoders (what `harness evaluate
+    STUDY` does); results already stored are not computed again."""
+    from harness.study import open_existing
+    from harness.study.evaluate import run_evaluations
+
+    db = open_existing(args.db)
+    try:
+        device = args.device or study.fixed.get("device", "auto")
+        report = run_evaluations(db, study.name, study.evaluate, device=device)
+    finally:
+        db.dispose()
+    for trial_id, reason in report.unavailable:
+        print(f"harness run: trial {trial_id} cannot be evaluated: {reason}", file=sys.stderr)
+    return report.exit_code
 
 
 def _database_problem(error: BaseException) -> str:

@@ -57,6 +57,9 @@ class TrialRecord:
     provenance: dict[str, Any]
     started_at: datetime
     ended_at: datetime = field(default_factory=utcnow)
+    data: dict[str, Any] = field(default_factory=dict)
+    """What was trained and evaluated on (:func:`describe_data`): splits, image counts, class names
+    and counts, resident or streamed, the shard's fingerprint. Not yet stored by the runner."""
 
 
 def device_problem(name: str) -> str | None:
@@ -285,10 +288,12 @@ def run_trial(
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     curves: list[tuple[float, int, str, float]] = []
     device_label = config.device
+    data: dict[str, Any] = {}
     try:
         device = resolve_device(config.device)
         device_label = str(device)
         context = _build(config, device)
+        data = describe_data(context.pretrain, context.train, context.test)
         context.sink = sink
         curves = context.curves
         _train(context, summary, on_eval, progress)
@@ -318,7 +323,33 @@ def run_trial(
         curves=curves,
         provenance=provenance.collect(device_label),
         started_at=started,
+        data=data,
     )
+
+
+def describe_data(pretrain: ImageDataset, train: ImageDataset, test: ImageDataset) -> dict[str, Any]:
+    """The protocol's data: which split pretrained the encoder and which ones k-NN and the probe
+    used, with image counts, class counts, residency and, for prepared folders, the shard."""
+
+    def split(ds: ImageDataset) -> dict[str, Any]:
+        labels = ds.labels[ds.labels >= 0].cpu()
+        out: dict[str, Any] = {
+            "dataset": ds.name,
+            "split": ds.split,
+            "images": len(ds),
+            "shape": list(ds.images.shape[1:]),
+            "streamed": ds.streamed,
+            "labeled": int(labels.numel()),
+        }
+        if ds.class_names and labels.numel():
+            counts = torch.bincount(labels, minlength=len(ds.class_names)).tolist()
+            out["class_counts"] = dict(zip(ds.class_names, counts))
+        if ds.source is not None:
+            out["shard"] = {"source": ds.source.source, "fingerprint": ds.source.fingerprint,
+                            "skipped": len(ds.source.skipped), "converted": ds.source.converted}
+        return out
+
+    return {"pretrain": split(pretrain), "knn_probe_train": split(train), "knn_probe_test": split(test)}
 
 
 def _build(config: TrialConfig, device: torch.device) -> _Context:

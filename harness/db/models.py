@@ -138,3 +138,45 @@ class BenchRow(Base):
     cuda_version: Mapped[str | None] = mapped_column(String(64))
     device_name: Mapped[str | None] = mapped_column(String(200))
     host: Mapped[str | None] = mapped_column(String(200))
+
+
+class EvaluationRow(Base):
+    """One evaluation of a finished trial's saved encoder (``harness evaluate``): the protocol it
+    ran with, typed where it is a headline number, the result, and where it ran. Unique per trial
+    and task (``task_hash``: SHA-256 of the canonical protocol, ``protocol_spec.Task.key``), so an
+    evaluation is computed once; a failed one is a row with ``status`` failed and the reason."""
+
+    __tablename__ = "harness_evaluation"
+    __table_args__ = (
+        UniqueConstraint("trial_id", "task_hash", name="uq_evaluation_trial_task"),
+        Index("ix_evaluation_trial", "trial_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("harness_trial.id"), nullable=False)
+    task_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    task: Mapped[dict] = mapped_column(JSON, nullable=False)  # the whole protocol, settings included
+    protocol: Mapped[str] = mapped_column(String(30), nullable=False)  # knn, linear, finetune, ...
+    dataset: Mapped[str] = mapped_column(String(100), nullable=False)  # the data it was evaluated on
+    transfer: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    fraction: Mapped[float | None] = mapped_column(Float)  # of the labeled training split
+    shots: Mapped[int | None] = mapped_column(Integer)  # labeled images per class (few-shot)
+    label_seed: Mapped[int | None] = mapped_column(Integer)  # draws the labeled images
+    epochs: Mapped[int | None] = mapped_column(Integer)
+    lr: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)  # complete or failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    top1: Mapped[float | None] = mapped_column(Float)
+    top5: Mapped[float | None] = mapped_column(Float)
+    spread: Mapped[float | None] = mapped_column(Float)  # sample std over draws (few-shot)
+    n_train: Mapped[int | None] = mapped_column(Integer)  # labeled images used
+    n_test: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict | None] = mapped_column(JSON)  # adaptation, per-draw values, embedding points
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    cuda_version: Mapped[str | None] = mapped_column(String(64))
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    host: Mapped[str | None] = mapped_column(String(200))
