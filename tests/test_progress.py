@@ -79,3 +79,22 @@ def test_run_study__prints_each_configuration_once_and_a_progress_line_per_trial
     labelled = [line for line in lines if "method=simclr lr=0.001" in line]
     assert len(labelled) == 1 and "running on" in labelled[0]
     assert any(line.startswith("trial #1: complete in ") and "knn_top1 70.0%" in line for line in lines)
+
+
+def test_run_trial__epoch_bar_shows_loss_and_learning_rate(capsys: object) -> None:
+    import re
+
+    from harness import train
+    from harness.spec import resolve
+
+    config = resolve(
+        {"dataset": "synthetic", "train_size": 64, "test_size": 32, "batch_size": 16, "epochs": 1,
+         "knn_k": 5, "linear_epochs": 1, "log_every": 1, "proj_hidden_dim": 32, "proj_dim": 16}
+    )
+    record = train.run_trial(config, progress=True)
+    assert record.status == "complete", record.reason
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    last_loss = [v for _, _, n, v in record.curves if n == "loss"][-1]
+    shown = re.findall(r"loss ([0-9.e+-]+), lr ([0-9.e+-]+)", err)
+    assert shown, err[-500:]
+    assert float(shown[-1][0]) == float(f"{last_loss:.4g}")
