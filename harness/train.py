@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +24,7 @@ from harness.db.models import SUMMARY_METRICS, utcnow
 from harness.methods import METHODS
 from harness.methods.base import Method
 from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from harness.runtime import PeakMemory, failure_reason, resolve_device, synchronize
 from harness.spec import TrialConfig
 from harness.tracking import MetricSink
 from harness.trial_api import TrialPruned
@@ -60,28 +58,6 @@ class TrialRecord:
     data: dict[str, Any] = field(default_factory=dict)
     """What was trained and evaluated on (:func:`describe_data`): splits, image counts, class names
     and counts, resident or streamed, the shard's fingerprint. Not yet stored by the runner."""
-
-
-def device_problem(name: str) -> str | None:
-    """Why trials cannot run on device ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) on this
-    machine, or None; ``harness run`` asks before it claims anything."""
-    if name in ("auto", "cpu"):
-        return None
-    if not torch.cuda.is_available():
-        return f"device: {name!r} was asked for, but CUDA is not available on this machine"
-    index = torch.device(name).index
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        return f"device: {name!r} was asked for, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
-    return None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} was asked for, but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def _autocast_dtype(config: TrialConfig, device: torch.device) -> torch.dtype | None:
@@ -127,95 +103,6 @@ def _pretraining_dataset(config: TrialConfig, train: ImageDataset, device: torch
         torch.cat([train.images, unlabeled.images]), torch.cat([train.labels, unlabeled.labels]),
         train.num_classes, train.name, "train+unlabeled", train.mean, train.std, train.class_names,
     )
-
-
-class _PeakMemory:
-    """Peak memory of the training phase: CUDA max allocated, or on the CPU the peak growth of
-    the process's resident memory. On Linux the kernel's own high-water mark (``VmHWM``) is reset
-    at the start and read at the end, which is exact and costs nothing during training; elsewhere a
-    background thread samples the resident size every few milliseconds."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self._baseline = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._high_water_mark = False
-
-    def __enter__(self) -> _PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        import psutil
-
-        process = psutil.Process(os.getpid())
-        _release_freed_memory()
-        self._baseline = process.memory_info().rss
-        self._high_water_mark = _reset_high_water_mark()
-        if self._high_water_mark:
-            return self
-
-        def sample() -> None:
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, process.memory_info().rss - self._baseline)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
-        elif self._high_water_mark:
-            self.peak = max(0, _read_high_water_mark() - self._baseline)
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-
-_PROC_STATUS = "/proc/self/status"
-
-
-def _release_freed_memory() -> None:
-    """Hand memory that earlier trials freed back to the OS (glibc's ``malloc_trim``). Without it the
-    allocator serves the next trial from pages that are still resident, its resident size does not
-    grow, and its peak reads as ~0 (measured: byol, swav, supervised at 0.0-0.2 MiB after simclr,
-    simsiam and barlow_twins in one process; 115-125 MiB with the trim)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure may under-count, as documented
-        pass
-
-
-def _reset_high_water_mark() -> bool:
-    """Reset the kernel's peak resident size of this process (Linux >= 4.0); False where it can't."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return _read_high_water_mark() > 0
-    except OSError:
-        return False
-
-
-def _read_high_water_mark() -> int:
-    """``VmHWM`` of this process in bytes, or 0 where there is none."""
-    try:
-        with open(_PROC_STATUS) as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
@@ -308,9 +195,7 @@ def run_trial(
     except KeyboardInterrupt:
         raise
     except Exception as error:  # a failed trial is a result with a reason, never a crashed study
-        frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-        where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
-        status, reason = "failed", f"{type(error).__name__}: {error}{where}"
+        status, reason = "failed", failure_reason(error)
     finally:
         context = None
         gc.collect()
@@ -414,11 +299,11 @@ def _train(
     losses = torch.zeros(total_steps, device=device)
     measured_images, measured_seconds, train_seconds = 0, 0.0, 0.0
     step, checked = 0, 0
-    with _PeakMemory(device) as memory:
+    with PeakMemory(device) as memory:
         for epoch in range(config.epochs):
             method.train()
             order = torch.randperm(n, device=device, generator=context.generator)
-            _sync(device)
+            synchronize(device)
             epoch_start = time.perf_counter()
             timed_start, timed_images = None, 0
             bar = _progress(steps_per_epoch, f"{config.method} epoch {epoch + 1}/{config.epochs}", progress)
@@ -431,7 +316,7 @@ def _train(
             )
             for batch, batch_images in enumerate(batches):
                 if step == WARMUP_STEPS or (batch == 0 and step > WARMUP_STEPS):
-                    _sync(device)
+                    synchronize(device)
                     timed_start, timed_images = time.perf_counter(), 0
                 index = order[batch * size : (batch + 1) * size]
                 views = make_views(
@@ -465,7 +350,7 @@ def _train(
                     bar.set_postfix_str(f"loss {mean_loss:.4g}, lr {lr:.3g}", refresh=False)
                 bar.update(1)
             bar.close()
-            _sync(device)
+            synchronize(device)
             now = time.perf_counter()
             train_seconds += now - epoch_start
             if timed_start is not None:

@@ -34,9 +34,13 @@ def test_t_interval__one_value_has_no_interval_and_nan_is_counted() -> None:
     interval = t_interval([0.8, math.nan, math.inf])
     assert interval.mean == 0.8 and interval.n == 1 and interval.n_nonfinite == 2
     assert not interval.exists and math.isnan(interval.half_width)
-    assert interval_text(interval, 1) == "0.8 (2 nan)"
+    assert interval_text(interval, 1) == "0.8 (1 nan, 1 inf)"  # each kind named (issue 13)
     empty = t_interval([math.nan])
     assert math.isnan(empty.mean) and interval_text(empty, 1) == "—"
+    # Every seed at the same infinity is that value, not a missing one; a mix has no mean.
+    assert interval_text(t_interval([math.inf, math.inf]), 1) == "inf"
+    assert interval_text(t_interval([-math.inf]), 1) == "-inf"
+    assert interval_text(t_interval([math.inf, -math.inf]), 1) == "—"
 
 
 def test_t_interval__identical_values_give_a_point_interval() -> None:

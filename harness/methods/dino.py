@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.distributed import gather
-from harness.losses import dino
+from harness.losses import dino_multicrop
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import MethodSpec, TrialConfig
 
@@ -104,20 +104,16 @@ class DINO(Method):
             teacher = encode_views(self._teacher, views[:N_GLOBAL])
         # The center follows the global batch on several processes.
         student, teacher = list(gather(*student)), list(gather(*teacher))
-        kwargs = {
-            "student_temp": config.dino_student_temp,
-            "teacher_temp": self.teacher_temperature(),
-            "impl": config.loss_impl,
-        }
         # Every (teacher crop, student crop) pair except a crop with itself (Algorithm 1).
         with fp32_loss(self.center):
-            terms = [
-                dino(s, t, self.center, **kwargs)
-                for i, t in enumerate(teacher)
-                for v, s in enumerate(student)
-                if v != i
-            ]
-            loss = torch.stack(terms).mean()
+            loss = dino_multicrop(
+                student,
+                teacher,
+                self.center,
+                student_temp=config.dino_student_temp,
+                teacher_temp=self.teacher_temperature(),
+                impl=config.loss_impl,
+            )
         self._update_center(teacher)
         return loss
 

@@ -226,7 +226,7 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
     )
     if missing:
         notes.append(
-            f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
+            f"No value in any trial (not recorded, or diverged to NaN): {', '.join(m.short for m in missing)}."
         )
     if any(cell.text == MISSING for row in table.rows for cell in row):
         notes.append(

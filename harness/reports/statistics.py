@@ -43,9 +43,17 @@ class Interval:
     high: float
     std: float
     n: int  # finite values
-    n_nonfinite: int
+    n_nonfinite: int  # NaN, inf and -inf together
     confidence: float = CONFIDENCE
     method: str = INTERVAL_METHOD
+    n_inf: int = 0  # of n_nonfinite: +inf
+    n_neg_inf: int = 0  # of n_nonfinite: -inf
+
+    @property
+    def nonfinite_text(self) -> str:
+        """'1 nan, 2 inf': the seeds without a finite value, by kind."""
+        counts = (("nan", self.n_nonfinite - self.n_inf - self.n_neg_inf), ("inf", self.n_inf), ("-inf", self.n_neg_inf))
+        return ", ".join(f"{n} {kind}" for kind, n in counts if n)
 
     @property
     def exists(self) -> bool:
@@ -66,14 +74,18 @@ def t_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> Inter
     finite = np.array([v for v in all_values if math.isfinite(v)], dtype=np.float64)
     n = int(finite.size)
     nonfinite = len(all_values) - n
+    infinities = {"n_inf": all_values.count(math.inf), "n_neg_inf": all_values.count(-math.inf)}
     if n == 0:
-        return Interval(math.nan, math.nan, math.nan, math.nan, 0, nonfinite, confidence)
+        # Every seed +inf (or every seed -inf) is that value; a mix, or NaN, has no mean.
+        same = nonfinite and (infinities["n_inf"] == nonfinite or infinities["n_neg_inf"] == nonfinite)
+        mean = all_values[0] if same else math.nan
+        return Interval(mean, math.nan, math.nan, math.nan, 0, nonfinite, confidence, **infinities)
     mean = float(finite.mean())
     if n < 2:
-        return Interval(mean, math.nan, math.nan, math.nan, n, nonfinite, confidence)
+        return Interval(mean, math.nan, math.nan, math.nan, n, nonfinite, confidence, **infinities)
     std = float(finite.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, std, n, nonfinite, confidence)
+    return Interval(mean, mean - half, mean + half, std, n, nonfinite, confidence, **infinities)
 
 
 @dataclass(frozen=True)
@@ -160,15 +172,18 @@ def compare_with_best(
 
 
 def interval_text(interval: Interval, decimals: int) -> str:
-    """'mean ± half-width' of the interval, the mean alone when no interval exists, '(k nan)' for
-    diverged seeds, MISSING ("—") when no seed has a finite value."""
-    if not math.isfinite(interval.mean):
+    """'mean ± half-width' of the interval, the mean alone when no interval exists, '(k nan)' /
+    '(k inf)' for the seeds without a finite value, 'inf' or '-inf' when every seed has that value,
+    MISSING ("—") when no seed has a value."""
+    if math.isnan(interval.mean):
         return MISSING
+    if math.isinf(interval.mean):
+        return format_number(interval.mean)
     text = format_number(interval.mean, decimals)
     if interval.exists:
         text += f" ± {format_number(interval.half_width, decimals)}"
     if interval.n_nonfinite:
-        text += f" ({interval.n_nonfinite} nan)"
+        text += f" ({interval.nonfinite_text})"
     return text
 
 

@@ -45,9 +45,10 @@ REASON_CHARS = 300
 
 
 def display_values(metric: Metric, values: pd.Series) -> list[float]:
-    """A metric's values in the unit the report shows (MiB for bytes; accuracies are already in %)."""
+    """A metric's values in the unit the report shows (MiB for bytes; accuracies are already in
+    %); ±inf stay infinite (a loss that overflowed is a result), only missing values are NaN."""
     scale = 1.0 / MIB if metric.kind == "bytes" else 1.0
-    return [float(v) * scale if is_finite(v) else math.nan for v in pd.to_numeric(values, errors="coerce")]
+    return [float(v) * scale if not math.isnan(v) else math.nan for v in pd.to_numeric(values, errors="coerce")]
 
 
 def comparison_frame(data: ReportData) -> pd.DataFrame:
@@ -85,6 +86,8 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
             record[f"{metric.column}_high"] = interval.high
             record[f"{metric.column}_n"] = interval.n
             record[f"{metric.column}_nonfinite"] = interval.n_nonfinite
+            record[f"{metric.column}_inf"] = interval.n_inf
+            record[f"{metric.column}_neg_inf"] = interval.n_neg_inf
             samples.setdefault(metric.column, {})[group] = dict(zip((int(s) for s in rows["seed"]), values))
         records.append(record)
     frame = pd.DataFrame.from_records(records)
@@ -142,13 +145,13 @@ def search_objective(data: ReportData) -> tuple[str, bool] | None:
 
 
 def shown_metrics(frame: pd.DataFrame) -> tuple[list[Metric], list[Metric]]:
-    """(metrics with a finite value somewhere, metrics without any). SQLite stores NaN as NULL,
-    so a column with no finite value is one no trial recorded (or one where every trial
-    diverged); the report names it rather than showing a column of 'nan'."""
+    """(metrics with a value somewhere, finite or infinite; metrics without any). SQLite stores
+    NaN as NULL, so a column with no value is one no trial recorded (or one where every trial
+    diverged to NaN); the report names it rather than showing a column of 'nan'."""
     shown, missing = [], []
     for metric in TABLE_METRICS:
         key = f"{metric.column}_mean"
-        has = key in frame.columns and any(math.isfinite(v) for v in frame[key])
+        has = key in frame.columns and any(not math.isnan(v) for v in frame[key])
         (shown if has else missing).append(metric)
     return shown, missing
 
@@ -172,6 +175,8 @@ def _interval_of(record: pd.Series, column: str) -> Interval:
         std=float(record.get(f"{column}_std", math.nan)),
         n=int(record.get(f"{column}_n", 0)),
         n_nonfinite=int(record.get(f"{column}_nonfinite", 0)),
+        n_inf=int(record.get(f"{column}_inf", 0)),
+        n_neg_inf=int(record.get(f"{column}_neg_inf", 0)),
     )
 
 
