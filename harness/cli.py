@@ -96,6 +96,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
+    return value
+
+
+def _slurm_time(text: str) -> str:
+    from harness.study.slurm import time_minutes
+
+    try:
+        time_minutes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -219,6 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress", dest="progress", action="store_true", default=None, help="show progress bars"
     )
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    launch = run.add_argument_group(
+        "Slurm", "--launcher slurm: submit the workers as a Slurm job array (docs/SCALING.md; needs PostgreSQL)"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: run the workers here (default); slurm: submit --jobs Slurm jobs, each one worker",
+    )
+    launch.add_argument("--jobs", type=_positive_int, default=1, metavar="K", help="Slurm jobs (one array; default 1)")
+    launch.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
+    launch.add_argument(
+        "--gpus-per-job", type=_non_negative_int, default=0, metavar="G", help="GPUs per job (default 0)"
+    )
+    launch.add_argument("--cpus-per-job", type=_positive_int, metavar="C", help="CPUs per job (default: the cluster's)")
+    launch.add_argument(
+        "--time",
+        type=_slurm_time,
+        default=None,
+        metavar="T",
+        help="time limit per job, in Slurm's format (MINUTES, HH:MM:SS, D-HH:MM:SS; default 4:00:00); "
+        "a job near its limit hands its trial back and is requeued",
+    )
+    launch.add_argument("--mem", metavar="M", help="memory per job, in Slurm's format (16G, 4000M)")
+    launch.add_argument(
+        "--slurm-folder", metavar="DIR", help="where submitit keeps job logs and pickles (default results/slurm/STUDY)"
+    )
     run.set_defaults(handler=_cmd_run)
 
     status = commands.add_parser(
@@ -237,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="best trials shown per study (default: 5 for one study, 3 each for every study)",
     )
     status.set_defaults(handler=_cmd_status)
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a study's Slurm jobs (their running trials are handed back)",
+        description="scancel the Slurm jobs that `harness run --launcher slurm` submitted for STUDY and "
+        "that are still queued or running; each running job hands its trial back as pending.",
+    )
+    cancel.add_argument("study", metavar="STUDY", help="the study name")
+    _add_db(cancel)
+    cancel.set_defaults(handler=_cmd_cancel)
 
     for name, (_, help_text, description) in _DELEGATED.items():
         # Their own arguments are added when the command runs (see _delegate): importing them
@@ -348,6 +405,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"
         return _error("run", f"{where}: {problem}; nothing was run or written", 2)
+    launcher_problem = _launcher_problem(args)
+    if launcher_problem:
+        return _error("run", launcher_problem, 2)
     if args.dry_run:
         existing = None
         try:
@@ -373,6 +433,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 db.dispose()
         for line in dry_run_lines(study, existing):
             print(line)
+        if args.launcher == "slurm":
+            from harness.study.slurm import sbatch_lines
+
+            for line in sbatch_lines(study, _slurm_options(args)):
+                print(line)
         return 0
     try:
         require_persistent(args.db, "`harness run`")
@@ -397,6 +462,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
     )
+    if args.launcher == "slurm":
+        return _submit_slurm(study, options, args)
     try:
         from harness.study.progress import StudyProgress
 
@@ -410,6 +477,83 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _error("run", str(error), 2)
     except (DatabaseProblem, SQLAlchemyError, ImportError) as error:  # not ours, unreachable, no driver
         return _database_error("run", error)
+
+
+def _slurm_options(args: argparse.Namespace) -> Any:
+    from harness.study.slurm import DEFAULT_TIME, SlurmOptions
+
+    return SlurmOptions(
+        jobs=args.jobs,
+        partition=args.partition,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        time=args.time or DEFAULT_TIME,
+        mem=args.mem,
+        folder=Path(args.slurm_folder) if args.slurm_folder else None,
+    )
+
+
+_SLURM_ONLY = {
+    "jobs": 1,
+    "partition": None,
+    "gpus_per_job": 0,
+    "cpus_per_job": None,
+    "time": None,
+    "mem": None,
+    "slurm_folder": None,
+}
+
+
+def _launcher_problem(args: argparse.Namespace) -> str | None:
+    """Arguments that do not go together with the chosen launcher (nothing is written then)."""
+    if args.launcher == "local":
+        given = [f"--{name.replace('_', '-')}" for name, unset in _SLURM_ONLY.items() if getattr(args, name) != unset]
+        return f"{', '.join(given)}: only with --launcher slurm" if given else None
+    from harness.study.slurm import sqlite_refusal
+
+    if args.workers != 1:
+        return "--workers: with --launcher slurm each job is one worker; use --jobs K"
+    if args.max_trials is not None:
+        return "--max-trials cannot be shared by Slurm jobs; leave it out with --launcher slurm"
+    return sqlite_refusal(args.db)
+
+
+def _submit_slurm(study: Any, options: Any, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.db import DatabaseProblem
+    from harness.study import SearchSetupError, StudyConflict
+    from harness.study.slurm import SlurmSetupError, submit
+
+    try:
+        submit(study, options, _slurm_options(args), echo=lambda line: print(line, flush=True))
+    except (SlurmSetupError, StudyConflict, SearchSetupError) as error:
+        return _error("run", str(error), 2)
+    except (DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("run", error)
+    except Exception as error:  # sbatch refused the job (submitit raises a plain error with its output)
+        return _error("run", f"submitting to Slurm failed: {type(error).__name__}: {error}", 1)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.db import DatabaseProblem
+    from harness.study import open_existing
+    from harness.study.slurm import SlurmSetupError, cancel
+
+    try:
+        db = open_existing(args.db)
+        try:
+            cancel(db, args.study)
+        finally:
+            db.dispose()
+    except (LookupError, SlurmSetupError) as error:
+        return _error("cancel", str(error), 2)
+    except (FileNotFoundError, DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("cancel", error)
+    return 0
 
 
 def _evaluate_after_run(study: Any, args: argparse.Namespace) -> int:

@@ -355,6 +355,24 @@ class TrialConfig:
     dino_center_momentum: float = knob(
         0.9, "momentum of the teacher's center", group="method", check=within(0, 1)
     )
+    dino_head_bn: bool = knob(
+        False,
+        "batch norm after the DINO head's hidden layers (the official `use_bn_in_head`)",
+        group="method",
+        legacy=False,
+    )
+    simsiam_stop_gradient: bool = knob(
+        True,
+        "stop-gradient on SimSiam's target branch; false is the collapse ablation of Chen & He 2021, sec. 4.1",
+        group="method",
+        legacy=True,
+    )
+    simsiam_predictor: bool = knob(
+        True,
+        "SimSiam's predictor MLP; false regresses the other view's projection directly (Chen & He 2021, sec. 4.2)",
+        group="method",
+        legacy=True,
+    )
     # execution
     device: str = knob(
         "auto",
@@ -404,6 +422,15 @@ class TrialConfig:
     )
     linear_epochs: int = knob(
         50, "epochs of the linear probe on cached features", group="evaluation", check=within(1, 100_000), label="linear probe epochs"
+    )
+    eval_features: str = knob(
+        "backbone",
+        "what the k-NN, the linear probe, effective rank and feature std read: `backbone` features "
+        "or `projector` outputs (the method's projection, `embed`; the backbone for the baselines)",
+        group="evaluation",
+        choices=("backbone", "projector"),
+        label="evaluated features",
+        legacy="backbone",
     )
     eval_every: int = knob(
         1,
@@ -984,8 +1011,9 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
             points = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))] if keys else [{}]
         else:
             points = [{}]
+            base = _ablation_base(fixed)
             for knob, values in sweep.items():
-                points.extend({knob: value} for value in values if fixed.get(knob, getattr(DEFAULTS, knob)) != value)
+                points.extend({knob: value} for value in values if base.get(knob, getattr(DEFAULTS, knob)) != value)
     elif kind == "search" and "search" in data:
         search = _validate_search(data["search"], fixed, problems)
         points = [{}]
@@ -1015,6 +1043,17 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         evaluate=evaluate,
         tracking=tracking,
     )
+
+
+def _ablation_base(fixed: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The base point of an ablation as it resolves (the method's own defaults included), so that
+    a listed value equal to the base method's default is the base point, and one equal only to the
+    global default (``dino_head_bn: false`` for DINO) is an alternative. ``fixed`` when it does not
+    resolve (its problems are reported elsewhere)."""
+    try:
+        return resolve(fixed).to_dict()
+    except SpecError:
+        return fixed
 
 
 def _within_trial_limit(kind: str, data: Mapping[str, Any], seeds: Sequence[int], limit: int, problems: _Problems) -> bool:

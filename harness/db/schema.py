@@ -57,6 +57,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "wave-1 schema: harness_study, harness_trial, harness_metric, harness_bench"),
     Migration(2, "record the schema version (harness_schema_version)", add_tables=(VERSION_TABLE,)),
     Migration(3, "evaluations of saved encoders (harness_evaluation)", add_tables=("harness_evaluation",)),
+    Migration(4, "Slurm jobs of a study (harness_slurm_job)", add_tables=("harness_slurm_job",)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 CREATED = "created at this version"  # the summary of a fresh database's only version row
