@@ -147,7 +147,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.spec import DEFAULT_TRIAL_LIMIT
+    from harness.spec import DEFAULT_TRIAL_LIMIT, TRACKERS
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
@@ -204,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TRIAL_LIMIT,
         metavar="N",
         help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
+    )
+    run.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=TRACKERS["mlflow"],
+        metavar="URI",
+        help="mirror each trial to MLflow (a run per trial: params, curves, summary): a tracking URI, or "
+        "a folder for a local store (default: mlruns/, as sqlite:///mlruns/mlflow.db); needs the "
+        "tracking extra",
+    )
+    run.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=TRACKERS["tensorboard"],
+        metavar="DIR",
+        help="write TensorBoard events, one directory per trial under DIR/STUDY/ (default: runs/); "
+        "needs the tracking extra",
     )
     run.add_argument(
         "--retry-failed",
@@ -376,10 +393,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"running them as study {study.name} (the file's own study is not touched)",
             flush=True,
         )
-    from harness.runtime import device_problem
     from harness.spec import DEFAULTS
 
     wanted_device = args.device or study.fixed.get("device", DEFAULTS.device)
+    if not args.dry_run:
+        # Importing torch and probing the device take seconds: say so rather than sit silent.
+        print(f"study {study.name}: loading torch and checking device {wanted_device} ...", flush=True)
+    from harness.runtime import device_problem
+
     problem = device_problem(wanted_device)
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"
@@ -422,7 +443,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         require_persistent(args.db, "`harness run`")
     except DatabaseProblem as error:
         return _database_error("run", error)
+
+    from harness.tracking import TrackingSettings, missing_packages
+
+    tracking = TrackingSettings(**dict(study.tracking)).merged(
+        TrackingSettings(mlflow=args.mlflow, tensorboard=args.tensorboard)
+    )
+    for missing in missing_packages(tracking):
+        print(f"warning: tracking is on but {missing} is not installed; trials run without it", flush=True)
     options = RunOptions(
+        tracking=tracking if tracking.enabled else None,
         db=args.db,
         device=args.device,
         workers=args.workers,
@@ -435,7 +465,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.launcher == "slurm":
         return _submit_slurm(study, options, args)
     try:
-        result = run_study(study, options)
+        from harness.study.progress import StudyProgress
+
+        result = run_study(study, options, events=(StudyProgress(options.workers),))
         code = result.exit_code
         # After an interrupted run (Ctrl-C, SIGTERM) the user asked to stop: no evaluations then.
         if study.evaluate is not None and args.max_trials is None and not result.tally.interrupted:

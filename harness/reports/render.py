@@ -423,12 +423,18 @@ def _efficiency(document: Document, data: ReportData, comparison: pd.DataFrame, 
 
 def _search(document: Document, data: ReportData, summary: search.SearchSummary, figures: _Figures) -> None:
     document.add(Heading("Search"))
-    direction = "maximize" if summary.maximize else "minimize"
+    objectives = summary.objectives or [(summary.metric, summary.maximize)]
+    objective_text = " and ".join(
+        f"{'maximize' if maximize else 'minimize'} {tables.metric_label(m)}" for m, maximize in objectives
+    )
     states = summary.history["state"].value_counts() if not summary.history.empty else pd.Series(dtype=int)
     counted = ", ".join(f"{int(states[s])} {s}" for s in sorted(states.index))
     source = "the Optuna study of the same name" if summary.source == "optuna" else "the harness's trials"
     document.add(
-        Paragraph(f"Objective: {direction} {summary.axis_label}. Trials ({source}): {counted or 'none'}.")
+        Paragraph(
+            f"{'Objectives' if len(objectives) > 1 else 'Objective'}: {objective_text}. "
+            f"Trials ({source}): {counted or 'none'}."
+        )
     )
     history = plots.history_plot(summary)
     if history is not None:
@@ -441,6 +447,8 @@ def _search(document: Document, data: ReportData, summary: search.SearchSummary,
                 "and the best so far.",
             )
         )
+    if summary.multi_objective:
+        _search_front(document, data, summary, figures)
     document.add(Heading("Parameter importances", level=3))
     importance = plots.importance_plot(summary)
     if importance is not None:
@@ -460,6 +468,35 @@ def _search(document: Document, data: ReportData, summary: search.SearchSummary,
     document.add(Heading("Best trials", level=3))
     best = search.best_trials_table(summary, data)
     document.add(best if best is not None else Paragraph("No complete trial yet."))
+
+
+def _search_front(document: Document, data: ReportData, summary: search.SearchSummary, figures: _Figures) -> None:
+    names = " and ".join(
+        f"{'maximize' if maximize else 'minimize'} {tables.metric_label(m)}" for m, maximize in summary.objectives
+    )
+    document.add(Heading("Pareto front", level=3))
+    front = search.pareto_numbers(summary)
+    document.add(
+        Paragraph(
+            f"A multi-objective search ({names}). The Pareto front: the complete trials that no other trial "
+            f"matches or beats on every objective while beating them on one ({len(front)} of "
+            f"{int((summary.history['state'] == 'complete').sum()) if not summary.history.empty else 0} complete). "
+            "The history and the importances above and below are of the first objective."
+        )
+    )
+    figure = plots.search_pareto_plot(summary, front)
+    if figure is not None:
+        document.add(
+            figures.add(
+                figure,
+                "search_pareto",
+                "Pareto front of the search",
+                "Every complete trial at its first two objectives; the rings and dashed line mark the Pareto "
+                "front, numbered with the Optuna trial numbers of the table below.",
+            )
+        )
+    table = search.pareto_table(summary, data)
+    document.add(table if table is not None else Paragraph("No complete trial with every objective yet."))
 
 
 def _failures(document: Document, data: ReportData) -> None:

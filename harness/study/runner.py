@@ -249,6 +249,7 @@ def _run_workers(
                 retry_failed=options.retry_failed,
                 heartbeat_timeout=options.heartbeat_timeout,
                 progress=False,  # interleaved progress bars are unreadable
+                tracking=options.tracking,
             )
             spec = _WorkerSpec(
                 study, worker_options, report.study_id, report.row_ids, started, index, threads, events

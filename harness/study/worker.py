@@ -33,7 +33,9 @@ from harness.runtime import failure_reason
 from harness.spec import Study
 from harness.study import liveness, store
 from harness.study.store import Claim, SyncReport
+from harness.tracking import TrackingSettings, TrialIdentity, open_tracker
 from harness.trial_api import TrialRunner
+from harness.units import metric_text
 
 DEFAULT_HEARTBEAT_TIMEOUT = 90.0
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -54,6 +56,9 @@ class RunOptions:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     progress: bool | None = None  # progress bars; None = when stderr is a terminal
     force_workers: bool = False  # more workers than the machine has devices/cores (--force-workers)
+    # MLflow/TensorBoard mirrors of each trial (harness.tracking); None = off. The study file's
+    # tracking: section merged with --mlflow/--tensorboard (harness run does that).
+    tracking: TrackingSettings | None = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -304,12 +309,30 @@ def run_claim(
         )
     elif claim.previous_status == "failed":
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
-    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)}")
+    ctx.echo(
+        f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)} "
+        "(preparing data and model)"
+    )
     started = time.perf_counter()
+    tracker = open_tracker(
+        ctx.options.tracking,
+        TrialIdentity(
+            study=ctx.study.name,
+            trial_id=claim.row_id,
+            label=ctx.label(claim.config),
+            seed=claim.seed,
+            config_hash=config.config_hash,
+            config=config.to_dict(),
+            description=ctx.study.description,
+        ),
+    )
+    # Only a tracked run hands the trial a sink: an injected test runner need not take one.
+    tracked: dict[str, Any] = {"sink": tracker} if tracker is not None else {}
+    record: Any = None
     try:
         with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval) as beat:
             try:
-                record = ctx.run_trial(config, on_eval=on_eval, progress=ctx.options.progress)
+                record = ctx.run_trial(config, on_eval=on_eval, progress=ctx.options.progress, **tracked)
                 outcome = {
                     "status": record.status,
                     "reason": record.reason,
@@ -334,7 +357,16 @@ def run_claim(
             written = (not beat.lost) and store.finish(
                 ctx.db, claim, config=config.to_dict(), say=ctx.echo, **outcome
             )
+            if tracker is not None:
+                tracker.finish(
+                    str(outcome["status"]),
+                    outcome["reason"],
+                    outcome["summary"],
+                    artifacts=tracked_artifacts(record),
+                )
     except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.finish("interrupted", "interrupted; set back to pending")
         if store.release(ctx.db, claim, "interrupted"):
             for events in ctx.events:
                 events.released(ctx, claim)
@@ -352,10 +384,15 @@ def run_claim(
         return None
     status = str(outcome["status"])
     ctx.tally.add(status)
-    ctx.echo(
-        f"trial #{claim.row_id} ({ctx.label(claim.config)}): {describe_outcome(status, outcome, seconds)}"
-    )
+    # The configuration was printed once, on the "running" line; the result names the trial only.
+    ctx.echo(f"trial #{claim.row_id}: {describe_outcome(status, outcome, seconds)}")
     return Finished(status, dict(outcome["summary"] or {}))
+
+
+def tracked_artifacts(record: Any) -> list[Any]:
+    """The files a trial record lists in ``artifacts`` (the final encoder's weights, when the trial
+    saved them), which trackers keep; none for a record without that attribute."""
+    return list(getattr(record, "artifacts", None) or ())
 
 
 def _device_shown(device: str) -> str:
@@ -372,7 +409,7 @@ def describe_outcome(status: str, outcome: Mapping[str, Any], seconds: float) ->
     summary = outcome.get("summary") or {}
     if status == "complete":
         shown = [
-            f"{name} {summary[name]:.4f}"
+            f"{name} {metric_text(name, summary[name])}"
             for name in ("knn_top1", "linear_top1", "final_loss")
             if isinstance(summary.get(name), (int, float))
         ]
