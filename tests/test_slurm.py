@@ -355,10 +355,9 @@ def _running_job(folder: Path, exclude: set[str]) -> tuple[str, int] | None:
         if job in exclude:
             continue
         lines = [line for line in text.splitlines() if line.startswith("[slurm ")]
-        if lines and lines[-1].endswith("running on cpu"):
-            match = re.search(r"trial #(\d+)", lines[-1])
-            if match:
-                return job, int(match.group(1))
+        match = re.search(r"trial #(\d+) .*: running on ", lines[-1]) if lines else None
+        if match:
+            return job, int(match.group(1))
     return None
 
 
@@ -427,11 +426,11 @@ def test_harness_run__slurm_jobs_complete_every_trial_once_across_scancel_and_re
         # Exactly once: each trial's result was written by one job, in one "complete" line.
         logs = _job_logs(folder)
         for trial in trials:
-            writers = [job for job, text in logs.items() if re.search(rf"trial #{trial.id} \(.*\): complete", text)]
+            writers = [job for job, text in logs.items() if re.search(rf"trial #{trial.id}\b[^\n]*: complete", text)]
             assert len(writers) == 1, (trial.id, writers)
-        finisher = next(j for j, t in logs.items() if re.search(rf"trial #{cancelled_trial} \(.*\): complete", t))
+        finisher = next(j for j, t in logs.items() if re.search(rf"trial #{cancelled_trial}\b[^\n]*: complete", t))
         assert finisher != cancelled
-        assert not re.search(rf"trial #{warned_trial} \(.*\): complete", logs[warned].split("Requeued job")[0])
+        assert not re.search(rf"trial #{warned_trial}\b[^\n]*: complete", logs[warned].split("Requeued job")[0])
 
         # harness status lists the jobs with Slurm's states; harness cancel stops what is left.
         capsys.readouterr()
