@@ -32,6 +32,7 @@ import random
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,14 +348,18 @@ class TrialInterrupted(KeyboardInterrupt):
 
 class StopRequests:
     """While active, SIGINT and SIGTERM are recorded instead of raising at once, so that the
-    training loop stops at the next step boundary with a consistent state to checkpoint. A second
-    signal raises KeyboardInterrupt immediately (someone who presses Ctrl-C twice means it).
+    training loop stops at the next step boundary with a consistent state to checkpoint. A signal
+    that comes :data:`REPEAT_SECONDS` or more after the first raises KeyboardInterrupt at once
+    (someone who presses Ctrl-C again means it); one sooner is the same request arriving twice
+    (``--workers`` forwards the terminal's Ctrl-C that the workers got too) and is ignored.
     Only the main thread can install handlers; elsewhere this records nothing and changes nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_SECONDS = 2.0
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     @property
@@ -362,9 +367,10 @@ class StopRequests:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at >= self.REPEAT_SECONDS:
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():

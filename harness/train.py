@@ -86,6 +86,7 @@ class TrialRecord:
     weights_path: str | None = None
     weights_sha256: str | None = None
     resumed_from_step: int | None = None
+    checkpoint_seconds: float = 0.0  # spent writing checkpoints and weights (not in train_seconds)
 
 
 def device_problem(name: str) -> str | None:
@@ -314,8 +315,10 @@ def run_trial(
             checkpoints = _Checkpoints(checkpoint, context, say or (lambda line: None))
         _train(context, summary, on_eval, progress, checkpoints)
         _final_evaluation(context, summary)
-        if checkpoint is not None and checkpoint.save_weights:
-            weights = _write_weights(context, summary, checkpoint.directory)
+        if checkpoints is not None and checkpoints.policy.save_weights:
+            start = time.perf_counter()
+            weights = _write_weights(context, summary, checkpoints.policy.directory)
+            checkpoints.seconds += time.perf_counter() - start
         status, reason = "complete", None
     except TrialPruned as pruned:
         status, reason = "pruned", str(pruned) or "pruned"
@@ -337,7 +340,7 @@ def run_trial(
     if checkpoints is not None:
         # A complete trial keeps its final state; a failed or pruned one is rerun from zero.
         if status == "complete":
-            checkpoints.files.finish(keep_final=checkpoint is not None and checkpoint.keep_final)
+            checkpoints.files.finish(keep_final=checkpoints.policy.keep_final)
         else:
             checkpoints.files.clear()
     return TrialRecord(
@@ -351,6 +354,7 @@ def run_trial(
         weights_path=str(weights[0]) if weights else None,
         weights_sha256=weights[1] if weights else None,
         resumed_from_step=checkpoints.resumed_from_step if checkpoints is not None else None,
+        checkpoint_seconds=checkpoints.seconds if checkpoints is not None else 0.0,
     )
 
 
@@ -421,6 +425,7 @@ class _Checkpoints:
         self.resumed_from_step: int | None = None
         self.resumed_peak: float | None = None
         self.has_final = False
+        self.seconds = 0.0
 
     def due(self, *, epoch_end: bool, epoch: int) -> bool:
         policy = self.policy
@@ -436,7 +441,9 @@ class _Checkpoints:
         self.last_path = self.files.save(state, step=step, final=final)
         self.last_saved = time.monotonic()
         self.has_final |= final
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        return seconds
 
     def stop_if_requested(self) -> None:
         if self.stop.signum is not None:
