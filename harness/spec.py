@@ -1,11 +1,18 @@
 """Study files: parse, validate and resolve them into frozen trial configurations.
 
-Every knob of a trial has exactly one default, here (``TrialConfig``), refined per method by
-``METHOD_DEFAULTS`` (each value cites where it comes from). Nothing in this module imports torch.
+Every knob is declared once, as a field of ``TrialConfig`` made by :func:`knob`: its type, default,
+check, one-line meaning, plot label, and the value that reproduces the behaviour from before the knob
+existed. Every method is declared once, in its own file under ``harness/methods/`` (a
+:class:`MethodSpec` named ``SPEC``): the knobs it reads with its per-method defaults and their
+citation, whether it trains and uses labels, its cross-knob rules and its colour. The name lists,
+checks, choices, labels and the knob table of docs/STUDIES.md are derived from these declarations.
+Nothing in this module imports torch: method declarations are read from the method files' source
+(:func:`method_declarations`), not by importing them.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import hashlib
@@ -13,29 +20,29 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import yaml
 
-METHOD_NAMES: tuple[str, ...] = (
-    "simclr",
-    "moco",
-    "byol",
-    "simsiam",
-    "barlow_twins",
-    "vicreg",
-    "swav",
-    "dino",
-    "supcon",
-    "random_init",
-    "supervised",
-)
-BASELINE_METHODS: frozenset[str] = frozenset({"random_init", "supervised"})
+# ----------------------------------------------------------------------------------------------
+# Knob declarations
+
 BACKBONE_NAMES: tuple[str, ...] = ("small_cnn", "resnet18")
 DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits")
+# (train, test) images of each dataset's full splits, where fixed: train_size/test_size above them
+# are refused in validation rather than at run time.
+DATASET_SIZES: dict[str, tuple[int, int]] = {
+    "fashion-mnist": (60_000, 10_000),
+    "mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+    "cifar100": (50_000, 10_000),
+    "stl10": (5_000, 8_000),
+    "digits": (1_437, 360),
+}
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "lars")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
@@ -43,6 +50,7 @@ LOSS_IMPLS: tuple[str, ...] = ("reference", "fast")
 STUDY_KINDS: tuple[str, ...] = ("grid", "ablate", "search")
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes")
 PRUNERS: tuple[str, ...] = ("none", "median", "hyperband")
+# The typed summary columns of a trial that a search can optimize (harness.db.models reads this).
 OBJECTIVE_METRICS: tuple[str, ...] = (
     "knn_top1",
     "linear_top1",
@@ -55,62 +63,306 @@ OBJECTIVE_METRICS: tuple[str, ...] = (
     "train_img_per_s",
 )
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize")
+# Largest integer a knob or seed may take: the databases store 64-bit signed integers.
+MAX_INT = 2**63 - 1
+
+KNOB_GROUPS: tuple[str, ...] = ("what", "swept", "training", "method", "execution", "evaluation")
+
+
+class _InIdentity:
+    """Marker of a knob that has been part of every configuration's identity since wave 1."""
+
+    def __repr__(self) -> str:
+        return "IN_IDENTITY"
+
+
+IN_IDENTITY: Any = _InIdentity()
+
+
+@dataclass(frozen=True)
+class Check:
+    """A range or membership condition: ``holds(value)``, described as ``expected`` after the type
+    ("> 0" makes "a number > 0"), or as the whole expectation when ``whole`` (a list of names)."""
+
+    holds: Callable[[Any], bool]
+    expected: str
+    whole: bool = False
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+def above(bound: float) -> Check:
+    return Check(lambda v: v > bound, f"> {_number(bound)}")
+
+
+def at_least(bound: float) -> Check:
+    return Check(lambda v: v >= bound, f">= {_number(bound)}")
+
+
+def within(low: float, high: float) -> Check:
+    return Check(lambda v: low <= v <= high, f"in [{_number(low)}, {_number(high)}]")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One knob of ``TrialConfig``, as declared with :func:`knob`."""
+
+    name: str
+    hint: Any
+    default: Any
+    meaning: str
+    group: str
+    check: Check | None = None
+    choices: Sequence[str] | Callable[[], Sequence[str]] = ()
+    label: str = ""
+    # The value that reproduces the behaviour from before the knob existed. A configuration whose
+    # value equals it leaves the knob out of its identity, so adding the knob keeps every stored
+    # trial's configuration hash. IN_IDENTITY: a knob of the first release, always hashed.
+    legacy: Any = IN_IDENTITY
+    identity: bool = True  # seed and device are not part of what a configuration is
+    training: bool = False  # only training reads it: an untrained method (random_init) ignores it
+
+    @property
+    def base_type(self) -> Any:
+        return next((a for a in get_args(self.hint) if a is not type(None)), self.hint)
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in get_args(self.hint)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(self.choices() if callable(self.choices) else self.choices)
+
+    @property
+    def type_label(self) -> str:
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        label = names.get(self.base_type, str(self.base_type))
+        return label + (" or null" if self.optional else "")
+
+    @property
+    def expected(self) -> str:
+        """What a value must be, e.g. "an integer >= 2 or null (the whole split)"."""
+        if self.options:
+            text = f"one of {', '.join(self.options)}"
+        elif self.check is not None and self.check.whole:
+            text = self.check.expected
+        elif self.check is not None:
+            base = self.type_label.removesuffix(" or null")
+            text = f"{base} {self.check.expected}"
+        else:
+            text = self.type_label.removesuffix(" or null")
+        return text + (" or null (the whole split)" if self.optional else "")
+
+    @property
+    def plot_label(self) -> str:
+        return self.label or self.name.replace("_", " ")
+
+
+def knob(
+    default: Any,
+    meaning: str,
+    *,
+    group: str,
+    check: Check | None = None,
+    choices: Sequence[str] | Callable[[], Sequence[str]] = (),
+    label: str = "",
+    legacy: Any = IN_IDENTITY,
+    identity: bool = True,
+    training: bool = False,
+) -> Any:
+    """Declare a field of ``TrialConfig`` as a knob (see :class:`Knob` for the arguments)."""
+    info = {
+        "meaning": meaning,
+        "group": group,
+        "check": check,
+        "choices": choices,
+        "label": label,
+        "legacy": legacy,
+        "identity": identity,
+        "training": training,
+    }
+    return field(default=default, metadata={"knob": info})
+
+
+def _method_names() -> tuple[str, ...]:
+    return tuple(method_declarations())
 
 
 @dataclass(frozen=True)
 class TrialConfig:
-    """One trial's fully resolved configuration: every knob of DESIGN.md, with its default."""
+    """One trial's fully resolved configuration: every knob, with its default (DESIGN.md, "The knobs")."""
 
     # what
-    method: str = "simclr"
-    backbone: str = "small_cnn"
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    train_size: int | None = None  # None = the whole split
-    test_size: int | None = None
+    method: str = knob(
+        "simclr",
+        "the method, or a baseline (`random_init`: the untrained encoder; `supervised`: trained with labels)",
+        group="what",
+        choices=_method_names,
+    )
+    backbone: str = knob(
+        "small_cnn",
+        "encoder: `small_cnn` (the seed notebook's CNN) or `resnet18` (CIFAR-style stem)",
+        group="what",
+        choices=BACKBONE_NAMES,
+    )
+    dataset: str = knob(
+        "fashion-mnist",
+        "the dataset (same as the top-level `dataset:`); `synthetic` is generated, needs no files",
+        group="what",
+        choices=DATASET_NAMES,
+    )
+    data_root: str | None = knob(
+        None,
+        "folder searched first for the dataset's files (then `$HARNESS_DATA_ROOT`, then system locations)",
+        group="what",
+    )
+    train_size: int | None = knob(
+        None,
+        "class-balanced training subset; null = the whole split",
+        group="what",
+        check=at_least(2),
+        label="training subset (images)",
+    )
+    test_size: int | None = knob(
+        None,
+        # Uniformity is a mean over pairs of test projections, so the test subset needs two images.
+        "class-balanced test subset for k-NN, the linear probe and alignment/uniformity; null = the whole split",
+        group="what",
+        check=at_least(2),
+        label="test subset (images)",
+    )
     # the swept ones
-    temperature: float = 0.5
-    batch_size: int = 256
-    queue_size: int = 0
-    aug_strength: float = 1.0
+    temperature: float = knob(
+        0.5, "softmax temperature of the contrastive losses", group="swept", check=above(0), label="temperature τ"
+    )
+    batch_size: int = knob(
+        256, "images per step (<= `train_size`)", group="swept", check=at_least(2), label="batch size (images)", training=True
+    )
+    queue_size: int = knob(
+        0,
+        "negatives (or support set) kept from past batches; see each method's rule",
+        group="swept",
+        check=at_least(0),
+        label="queue size (keys)",
+    )
+    aug_strength: float = knob(
+        1.0,
+        "scales the whole augmentation recipe: 0 = identical views, 1 = the standard SimCLR recipe",
+        group="swept",
+        check=within(0, 2),
+        label="augmentation strength (0 = identity, 1 = SimCLR recipe)",
+        training=True,
+    )
     # training
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3  # per 256 images, scaled linearly with batch_size
-    weight_decay: float = 1e-6
-    warmup_epochs: float = 1.0
-    momentum: float = 0.99  # EMA of target networks
-    proj_hidden_dim: int = 512
-    proj_dim: int = 128
-    pred_hidden_dim: int = 512
-    local_crops: int = 0  # multi-crop: extra low-resolution views (SwAV, DINO)
-    moco_symmetric: bool = False
-    barlow_lambda: float = 5e-3
-    vicreg_sim_coeff: float = 25.0
-    vicreg_std_coeff: float = 25.0
-    vicreg_cov_coeff: float = 1.0
-    swav_prototypes: int = 100
-    swav_epsilon: float = 0.05
-    swav_iterations: int = 3
-    dino_out_dim: int = 1024
-    dino_student_temp: float = 0.1
-    dino_teacher_temp: float = 0.07
-    dino_warmup_teacher_temp: float = 0.04
-    dino_warmup_teacher_temp_epochs: float = 3.0
-    dino_center_momentum: float = 0.9
+    epochs: int = knob(
+        10, "training epochs", group="training", check=within(0, 100_000), label="training epochs", training=True
+    )
+    optimizer: str = knob(
+        "adam", "`sgd`, `adam` (AdamW) or `lars`", group="training", choices=OPTIMIZERS, training=True
+    )
+    lr: float = knob(
+        1e-3,
+        "learning rate per 256 images, scaled linearly with `batch_size`",
+        group="training",
+        check=above(0),
+        label="learning rate (per 256 images)",
+        training=True,
+    )
+    weight_decay: float = knob(
+        1e-6, "weight decay", group="training", check=at_least(0), label="weight decay", training=True
+    )
+    warmup_epochs: float = knob(
+        1.0,
+        "linear warm-up, then cosine decay (may be fractional)",
+        group="training",
+        check=at_least(0),
+        label="warm-up (epochs)",
+        training=True,
+    )
+    # method-specific (which methods read each: their declarations in harness/methods/)
+    momentum: float = knob(
+        0.99, "EMA momentum of target networks", group="method", check=within(0, 1), label="target EMA momentum"
+    )
+    proj_hidden_dim: int = knob(
+        512, "projector hidden width", group="method", check=at_least(1), label="projector hidden dimension"
+    )
+    proj_dim: int = knob(128, "projector output width", group="method", check=at_least(1), label="projection dimension")
+    pred_hidden_dim: int = knob(
+        512, "predictor hidden width", group="method", check=at_least(1), label="predictor hidden dimension"
+    )
+    local_crops: int = knob(
+        0, "extra low-resolution views (multi-crop)", group="method", check=within(0, 16), label="local crops (views)"
+    )
+    moco_symmetric: bool = knob(False, "symmetrized MoCo loss (both views as queries)", group="method")
+    barlow_lambda: float = knob(5e-3, "weight of the off-diagonal term", group="method", check=at_least(0))
+    vicreg_sim_coeff: float = knob(25.0, "invariance weight", group="method", check=at_least(0))
+    vicreg_std_coeff: float = knob(25.0, "variance weight", group="method", check=at_least(0))
+    vicreg_cov_coeff: float = knob(1.0, "covariance weight", group="method", check=at_least(0))
+    swav_prototypes: int = knob(100, "number of prototypes", group="method", check=at_least(2), label="prototypes")
+    swav_epsilon: float = knob(0.05, "Sinkhorn-Knopp entropy regularization", group="method", check=above(0))
+    swav_iterations: int = knob(3, "Sinkhorn-Knopp iterations", group="method", check=at_least(1))
+    dino_out_dim: int = knob(1024, "output dimension of the DINO head", group="method", check=at_least(2))
+    dino_student_temp: float = knob(0.1, "student temperature", group="method", check=above(0))
+    dino_teacher_temp: float = knob(0.07, "teacher temperature after warm-up", group="method", check=above(0))
+    dino_warmup_teacher_temp: float = knob(0.04, "teacher temperature at the start", group="method", check=above(0))
+    dino_warmup_teacher_temp_epochs: float = knob(
+        3.0, "epochs of the teacher-temperature warm-up", group="method", check=at_least(0)
+    )
+    dino_center_momentum: float = knob(
+        0.9, "momentum of the teacher's center", group="method", check=within(0, 1)
+    )
     # execution
-    device: str = "auto"
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
-    channels_last: bool = True  # NHWC activations: faster convolutions with cuDNN and with oneDNN on the CPU
-    compile: bool = False
-    loss_impl: str = "fast"
-    seed: int = 0
+    device: str = knob(
+        "auto",
+        "`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`; `harness run --device` overrides it",
+        group="execution",
+        check=Check(
+            lambda v: v in DEVICES or re.fullmatch(r"cuda:[0-9]+", v) is not None,
+            f"one of {', '.join(DEVICES)} or cuda:N (N >= 0)",
+            whole=True,
+        ),
+        identity=False,
+    )
+    precision: str = knob(
+        "auto", "`auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16`", group="execution", choices=PRECISIONS
+    )
+    channels_last: bool = knob(
+        True,
+        "channels-last (NHWC) activations: faster convolutions with cuDNN and with oneDNN on the CPU",
+        group="execution",
+    )
+    compile: bool = knob(False, "`torch.compile` the backbone", group="execution")
+    loss_impl: str = knob(
+        "fast",
+        "loss implementation: `fast` or `reference` (the seed notebook's formula as written)",
+        group="execution",
+        choices=LOSS_IMPLS,
+    )
+    seed: int = knob(
+        0,
+        "set by the top-level `seeds:` list, never in `fixed:`/`grid:`",
+        group="execution",
+        check=within(0, MAX_INT),
+        identity=False,
+    )
     # evaluation
-    knn_k: int = 200
-    knn_t: float = 0.1
-    linear_epochs: int = 50
-    eval_every: int = 1  # epochs between intermediate k-NN evaluations; 0 = only at the end
-    log_every: int = 10  # steps between loss/lr curve points
+    knn_k: int = knob(200, "neighbours of the k-NN evaluation", group="evaluation", check=at_least(1), label="k-NN neighbours k")
+    knn_t: float = knob(
+        0.1, "temperature of the k-NN's weighted vote", group="evaluation", check=above(0), label="k-NN temperature T"
+    )
+    linear_epochs: int = knob(
+        50, "epochs of the linear probe on cached features", group="evaluation", check=within(1, 100_000), label="linear probe epochs"
+    )
+    eval_every: int = knob(
+        1,
+        "epochs between intermediate k-NN evaluations (curves, pruning); 0 = only at the end",
+        group="evaluation",
+        check=at_least(0),
+    )
+    log_every: int = knob(10, "steps between loss/learning-rate curve points", group="evaluation", check=at_least(1))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,169 +377,154 @@ class TrialConfig:
         return dataclasses.replace(self, **changes)
 
 
-HASH_EXCLUDED: frozenset[str] = frozenset({"seed", "device"})
+def declared_knobs(config_class: type = TrialConfig) -> dict[str, Knob]:
+    """The knobs of a configuration dataclass, by name, in declaration order."""
+    hints = get_type_hints(config_class)
+    knobs: dict[str, Knob] = {}
+    for f in dataclasses.fields(config_class):
+        info = f.metadata.get("knob")
+        if info is None:
+            raise TypeError(f"{config_class.__name__}.{f.name} is not declared with knob(...)")
+        knobs[f.name] = Knob(name=f.name, hint=hints[f.name], default=f.default, **info)
+    return knobs
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    identity = {k: v for k, v in sorted(config.items()) if k not in HASH_EXCLUDED}
+KNOBS: dict[str, Knob] = declared_knobs()
+KNOB_NAMES: tuple[str, ...] = tuple(KNOBS)
+DEFAULTS: TrialConfig = TrialConfig()
+HASH_EXCLUDED: frozenset[str] = frozenset(name for name, k in KNOBS.items() if not k.identity)
+
+
+def identity_of(config: Mapping[str, Any], knobs: Mapping[str, Knob] | None = None) -> dict[str, Any]:
+    """What a configuration's hash covers: every identity knob, except a knob added after the first
+    release whose value is still its ``legacy`` one (the configuration behaves as before the knob
+    existed, so it is the same configuration). Keys that are not knobs (a stored configuration of a
+    newer version) are kept: they still tell configurations apart."""
+    knobs = KNOBS if knobs is None else knobs
+    identity: dict[str, Any] = {}
+    for key, value in sorted(config.items()):
+        declared = knobs.get(key)
+        if declared is not None and not declared.identity:
+            continue
+        if declared is not None and declared.legacy is not IN_IDENTITY and value == declared.legacy:
+            continue
+        identity[key] = value
+    return identity
+
+
+def config_hash(config: Mapping[str, Any], knobs: Mapping[str, Knob] | None = None) -> str:
+    identity = identity_of(config, knobs)
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
-KNOB_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialConfig))
-_KNOB_TYPES: dict[str, Any] = get_type_hints(TrialConfig)
-DEFAULTS: TrialConfig = TrialConfig()
+# ----------------------------------------------------------------------------------------------
+# Method declarations
 
-# Knobs that only some methods read. A study that sets one for a method that ignores it gets an
-# error (in `fixed`) or a note (when a grid sweeps it for other methods); the resolved configuration
-# of such a method keeps the default, so the sweep does not multiply its identical trials.
-METHOD_KNOBS: dict[str, frozenset[str]] = {
-    "simclr": frozenset({"temperature", "proj_hidden_dim", "proj_dim"}),
-    "moco": frozenset({"temperature", "queue_size", "momentum", "proj_hidden_dim", "proj_dim", "moco_symmetric"}),
-    "byol": frozenset({"momentum", "proj_hidden_dim", "proj_dim", "pred_hidden_dim"}),
-    "simsiam": frozenset({"proj_hidden_dim", "proj_dim", "pred_hidden_dim"}),
-    "barlow_twins": frozenset({"proj_hidden_dim", "proj_dim", "barlow_lambda"}),
-    "vicreg": frozenset(
-        {"proj_hidden_dim", "proj_dim", "vicreg_sim_coeff", "vicreg_std_coeff", "vicreg_cov_coeff"}
-    ),
-    "swav": frozenset(
-        {
-            "temperature",
-            "queue_size",
-            "proj_hidden_dim",
-            "proj_dim",
-            "local_crops",
-            "swav_prototypes",
-            "swav_epsilon",
-            "swav_iterations",
-        }
-    ),
-    "dino": frozenset(
-        {
-            "momentum",
-            "proj_hidden_dim",
-            "proj_dim",
-            "local_crops",
-            "dino_out_dim",
-            "dino_student_temp",
-            "dino_teacher_temp",
-            "dino_warmup_teacher_temp",
-            "dino_warmup_teacher_temp_epochs",
-            "dino_center_momentum",
-        }
-    ),
-    "supcon": frozenset({"temperature", "proj_hidden_dim", "proj_dim"}),
-    "random_init": frozenset(),
-    "supervised": frozenset(),
-}
-METHOD_SPECIFIC_KNOBS: frozenset[str] = frozenset().union(*METHOD_KNOBS.values())
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-knob rule of one method: ``holds(config)`` or the problem
+    ``"{knob}: found V for METHOD with K1 V1, expected {expected}"`` (``context``: the K's named)."""
+
+    knob: str
+    holds: Callable[[Any], bool]
+    expected: str
+    context: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as the study layer and the reports know it, declared once as ``SPEC`` at the top of
+    its file in ``harness/methods/``.
+
+    ``knobs``: each method-specific knob the method reads, with its per-method default (``...`` =
+    the knob's own default); ``cite``: where those defaults come from. A knob that no method
+    declares is read by every method.
+    """
+
+    name: str
+    paper: str
+    knobs: Mapping[str, Any]
+    cite: str = ""
+    colour: str = "#777777"
+    trains: bool = True
+    uses_labels: bool = False
+    baseline: bool = False  # a reference row of every comparison (random_init, supervised)
+    rules: tuple[Rule, ...] = ()
+
+    def defaults(self) -> dict[str, Any]:
+        """The per-method defaults (knobs declared with a value other than ``...``)."""
+        return {k: v for k, v in self.knobs.items() if v is not Ellipsis}
+
+
+METHODS_DIR = Path(__file__).resolve().parent / "methods"
+
+
+def read_method_declaration(path: Path) -> MethodSpec:
+    """The ``SPEC = MethodSpec(...)`` of a method file, evaluated without importing the file (which
+    imports torch): the assignment is found with ``ast`` and only its right-hand side is run, with
+    the declaration types as its only names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id == "SPEC"
+        ):
+            code = compile(ast.Expression(node.value), str(path), "eval")
+            value = eval(code, {"__builtins__": {}, "MethodSpec": MethodSpec, "Rule": Rule})
+            if not isinstance(value, MethodSpec):
+                raise TypeError(f"{path}: SPEC is not a MethodSpec")
+            return value
+    raise LookupError(f"{path}: no top-level `SPEC = MethodSpec(...)` declaration")
+
+
+@cache
+def method_declarations() -> dict[str, MethodSpec]:
+    """Every method's declaration, by name, in ``harness.methods.METHOD_FILES`` order."""
+    from harness.methods import METHOD_FILES
+
+    specs = [read_method_declaration(METHODS_DIR / f"{module}.py") for module in METHOD_FILES]
+    return {spec.name: spec for spec in specs}
+
+
+# Tables derived from the method declarations, read on first use (reading the method files is I/O,
+# which an import must not do): ``from harness.spec import METHOD_NAMES`` works as before.
+@cache
+def _derived() -> dict[str, Any]:
+    methods = method_declarations()
+    method_knobs = {name: frozenset(spec.knobs) for name, spec in methods.items()}
+    return {
+        "METHOD_NAMES": tuple(methods),
+        "METHOD_KNOBS": method_knobs,
+        "METHOD_DEFAULTS": {name: spec.defaults() for name, spec in methods.items()},
+        "METHOD_SPECIFIC_KNOBS": frozenset().union(*method_knobs.values()),
+        "UNTRAINED_METHODS": frozenset(name for name, spec in methods.items() if not spec.trains),
+        "BASELINE_METHODS": frozenset(name for name, spec in methods.items() if spec.baseline),
+        "LABEL_METHODS": frozenset(name for name, spec in methods.items() if spec.uses_labels),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    derived = _derived()
+    if name in derived:
+        return derived[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def readers_of(knob_name: str) -> tuple[str, ...]:
+    """The methods that read a knob: those declaring it, or every method for a common knob."""
+    derived = _derived()
+    if knob_name in derived["METHOD_SPECIFIC_KNOBS"]:
+        return tuple(m for m in derived["METHOD_NAMES"] if knob_name in derived["METHOD_KNOBS"][m])
+    return derived["METHOD_NAMES"]
+
+
 # Training knobs a method without training ignores: not an error for random_init (a method
 # comparison fixes them for every method alike), and reset to their defaults in its resolved
 # configuration, so a batch-size sweep does not multiply its identical trials.
-UNTRAINED_METHODS: frozenset[str] = frozenset({"random_init"})
-TRAINING_KNOBS: frozenset[str] = frozenset(
-    {"epochs", "optimizer", "lr", "weight_decay", "warmup_epochs", "batch_size", "aug_strength"}
-)
-
-# Per-method defaults, on top of TrialConfig's. Small-budget settings (tens of epochs on
-# 28-px images), so Adam at 1e-3 per 256 images everywhere: the papers' LARS/SGD settings need
-# hundreds of epochs; a study can set `optimizer: lars` and the papers' lr.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Chen et al. 2020 (SimCLR), CIFAR-10 appendix B.9: temperature 0.5; projector 2-layer MLP, 128-d out.
-    "simclr": {"temperature": 0.5, "proj_hidden_dim": 512, "proj_dim": 128},
-    # Chen et al. 2020 (MoCo v2): temperature 0.2, MLP head 2048-128, key momentum 0.999 on
-    # ImageNet; 0.99 and a 4096-key queue are the usual CIFAR settings (solo-learn).
-    "moco": {"temperature": 0.2, "queue_size": 4096, "momentum": 0.99, "proj_hidden_dim": 512, "proj_dim": 128},
-    # Grill et al. 2020 (BYOL): tau_base 0.996 with a cosine schedule to 1; projector/predictor
-    # 4096-256 (scaled down to 1024-256 for small encoders).
-    "byol": {"momentum": 0.996, "proj_hidden_dim": 1024, "proj_dim": 256, "pred_hidden_dim": 1024},
-    # Chen & He 2021 (SimSiam), CIFAR: 2048-d projector, predictor bottleneck 512.
-    "simsiam": {"proj_hidden_dim": 2048, "proj_dim": 2048, "pred_hidden_dim": 512},
-    # Zbontar et al. 2021 (Barlow Twins): lambda 5e-3, projector 8192-8192 on ImageNet; 2048 on CIFAR (solo-learn).
-    "barlow_twins": {"barlow_lambda": 5e-3, "proj_hidden_dim": 2048, "proj_dim": 2048},
-    # Bardes et al. 2022 (VICReg): lambda = mu = 25, nu = 1; projector 2048 on CIFAR (solo-learn).
-    "vicreg": {
-        "vicreg_sim_coeff": 25.0,
-        "vicreg_std_coeff": 25.0,
-        "vicreg_cov_coeff": 1.0,
-        "proj_hidden_dim": 2048,
-        "proj_dim": 2048,
-    },
-    # Caron et al. 2020 (SwAV): temperature 0.1, epsilon 0.05, 3 Sinkhorn iterations, 128-d
-    # projection; 100 prototypes is the CIFAR-sized setting; 2 local crops keeps the CPU budget.
-    "swav": {
-        "temperature": 0.1,
-        "swav_epsilon": 0.05,
-        "swav_iterations": 3,
-        "swav_prototypes": 100,
-        "proj_hidden_dim": 512,
-        "proj_dim": 128,
-        "local_crops": 2,
-        "queue_size": 0,
-    },
-    # Caron et al. 2021 (DINO): student temperature 0.1, teacher 0.04 -> 0.07 warm-up, center
-    # momentum 0.9, teacher momentum 0.996; bottleneck 256, output dimension scaled down to 1024.
-    "dino": {
-        "momentum": 0.996,
-        "dino_student_temp": 0.1,
-        "dino_teacher_temp": 0.07,
-        "dino_warmup_teacher_temp": 0.04,
-        "dino_center_momentum": 0.9,
-        "dino_out_dim": 1024,
-        "proj_hidden_dim": 512,
-        "proj_dim": 256,
-        "local_crops": 2,
-    },
-    # Khosla et al. 2020 (SupCon): temperature 0.1, 128-d projection.
-    "supcon": {"temperature": 0.1, "proj_hidden_dim": 512, "proj_dim": 128},
-    "random_init": {},
-    "supervised": {},
-}
-
-# Range checks: knob -> (predicate, what was expected).
-_CHECKS: dict[str, tuple[Any, str]] = {
-    "temperature": (lambda v: v > 0, "a number > 0"),
-    "batch_size": (lambda v: v >= 2, "an integer >= 2"),
-    "queue_size": (lambda v: v >= 0, "an integer >= 0"),
-    "aug_strength": (lambda v: 0 <= v <= 2, "a number in [0, 2]"),
-    "epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "lr": (lambda v: v > 0, "a number > 0"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "warmup_epochs": (lambda v: v >= 0, "a number >= 0"),
-    "momentum": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "proj_hidden_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "proj_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "pred_hidden_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "local_crops": (lambda v: 0 <= v <= 16, "an integer in [0, 16]"),
-    "barlow_lambda": (lambda v: v >= 0, "a number >= 0"),
-    "vicreg_sim_coeff": (lambda v: v >= 0, "a number >= 0"),
-    "vicreg_std_coeff": (lambda v: v >= 0, "a number >= 0"),
-    "vicreg_cov_coeff": (lambda v: v >= 0, "a number >= 0"),
-    "swav_prototypes": (lambda v: v >= 2, "an integer >= 2"),
-    "swav_epsilon": (lambda v: v > 0, "a number > 0"),
-    "swav_iterations": (lambda v: v >= 1, "an integer >= 1"),
-    "dino_out_dim": (lambda v: v >= 2, "an integer >= 2"),
-    "dino_student_temp": (lambda v: v > 0, "a number > 0"),
-    "dino_teacher_temp": (lambda v: v > 0, "a number > 0"),
-    "dino_warmup_teacher_temp": (lambda v: v > 0, "a number > 0"),
-    "dino_warmup_teacher_temp_epochs": (lambda v: v >= 0, "a number >= 0"),
-    "dino_center_momentum": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "train_size": (lambda v: v is None or v >= 2, "an integer >= 2 or null (the whole split)"),
-    # Uniformity is a mean over pairs of test projections, so the test subset needs two images.
-    "test_size": (lambda v: v is None or v >= 2, "an integer >= 2 or null (the whole split)"),
-    "knn_k": (lambda v: v >= 1, "an integer >= 1"),
-    "knn_t": (lambda v: v > 0, "a number > 0"),
-    "linear_epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "eval_every": (lambda v: v >= 0, "an integer >= 0 (0 = only at the end)"),
-    "log_every": (lambda v: v >= 1, "an integer >= 1"),
-    "method": (lambda v: v in METHOD_NAMES, f"one of {', '.join(METHOD_NAMES)}"),
-    "backbone": (lambda v: v in BACKBONE_NAMES, f"one of {', '.join(BACKBONE_NAMES)}"),
-    "dataset": (lambda v: v in DATASET_NAMES, f"one of {', '.join(DATASET_NAMES)}"),
-    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
-    "device": (lambda v: v in DEVICES or v.startswith("cuda:"), f"one of {', '.join(DEVICES)} or cuda:N"),
-    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-    "loss_impl": (lambda v: v in LOSS_IMPLS, f"one of {', '.join(LOSS_IMPLS)}"),
-    "seed": (lambda v: v >= 0, "an integer >= 0"),
-}
+TRAINING_KNOBS: frozenset[str] = frozenset(name for name, k in KNOBS.items() if k.training)
 
 
 class SpecError(ValueError):
@@ -321,48 +558,47 @@ def _suggest(name: str, options: Iterable[str]) -> str:
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
-def _type_label(hint: Any) -> str:
-    base = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not None else [hint]
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    label = " or ".join(names.get(b, str(b)) for b in base)
-    return label + (" or null" if type(None) in get_args(hint) else "")
-
-
 def coerce_knob(name: str, value: Any) -> tuple[Any, str | None]:
     """(value converted to the knob's type, None) or (None, what was expected)."""
-    hint = _KNOB_TYPES[name]
-    optional = type(None) in get_args(hint)
-    base = next((a for a in get_args(hint) if a is not type(None)), hint)
+    declared = KNOBS[name]
+    base, label = declared.base_type, declared.type_label
     if value is None:
-        return (None, None) if optional else (None, _type_label(hint))
+        return (None, None) if declared.optional else (None, label)
     if base is bool:
-        return (value, None) if isinstance(value, bool) else (None, _type_label(hint))
+        return (value, None) if isinstance(value, bool) else (None, label)
     if base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
+            if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_INT:
                 return int(value), None
-            return None, _type_label(hint)
+            return None, label
+        if abs(value) > MAX_INT:
+            return None, f"{label.split(' or ')[0]} that fits in 64 bits"
         return value, None
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, _type_label(hint)
+            return None, label
         if not math.isfinite(float(value)):
             return None, "a finite number"
         return float(value), None
     if base is str:
-        return (value, None) if isinstance(value, str) else (None, _type_label(hint))
+        return (value, None) if isinstance(value, str) else (None, label)
     return value, None
 
 
 def check_knob(name: str, value: Any) -> str | None:
     """None if ``value`` is acceptable for knob ``name``, else what was expected."""
-    if name not in _CHECKS or (value is None and name not in ("train_size", "test_size")):
+    declared = KNOBS[name]
+    if value is None:
+        return None if declared.optional else declared.expected
+    options = declared.options
+    if options:
+        return None if value in options else declared.expected
+    if declared.check is None:
         return None
-    predicate, expected = _CHECKS[name]
     try:
-        return None if predicate(value) else expected
+        return None if declared.check.holds(value) else declared.expected
     except TypeError:
-        return expected
+        return declared.expected
 
 
 def resolve(overrides: Mapping[str, Any]) -> TrialConfig:
@@ -374,7 +610,7 @@ def resolve(overrides: Mapping[str, Any]) -> TrialConfig:
     problems: list[str] = []
     values: dict[str, Any] = {}
     for key, raw in overrides.items():
-        if key not in KNOB_NAMES:
+        if key not in KNOBS:
             problems.append(f"{key}: unknown knob{_suggest(key, KNOB_NAMES)}")
             continue
         value, expected = coerce_knob(key, raw)
@@ -386,16 +622,16 @@ def resolve(overrides: Mapping[str, Any]) -> TrialConfig:
         values[key] = value
     if problems:
         raise SpecError(problems)
-    method = values.get("method", DEFAULTS.method)
-    merged: dict[str, Any] = {**METHOD_DEFAULTS.get(method, {}), **values}
-    used = METHOD_KNOBS.get(method, frozenset())
-    for knob in METHOD_SPECIFIC_KNOBS - used:
-        merged.pop(knob, None)
-    if method in UNTRAINED_METHODS:
-        for knob in TRAINING_KNOBS:
-            merged.pop(knob, None)
-    for knob in METHOD_DEFAULTS.get(method, {}):
-        merged.setdefault(knob, METHOD_DEFAULTS[method][knob])
+    spec = method_declarations()[values.get("method", DEFAULTS.method)]
+    specific: frozenset[str] = _derived()["METHOD_SPECIFIC_KNOBS"]
+    merged: dict[str, Any] = {**spec.defaults(), **values}
+    for name in specific - set(spec.knobs):
+        merged.pop(name, None)
+    if not spec.trains:
+        for name in TRAINING_KNOBS:
+            merged.pop(name, None)
+    for name, value in spec.defaults().items():
+        merged.setdefault(name, value)
     config = TrialConfig(**merged)
     cross = cross_check(config)
     if cross:
@@ -404,23 +640,26 @@ def resolve(overrides: Mapping[str, Any]) -> TrialConfig:
 
 
 def cross_check(config: TrialConfig) -> list[str]:
-    """Problems between knobs of one resolved configuration."""
+    """Problems between knobs of one resolved configuration: the method's declared rules, then
+    the rules every trained method shares."""
     problems: list[str] = []
-    if config.method == "moco" and config.queue_size < config.batch_size:
-        problems.append(
-            f"queue_size: found {config.queue_size} for moco with batch_size {config.batch_size}, "
-            "expected queue_size >= batch_size"
-        )
-    if config.method == "swav" and 0 < config.queue_size < config.batch_size:
-        problems.append(
-            f"queue_size: found {config.queue_size} for swav with batch_size {config.batch_size}, "
-            "expected 0 (no queue) or >= batch_size"
-        )
-    if config.train_size is not None and config.train_size < config.batch_size and config.method not in UNTRAINED_METHODS:
+    spec = method_declarations()[config.method]
+    for rule in spec.rules:
+        if not rule.holds(config):
+            context = "".join(f" with {name} {getattr(config, name)}" for name in rule.context)
+            problems.append(
+                f"{rule.knob}: found {getattr(config, rule.knob)} for {config.method}{context}, expected {rule.expected}"
+            )
+    if config.train_size is not None and config.train_size < config.batch_size and spec.trains:
         problems.append(
             f"batch_size: found {config.batch_size} with train_size {config.train_size}, "
             "expected batch_size <= train_size"
         )
+    sizes = DATASET_SIZES.get(config.dataset) if config.data_root is None else None
+    for name, full in zip(("train_size", "test_size"), sizes or ()):
+        wanted = getattr(config, name)
+        if wanted is not None and wanted > full:
+            problems.append(f"{name}: found {wanted}, expected at most {full} (the {config.dataset} split's size)")
     return problems
 
 
@@ -512,9 +751,8 @@ class Study:
         return resolve({**self.fixed, **extra})
 
 
-def _base_type(knob: str) -> Any:
-    hint = _KNOB_TYPES[knob]
-    return next((a for a in get_args(hint) if a is not type(None)), hint)
+def _base_type(name: str) -> Any:
+    return KNOBS[name].base_type
 
 
 _TOP_KEYS: dict[str, str] = {
@@ -698,16 +936,8 @@ def _validate_value(knob: str, raw: Any, path: str, problems: _Problems) -> tupl
     return True, value
 
 
-def _choices_of(knob: str) -> tuple[str, ...]:
-    return {
-        "method": METHOD_NAMES,
-        "backbone": BACKBONE_NAMES,
-        "dataset": DATASET_NAMES,
-        "optimizer": OPTIMIZERS,
-        "device": DEVICES,
-        "precision": PRECISIONS,
-        "loss_impl": LOSS_IMPLS,
-    }.get(knob, ())
+def _choices_of(name: str) -> tuple[str, ...]:
+    return KNOBS[name].options
 
 
 def _validate_knob_mapping(raw: Any, section: str, problems: _Problems, *, lists: bool) -> dict[str, Any]:
@@ -917,7 +1147,7 @@ def _legal_but_surprising(config: TrialConfig) -> list[str]:
             f"knn_k {config.knn_k} is more than train_size {config.train_size}: the k-NN vote uses all "
             f"{config.train_size} training images"
         )
-    if config.method not in UNTRAINED_METHODS and config.warmup_epochs > config.epochs:
+    if method_declarations()[config.method].trains and config.warmup_epochs > config.epochs:
         notes.append(
             f"warmup_epochs {config.warmup_epochs:g} is more than epochs {config.epochs}: the learning rate "
             "never reaches its base value"
@@ -938,6 +1168,9 @@ def _check_points(
 ) -> None:
     """Find unused method knobs, then (``resolve_points``) resolve every point to find range and
     cross-knob problems."""
+    derived = _derived()
+    METHOD_NAMES, METHOD_KNOBS = derived["METHOD_NAMES"], derived["METHOD_KNOBS"]
+    METHOD_SPECIFIC_KNOBS = derived["METHOD_SPECIFIC_KNOBS"]
     methods: set[str] = set()
     for point in points:
         methods.add(point.get("method", fixed.get("method", DEFAULTS.method)))

@@ -29,6 +29,7 @@ from harness.losses import (
     barlow_twins,
     byol,
     dino,
+    inbatch_infonce,
     infonce,
     npair,
     nt_xent,
@@ -137,6 +138,15 @@ def formula_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.
         positive = torch.exp(cos(q[i], k[i]) / temperature)
         negatives = sum(torch.exp((unit(q[i]) @ queue[j]) / temperature) for j in range(queue.shape[0]))
         total = total - torch.log(positive / (positive + negatives))
+    return total / q.shape[0]
+
+
+def formula_inbatch_infonce(q: Tensor, k: Tensor, temperature: float = 1.0) -> Tensor:
+    total = q.new_zeros(())
+    for i in range(q.shape[0]):
+        positive = torch.exp(cos(q[i], k[i]) / temperature)
+        everyone = sum(torch.exp(cos(q[i], k[j]) / temperature) for j in range(k.shape[0]))
+        total = total - torch.log(positive / everyone)
     return total / q.shape[0]
 
 
@@ -360,6 +370,16 @@ SPECS: list[Spec] = [
     Spec(
         "infonce", infonce, make_infonce, formula_infonce, 1, False, (0, 1), temperature_kw=("temperature",)
     ),
+    Spec(
+        "inbatch_infonce",
+        inbatch_infonce,
+        make_pair,
+        formula_inbatch_infonce,
+        2,
+        False,
+        (0, 1),
+        temperature_kw=("temperature",),
+    ),
     Spec("byol", byol, make_pair, formula_byol, 1, True, (0, 1)),
     Spec("barlow_twins", barlow_twins, make_pair, formula_barlow_twins, 2, True),
     Spec("vicreg", vicreg, make_pair, formula_vicreg, 2, True),
@@ -396,6 +416,7 @@ def inputs(
 DESIGN_SIGNATURES: dict[str, list[tuple[str, Any]]] = {
     "nt_xent": [("z1", None), ("z2", None), ("temperature", 0.5)],
     "infonce": [("q", None), ("k", None), ("queue", None), ("temperature", 0.07)],
+    "inbatch_infonce": [("q", None), ("k", None), ("temperature", 1.0)],
     "byol": [("p", None), ("z", None)],
     "barlow_twins": [("z1", None), ("z2", None), ("lambd", 5e-3)],
     "vicreg": [("z1", None), ("z2", None), ("sim_coeff", 25), ("std_coeff", 25), ("cov_coeff", 1)],

@@ -35,7 +35,7 @@ TINY: dict[str, Any] = {
     "dino_out_dim": 32,
 }
 PER_METHOD: dict[str, dict[str, Any]] = {"moco": {"queue_size": 16}}
-MOMENTUM_METHODS = ("moco", "byol", "dino")
+MOMENTUM_METHODS = ("moco", "mocov3", "byol", "dino")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -254,7 +254,7 @@ def test_method__ema_target_follows_momentum_formula(name: str) -> None:
     assert moved
 
 
-@pytest.mark.parametrize("name", ["byol", "dino"])
+@pytest.mark.parametrize("name", ["mocov3", "byol", "dino"])
 def test_method__cosine_momentum_schedule(name: str) -> None:
     method = build(tiny_config(name, momentum=0.9))
     assert method.target_momentum(0) == pytest.approx(0.9), "the base before on_train_start"
@@ -283,6 +283,53 @@ def test_moco__queue_holds_new_keys_and_pointer_advances() -> None:
     torch.testing.assert_close(method.queue[BATCH:], expected_keys[:4])
     torch.testing.assert_close(method.queue[:4], expected_keys[4:])
     assert torch.allclose(method.queue.norm(dim=1), torch.ones(12))
+
+
+def test_mocov3__loss_is_symmetric_inbatch_infonce_times_two_tau() -> None:
+    method = build(tiny_config("mocov3", temperature=0.5))
+    views = views_for(method)
+    torch.manual_seed(1)
+    loss = method.training_loss(views, LABELS)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        # Both views in one forward pass, as the method batches them (BN sees the 2N images).
+        both = torch.cat(views[:2])
+        q1, q2 = (method.predictor(z) for z in method.embed(both).chunk(2))
+        k1, k2 = method.key_projector(method.key_backbone(both)).chunk(2)
+
+    def ctr(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # Chen, Xie and He 2021, Algorithm 1, written out independently.
+        logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.5
+        return F.cross_entropy(logits, torch.arange(q.shape[0])) * 2 * 0.5
+
+    expected = ctr(q1, k2) + ctr(q2, k1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert not hasattr(method, "queue"), "MoCo v3 has no queue: the batch gives the negatives"
+
+
+def test_nnclr__positives_are_nearest_support_rows_and_support_fills() -> None:
+    method = build(tiny_config("nnclr", queue_size=12))
+    views = views_for(method)
+    support_before = method.support.clone()
+    with torch.no_grad():
+        z1 = method.embed(torch.cat(views[:2]))[:BATCH]  # batched as the method does
+    neighbours = method.nearest_neighbours(z1)
+    brute = torch.stack(
+        [support_before[int(torch.argmax(F.cosine_similarity(z.unsqueeze(0), support_before)))] for z in z1]
+    )
+    torch.testing.assert_close(neighbours, brute)
+    method.training_loss(views, LABELS)
+    assert int(method.support_ptr) == BATCH
+    torch.testing.assert_close(method.support[:BATCH], F.normalize(z1, dim=1), rtol=1e-4, atol=1e-5)
+    assert torch.equal(method.support[BATCH:], support_before[BATCH:])
+
+
+def test_nnclr__neighbours_carry_no_gradient() -> None:
+    method = build(tiny_config("nnclr"))
+    views = views_for(method)
+    method.training_loss(views, LABELS).backward()
+    assert method.support.grad is None and not method.support.requires_grad
+    assert all(p.grad is not None for p in method.predictor.parameters())
 
 
 def test_moco__symmetric_enqueues_both_views() -> None:
@@ -366,6 +413,23 @@ def test_swav__two_crops_equal_swapped_prediction() -> None:
         codes = [sinkhorn(s, config.swav_epsilon, config.swav_iterations) for s in scores]
         expected = swapped_prediction(codes, scores, config.temperature)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_method__declaration_read_from_source_is_the_class_declaration(name: str) -> None:
+    """``harness.spec`` reads each ``SPEC`` from the file's source (no torch); the imported class
+    must carry the same declaration, and its name, trainable and uses_labels follow it."""
+    import dataclasses
+
+    from harness.spec import method_declarations
+
+    read, imported = method_declarations()[name], METHODS[name].spec
+    assert dataclasses.replace(read, rules=()) == dataclasses.replace(imported, rules=())
+    assert [(r.knob, r.expected, r.context) for r in read.rules] == [
+        (r.knob, r.expected, r.context) for r in imported.rules
+    ]
+    cls = METHODS[name]
+    assert (cls.name, cls.trainable, cls.uses_labels) == (read.name, read.trains, read.uses_labels)
 
 
 def test_random_init__not_trainable() -> None:

@@ -4,6 +4,7 @@ malformed YAML and malformed values always give a clean SpecError naming the fil
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -15,13 +16,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.docs import DOCS, GENERATED, generated_text, knob_table
 from harness.spec import (
     DEFAULTS,
     KNOB_NAMES,
     SpecError,
     Study,
     TrialConfig,
+    at_least,
     config_hash,
+    declared_knobs,
     load_study,
     parse_study,
     resolve,
@@ -796,36 +800,21 @@ def test_parse_study__deeply_nested_yaml_is_a_spec_error() -> None:
 # The documentation lists every knob with its current defaults
 
 
-def _doc_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+@pytest.mark.parametrize("name", list(GENERATED), ids=list(GENERATED))
+def test_docs__generated_tables_match_the_declarations(name: str) -> None:
+    file_name, make = GENERATED[name]
+    text = (DOCS / file_name).read_text(encoding="utf-8")
+    assert generated_text(text, name) == make(), (
+        f"docs/{file_name}'s {name} table differs from the declarations: run `python -m harness.docs`"
+    )
 
 
-def test_docs__studies_md_lists_every_knob_with_its_defaults() -> None:
-    from harness.spec import METHOD_DEFAULTS
-
-    text = (Path(__file__).resolve().parent.parent / "docs" / "STUDIES.md").read_text()
-    rows = {
-        cells[0].strip("`"): cells
-        for line in text.splitlines()
-        if line.startswith("| `")
-        for cells in [[c.strip() for c in line.strip().strip("|").split("|")]]
-    }
-    for knob in KNOB_NAMES:
-        assert knob in rows, f"docs/STUDIES.md does not list the knob {knob}"
-        default = getattr(DEFAULTS, knob)
-        assert rows[knob][2] == f"`{_doc_value(default)}`", (
-            f"{knob}: the doc says {rows[knob][2]}, the code {default!r}"
-        )
-        per_method = ", ".join(
-            f"{m} {_doc_value(d[knob])}"
-            for m, d in METHOD_DEFAULTS.items()
-            if knob in d and d[knob] != default
-        )
-        assert rows[knob][3] == (per_method or "-"), f"{knob}: per-method defaults differ from the code"
+def test_docs__knob_table_lists_every_knob_with_its_defaults() -> None:
+    rows = {line.split("|")[1].strip().strip("`"): line for line in knob_table().splitlines()[2:]}
+    assert list(rows) == list(KNOB_NAMES)
+    assert "| moco 0.2, mocov3 1.0, swav 0.1, nnclr 0.1, supcon 0.1 |" in rows["temperature"]
+    assert "moco: queue_size >= batch_size" in rows["queue_size"]
+    assert "not part of the configuration's identity" in rows["seed"]
 
 
 def test_parse_study__log_scale_with_a_step_is_a_located_error() -> None:
@@ -835,3 +824,78 @@ def test_parse_study__log_scale_with_a_step_is_a_located_error() -> None:
     with pytest.raises(SpecError, match=r"s.yaml: search.space.lr: found log: true and step: 0.01"):
         parse_study(text, source="s.yaml")
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration identity: stable across releases
+
+# The configuration hashes the first release (wave 1) gave each method's default configuration.
+# A change here makes every stored trial of that method "gone" and reruns it: it must be an
+# explicit, documented event (docs/DECISIONS.md), never a side effect.
+WAVE1_HASHES: dict[str, str] = {
+    "simclr": "96ed3ab48660a363dfbbada21047d5e4ac0c2f28663cf86e172346d0edfb30ac",
+    "moco": "c8b4623218e3ec3017c56b087f3d1204dce34582044100438199c02dc3d1b060",
+    "byol": "1ebf6663e82177a0b6d30ff08405074bad1293058657de4d548ecfc7a16099a2",
+    "dino": "997cf6bfdca69d084215e008abbc80ca6f39c146a23b4f67e72160bdb80d9153",
+    "random_init": "ba018d8009281b86702714cb5e31b381d923d915f37018b217a6e255f6f6d7dd",
+    "supervised": "041922f0a6fb6d8add0060722a887fbc2320bc11db263c862c6804eb2012d8ea",
+    "swav": "e3a2a680e26b35bd247b8aa41c7850004ab01ba27e916fa6048b94a53276d431",
+}
+
+
+@pytest.mark.parametrize("method", list(WAVE1_HASHES), ids=list(WAVE1_HASHES))
+def test_config_hash__default_configurations_keep_their_first_release_identity(method: str) -> None:
+    assert resolve({"method": method}).config_hash == WAVE1_HASHES[method]
+
+
+def _with_extra_knob(legacy: Any) -> type:
+    from harness.spec import knob
+
+    @dataclasses.dataclass(frozen=True)
+    class WithExtraKnob(TrialConfig):
+        # A knob added in a later release; 7 reproduces the behaviour from before it existed.
+        extra_iterations: int = knob(7, "a knob added later", group="training", check=at_least(1), legacy=legacy)
+
+    return WithExtraKnob
+
+
+def test_config_hash__a_new_knob_at_its_legacy_value_keeps_every_stored_identity() -> None:
+    extended = _with_extra_knob(legacy=7)
+    knobs = declared_knobs(extended)
+    studies = sorted((Path(__file__).resolve().parent.parent / "studies").rglob("*.yaml"))
+    checked = 0
+    for path in studies:
+        study = load_study(path)
+        if study.search is not None:
+            continue
+        for config in study.trials():
+            grown = extended(**config.to_dict())
+            assert config_hash(grown.to_dict(), knobs) == config.config_hash, f"{path}: {config}"
+            changed = extended(**{**config.to_dict(), "extra_iterations": 8})
+            assert config_hash(changed.to_dict(), knobs) != config.config_hash
+            checked += 1
+    assert checked > 50
+
+
+def test_config_hash__a_new_knob_without_legacy_value_would_change_identities() -> None:
+    """The counterpart: declared as part of the identity from the start (no ``legacy``), the same
+    knob changes every hash, which is why knobs added after the first release declare one."""
+    from harness.spec import IN_IDENTITY
+
+    extended = _with_extra_knob(legacy=IN_IDENTITY)
+    config = resolve({"method": "simclr"})
+    grown = extended(**config.to_dict())
+    assert config_hash(grown.to_dict(), declared_knobs(extended)) != config.config_hash
+
+
+def test_config_hash__stored_configuration_of_a_newer_version_keeps_unknown_keys() -> None:
+    stored = {**DEFAULTS.to_dict(), "knob_of_a_newer_release": 3}
+    assert config_hash(stored) != DEFAULTS.config_hash
+
+
+def test_declarations__every_later_knob_declares_a_legacy_value_of_its_own_type() -> None:
+    from harness.spec import IN_IDENTITY, KNOBS
+
+    for declared in KNOBS.values():
+        if declared.legacy is not IN_IDENTITY and declared.legacy is not None:
+            assert isinstance(declared.legacy, declared.base_type), declared.name

@@ -195,6 +195,16 @@ KERNELS: dict[str, Kernel] = {
             ),
         ),
         Kernel(
+            "inbatch_infonce",
+            LOSSES["inbatch_infonce"],
+            _nt_xent,
+            _shapes(
+                _grid(B=[1024], D=[256]),
+                _grid(B=[256, 1024, 4096], D=[256]),
+                _grid(B=[256, 1024, 4096], D=[256]),
+            ),
+        ),
+        Kernel(
             "byol",
             LOSSES["byol"],
             _byol,

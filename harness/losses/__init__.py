@@ -17,6 +17,7 @@ from harness.losses.barlow_twins import barlow_twins
 from harness.losses.byol import byol
 from harness.losses.dino import dino
 from harness.losses.geometry import alignment, uniformity
+from harness.losses.inbatch_infonce import inbatch_infonce
 from harness.losses.infonce import infonce
 from harness.losses.metric import npair, triplet
 from harness.losses.nt_xent import NT_XENT_IMPLS, nt_xent
@@ -27,6 +28,7 @@ from harness.losses.vicreg import vicreg
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "nt_xent": nt_xent,
     "infonce": infonce,
+    "inbatch_infonce": inbatch_infonce,
     "byol": byol,
     "barlow_twins": barlow_twins,
     "vicreg": vicreg,
@@ -47,6 +49,7 @@ __all__ = [
     "barlow_twins",
     "byol",
     "dino",
+    "inbatch_infonce",
     "infonce",
     "npair",
     "nt_xent",

@@ -6,7 +6,15 @@ from torch import Tensor
 
 from harness.losses import barlow_twins
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="barlow_twins",
+    paper="Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction",
+    knobs={"barlow_lambda": 5e-3, "proj_hidden_dim": 2048, "proj_dim": 2048},
+    cite="lambda 5e-3; projector 8192-8192 on ImageNet, 2048 on CIFAR (solo-learn)",
+    colour="#9467bd",
+)
 
 
 class BarlowTwins(Method):
@@ -19,7 +27,7 @@ class BarlowTwins(Method):
     Knobs: ``barlow_lambda``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
-    name = "barlow_twins"
+    spec = SPEC
     recipe = "byol"
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:

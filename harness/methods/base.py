@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.backbones import BACKBONES
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
 
 
 class Method(nn.Module):
@@ -39,14 +39,23 @@ class Method(nn.Module):
     configuration (every default lives in ``harness.spec``), and implement ``training_loss``.
     """
 
+    # The method's declaration (the top of its file); name, trainable and uses_labels follow it.
+    spec: ClassVar[MethodSpec]
     name: ClassVar[str]
-    uses_labels: ClassVar[bool] = False
-    trainable: ClassVar[bool] = True
+    uses_labels: ClassVar[bool]
+    trainable: ClassVar[bool]
     # The augmentation recipe of harness.data.make_views that the method's paper trains with.
     recipe: ClassVar[str] = "simclr"
 
     backbone: nn.Module
     feature_dim: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "spec" in cls.__dict__:
+            cls.name = cls.spec.name
+            cls.trainable = cls.spec.trains
+            cls.uses_labels = cls.spec.uses_labels
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__()

@@ -7,7 +7,16 @@ from torch import Tensor, nn
 
 from harness.losses import byol
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="byol",
+    paper="Grill et al. 2020, Bootstrap Your Own Latent",
+    knobs={"momentum": 0.996, "proj_hidden_dim": 1024, "proj_dim": 256, "pred_hidden_dim": 1024},
+    cite="tau_base 0.996 with a cosine schedule to 1; projector/predictor 4096-256, scaled down to "
+    "1024-256 for small encoders",
+    colour="#2ca02c",
+)
 
 
 class BYOL(Method):
@@ -22,7 +31,7 @@ class BYOL(Method):
     Knobs: ``momentum`` (the base tau), ``proj_hidden_dim``, ``proj_dim``, ``pred_hidden_dim``.
     """
 
-    name = "byol"
+    spec = SPEC
     recipe = "byol"
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:

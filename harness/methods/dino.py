@@ -8,9 +8,29 @@ from torch import Tensor, nn
 
 from harness.losses import dino
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
 
 N_GLOBAL = 2
+
+SPEC = MethodSpec(
+    name="dino",
+    paper="Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers",
+    knobs={
+        "momentum": 0.996,
+        "proj_hidden_dim": 512,
+        "proj_dim": 256,
+        "local_crops": 2,
+        "dino_out_dim": 1024,
+        "dino_student_temp": 0.1,
+        "dino_teacher_temp": 0.07,
+        "dino_warmup_teacher_temp": 0.04,
+        "dino_warmup_teacher_temp_epochs": ...,
+        "dino_center_momentum": 0.9,
+    },
+    cite="student temperature 0.1, teacher 0.04 -> 0.07 warm-up, center momentum 0.9, teacher "
+    "momentum 0.996; bottleneck 256, output dimension scaled down to 1024",
+    colour="#bcbd22",
+)
 
 
 class DINO(Method):
@@ -37,7 +57,7 @@ class DINO(Method):
     ``dino_center_momentum``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
-    name = "dino"
+    spec = SPEC
     recipe = "multicrop"
 
     center: Tensor

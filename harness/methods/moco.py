@@ -9,7 +9,24 @@ from torch import Tensor, nn
 
 from harness.losses import infonce
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, Rule, TrialConfig
+
+SPEC = MethodSpec(
+    name="moco",
+    paper="He et al. 2020, Momentum Contrast; Chen et al. 2020, Improved Baselines with Momentum Contrastive Learning (v2)",
+    knobs={
+        "temperature": 0.2,
+        "queue_size": 4096,
+        "momentum": 0.99,
+        "proj_hidden_dim": 512,
+        "proj_dim": 128,
+        "moco_symmetric": ...,
+    },
+    cite="MoCo v2: temperature 0.2, MLP head 2048-128, key momentum 0.999 on ImageNet; 0.99 and a "
+    "4096-key queue are the usual CIFAR settings (solo-learn)",
+    colour="#ff7f0e",
+    rules=(Rule("queue_size", lambda c: c.queue_size >= c.batch_size, "queue_size >= batch_size", ("batch_size",)),),
+)
 
 
 class MoCo(Method):
@@ -30,7 +47,7 @@ class MoCo(Method):
     ``moco_symmetric``.
     """
 
-    name = "moco"
+    spec = SPEC
 
     queue: Tensor
     queue_ptr: Tensor

@@ -5,6 +5,16 @@ from __future__ import annotations
 from torch import Tensor
 
 from harness.methods.base import Method
+from harness.spec import MethodSpec
+
+SPEC = MethodSpec(
+    name="random_init",
+    paper="the encoder at its random initialization (e.g. Caron et al. 2021, Table 4)",
+    knobs={},
+    colour="#9a9a9a",
+    trains=False,
+    baseline=True,
+)
 
 
 class RandomInit(Method):
@@ -12,8 +22,7 @@ class RandomInit(Method):
     (e.g. Caron et al. 2021, Table 4's "random weights" row). Not trained: the training loop skips
     methods with ``trainable = False``. ``embed`` gives the backbone features. State: none."""
 
-    name = "random_init"
-    trainable = False
+    spec = SPEC
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         raise RuntimeError(

@@ -6,7 +6,15 @@ from torch import Tensor
 
 from harness.losses import nt_xent
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="simclr",
+    paper="Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations",
+    knobs={"temperature": 0.5, "proj_hidden_dim": 512, "proj_dim": 128},
+    cite="CIFAR-10 appendix B.9: temperature 0.5; projector a 2-layer MLP with a 128-d output",
+    colour="#1f77b4",
+)
 
 
 class SimCLR(Method):
@@ -16,7 +24,7 @@ class SimCLR(Method):
     Knobs: ``temperature``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
-    name = "simclr"
+    spec = SPEC
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)

@@ -6,7 +6,15 @@ from torch import Tensor
 
 from harness.losses import byol
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="simsiam",
+    paper="Chen and He 2021, Exploring Simple Siamese Representation Learning",
+    knobs={"proj_hidden_dim": 2048, "proj_dim": 2048, "pred_hidden_dim": 512},
+    cite="CIFAR setting: 2048-d projector, predictor bottleneck 512",
+    colour="#d62728",
+)
 
 
 class SimSiam(Method):
@@ -19,7 +27,7 @@ class SimSiam(Method):
     State: none beyond the heads. Knobs: ``proj_hidden_dim``, ``proj_dim``, ``pred_hidden_dim``.
     """
 
-    name = "simsiam"
+    spec = SPEC
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)

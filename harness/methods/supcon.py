@@ -7,7 +7,16 @@ from torch import Tensor
 
 from harness.losses import supcon
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="supcon",
+    paper="Khosla et al. 2020, Supervised Contrastive Learning",
+    knobs={"temperature": 0.1, "proj_hidden_dim": 512, "proj_dim": 128},
+    cite="temperature 0.1, 128-d projection",
+    colour="#17becf",
+    uses_labels=True,
+)
 
 
 class SupCon(Method):
@@ -19,8 +28,7 @@ class SupCon(Method):
     only. State: none beyond the projector. Knobs: ``temperature``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
-    name = "supcon"
-    uses_labels = True
+    spec = SPEC
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)

@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.methods.base import Method, encode_views
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="supervised",
+    paper="cross-entropy training of the encoder and a linear classifier on the labels",
+    knobs={},
+    colour="#222222",
+    uses_labels=True,
+    baseline=True,
+)
 
 
 class Supervised(Method):
@@ -16,8 +25,7 @@ class Supervised(Method):
     (the supervised baseline of Chen et al. 2020, sec. 6, with their augmentation).
     ``embed`` gives the backbone features. State: the classifier ``(num_classes, feature_dim)``."""
 
-    name = "supervised"
-    uses_labels = True
+    spec = SPEC
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)

@@ -11,10 +11,36 @@ from torch import Tensor, nn
 
 from harness.losses import sinkhorn, swav
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, Rule, TrialConfig
 
 # Caron et al. 2020 compute codes from the two global crops only ("crops_for_assign").
 N_GLOBAL = 2
+
+SPEC = MethodSpec(
+    name="swav",
+    paper="Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments",
+    knobs={
+        "temperature": 0.1,
+        "queue_size": 0,
+        "proj_hidden_dim": 512,
+        "proj_dim": 128,
+        "local_crops": 2,
+        "swav_prototypes": 100,
+        "swav_epsilon": 0.05,
+        "swav_iterations": 3,
+    },
+    cite="temperature 0.1, epsilon 0.05, 3 Sinkhorn iterations, 128-d projection; 100 prototypes is "
+    "the CIFAR-sized setting; 2 local crops keeps the CPU budget",
+    colour="#e377c2",
+    rules=(
+        Rule(
+            "queue_size",
+            lambda c: c.queue_size == 0 or c.queue_size >= c.batch_size,
+            "0 (no queue) or >= batch_size",
+            ("batch_size",),
+        ),
+    ),
+)
 
 
 class SwAV(Method):
@@ -34,7 +60,7 @@ class SwAV(Method):
     ``swav_iterations``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
-    name = "swav"
+    spec = SPEC
     recipe = "multicrop"
 
     queue: Tensor

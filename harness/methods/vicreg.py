@@ -7,7 +7,21 @@ from torch import Tensor
 
 from harness.losses import vicreg
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
-from harness.spec import TrialConfig
+from harness.spec import MethodSpec, TrialConfig
+
+SPEC = MethodSpec(
+    name="vicreg",
+    paper="Bardes et al. 2022, VICReg: Variance-Invariance-Covariance Regularization",
+    knobs={
+        "vicreg_sim_coeff": 25.0,
+        "vicreg_std_coeff": 25.0,
+        "vicreg_cov_coeff": 1.0,
+        "proj_hidden_dim": 2048,
+        "proj_dim": 2048,
+    },
+    cite="lambda = mu = 25, nu = 1; projector 2048 on CIFAR (solo-learn)",
+    colour="#8c564b",
+)
 
 
 class VICReg(Method):
@@ -21,7 +35,7 @@ class VICReg(Method):
     Knobs: ``vicreg_sim_coeff``, ``vicreg_std_coeff``, ``vicreg_cov_coeff``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
-    name = "vicreg"
+    spec = SPEC
     recipe = "byol"
 
     def __init__(self, config: TrialConfig, *, in_channels: int, image_size: int, num_classes: int) -> None:

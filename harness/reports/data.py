@@ -16,15 +16,13 @@ from harness.db import Database, StudyRow
 from harness.reports.style import format_knob_value, is_finite, method_rank
 from harness.results import bench_frame, metrics_frame, trials_frame
 from harness.spec import (
-    BASELINE_METHODS,
     KNOB_NAMES,
-    METHOD_KNOBS,
-    METHOD_SPECIFIC_KNOBS,
     TRAINING_KNOBS,
-    UNTRAINED_METHODS,
     SpecError,
     Study,
+    method_declarations,
     parse_study,
+    readers_of,
     resolve,
 )
 
@@ -192,9 +190,12 @@ def reads_knob(method: str, knob: str) -> bool:
     """Whether ``method`` uses ``knob``: spec resets the method-specific knobs a method does not
     read to their defaults, and an untrained method (random_init) its training knobs, so a label
     leaves them out and an ablation plot draws them flat."""
-    if knob in METHOD_SPECIFIC_KNOBS:
-        return knob in METHOD_KNOBS.get(method, frozenset())
-    if method in UNTRAINED_METHODS:
+    declared = method_declarations().get(method)
+    if declared is None:  # a method of a newer version: assume it reads everything
+        return True
+    if method not in readers_of(knob):
+        return False
+    if not declared.trains:
         return knob not in TRAINING_KNOBS
     return True
 
@@ -299,7 +300,7 @@ def _annotate(
         for label, digest in zip(trials["label"], trials["config_hash"])
     ]
     trials["group"] = trials["config_hash"].astype(str)
-    trials["is_reference"] = trials["method"].isin(BASELINE_METHODS)
+    trials["is_reference"] = trials["method"].isin([n for n, m in method_declarations().items() if m.baseline])
     for column in ACCURACY_COLUMNS:
         if column in trials.columns:
             trials[column] = pd.to_numeric(trials[column], errors="coerce") * factor

@@ -17,35 +17,17 @@ from harness.reports.data import ReportData, ablation_base, plain_value, reads_k
 from harness.reports.search import SearchSummary
 from harness.reports.style import METRICS, MIB, format_knob_value, is_finite, method_colour, method_rank
 from harness.reports.tables import display_values
+from harness.spec import KNOBS
 
 CURVE_POINTS = 200  # a loss curve longer than this is averaged into this many epoch bins
-KNOB_LABELS: dict[str, str] = {
-    "temperature": "temperature τ",
-    "batch_size": "batch size (images)",
-    "queue_size": "queue size (keys)",
-    "aug_strength": "augmentation strength (0 = identity, 1 = SimCLR recipe)",
-    "lr": "learning rate (per 256 images)",
-    "epochs": "training epochs",
-    "weight_decay": "weight decay",
-    "warmup_epochs": "warm-up (epochs)",
-    "momentum": "target EMA momentum",
-    "train_size": "training subset (images)",
-    "test_size": "test subset (images)",
-    "proj_dim": "projection dimension",
-    "proj_hidden_dim": "projector hidden dimension",
-    "pred_hidden_dim": "predictor hidden dimension",
-    "local_crops": "local crops (views)",
-    "swav_prototypes": "prototypes",
-    "knn_k": "k-NN neighbours k",
-    "knn_t": "k-NN temperature T",
-    "linear_epochs": "linear probe epochs",
-}
 # What the ablation figures plot against each knob: the training objective and the accuracies.
 ABLATION_PANELS: tuple[str, ...] = ("final_loss", "knn_top1", "linear_top1")
 
 
 def knob_label(knob: str) -> str:
-    return KNOB_LABELS.get(knob, knob.replace("_", " "))
+    """The knob's declared plot label (``harness.spec.KNOBS``); a column that is no knob (any more)
+    is named with spaces for underscores."""
+    return KNOBS[knob].plot_label if knob in KNOBS else knob.replace("_", " ")
 
 
 def axis_label(column: str) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.spec import METHOD_NAMES
+from harness.spec import method_declarations
 
 MIB = 2.0**20
 
@@ -51,38 +51,22 @@ EXTRA_METRICS: tuple[Metric, ...] = (
 )
 METRICS: dict[str, Metric] = {m.column: m for m in TABLE_METRICS + EXTRA_METRICS}
 
-# tab10 without its grey for the self-supervised methods (in spec.METHOD_NAMES order), greys for
-# the baselines, so a method keeps its colour in every figure of every report.
-_TAB10: tuple[str, ...] = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#bcbd22",
-    "#17becf",
-)
-_BASELINE_COLOURS: dict[str, str] = {"random_init": "#9a9a9a", "supervised": "#222222"}
-
-
 def method_colour(method: str) -> str:
-    """The colour of a method: fixed by its place in spec.METHOD_NAMES; an unknown name gets a
-    hue derived from its characters (stable across runs, unlike ``hash``)."""
-    if method in _BASELINE_COLOURS:
-        return _BASELINE_COLOURS[method]
-    trained = [m for m in METHOD_NAMES if m not in _BASELINE_COLOURS]
-    if method in trained and trained.index(method) < len(_TAB10):
-        return _TAB10[trained.index(method)]
+    """The colour a method declares (its ``SPEC.colour``), so it keeps its colour in every figure of
+    every report whatever else is compared; an unknown name (a method of a newer version in an old
+    report) gets a hue derived from its characters (stable across runs, unlike ``hash``)."""
+    declared = method_declarations().get(method)
+    if declared is not None:
+        return declared.colour
     hue = (sum(ord(c) * (i + 1) for i, c in enumerate(method)) % 360) / 360.0
     r, g, b = colorsys.hls_to_rgb(hue, 0.45, 0.6)
     return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    """Sort key: spec.METHOD_NAMES order, unknown methods after, by name."""
-    return (METHOD_NAMES.index(method), "") if method in METHOD_NAMES else (len(METHOD_NAMES), str(method))
+    """Sort key: the order of ``harness.methods.METHOD_FILES``, unknown methods after, by name."""
+    names = tuple(method_declarations())
+    return (names.index(method), "") if method in names else (len(names), str(method))
 
 
 def palette(methods: list[str]) -> dict[str, str]:

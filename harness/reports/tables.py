@@ -23,7 +23,7 @@ from harness.reports.style import (
     is_finite,
     metric_decimals,
 )
-from harness.spec import UNTRAINED_METHODS
+from harness.spec import method_declarations
 
 SEARCH_TABLE_ROWS = 20
 REASON_CHARS = 300
@@ -222,7 +222,7 @@ def protocol_text(data: ReportData) -> str:
         )
 
     # Untrained baselines keep the default training knobs; their epochs are not the study's.
-    trained = trials[~trials["method"].isin(UNTRAINED_METHODS)] if "method" in trials else trials
+    trained = trials[~trials["method"].isin([n for n, m in method_declarations().items() if not m.trains])] if "method" in trials else trials
     dataset, backbone, epochs = (
         _values(trials, "dataset"),
         _values(trials, "backbone"),
