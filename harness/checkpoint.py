@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from harness.backbones import build_backbone, plain_copy
+from harness.spec import TrialConfig
 
 # Bumped whenever the layout of the state changes; older checkpoints are then skipped, not misread.
 FORMAT_VERSION = 1
@@ -72,6 +73,17 @@ class CheckpointPolicy:
     every_minutes: float = 5.0
     save_weights: bool = True
     keep_final: bool = True
+
+    @classmethod
+    def from_config(cls, config: TrialConfig, directory: Path) -> CheckpointPolicy:
+        """The policy the trial's knobs ask for, in ``directory`` (the trial's own folder)."""
+        return cls(
+            directory=Path(directory),
+            every_epochs=config.checkpoint_epochs,
+            every_minutes=config.checkpoint_minutes,
+            save_weights=config.save_weights,
+            keep_final=config.keep_final_checkpoint,
+        )
 
 
 class CheckpointProblem(Exception):

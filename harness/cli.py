@@ -29,6 +29,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "tables and plots of a study, from the database alone",
         "Write a study's comparison tables and ablation plots from the database.",
     ),
+    "weights": (
+        "harness.weights",
+        "the trained encoders of a study: list them, print one's path, or copy it",
+        "List the trials of a study that have weights (encoder.safetensors + encoder.json), or "
+        "print the path of one (--trial N, or --best METRIC), or copy it (--copy DEST).",
+    ),
     "bench": (
         "harness.bench.cli",
         "loss-kernel microbenchmarks, stored and compared to a saved baseline",

@@ -290,15 +290,23 @@ def run_trial(
     *,
     on_eval: Callable[[int, float], None] | None = None,
     progress: bool | None = None,
-    checkpoint: CheckpointPolicy | None = None,
+    checkpoint_dir: str | Path | CheckpointPolicy | None = None,
     on_curves: Callable[[list[tuple[float, int, str, float]]], None] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> TrialRecord:
     """Train and evaluate one configuration; see the module docstring for the failure contract.
 
-    ``checkpoint``: where and how often to checkpoint (None: never, and no weights written);
-    ``on_curves``: receives curve points as they are made (a resumed trial first gets the points
-    restored from its checkpoint); ``say``: one line per resume and per checkpoint skipped."""
+    ``checkpoint_dir``: the trial's own folder, checkpointed into at the cadence of its knobs
+    (``checkpoint_minutes``, ``checkpoint_epochs``) and resumed from; the encoder is written there
+    (``save_weights``). A :class:`CheckpointPolicy` sets the cadence directly. None: no
+    checkpoints, no weights. ``on_curves``: receives curve points as they are made (a resumed
+    trial first gets the points restored from its checkpoint); ``say``: one line per resume and per
+    checkpoint skipped."""
+    checkpoint = (
+        checkpoint_dir
+        if checkpoint_dir is None or isinstance(checkpoint_dir, CheckpointPolicy)
+        else CheckpointPolicy.from_config(config, Path(checkpoint_dir))
+    )
     started = utcnow()
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     curves: list[tuple[float, int, str, float]] = []

@@ -135,14 +135,14 @@ def test_capture_rng__restores_every_generator() -> None:
 def test_run_trial__killed_after_a_checkpoint_resumes_bit_identically(method: str, tmp_path: Path) -> None:
     config = _config(method)
     reference = train.run_trial(
-        config, progress=False, checkpoint=CheckpointPolicy(tmp_path / "ref", every_epochs=1)
+        config, progress=False, checkpoint_dir=CheckpointPolicy(tmp_path / "ref", every_epochs=1)
     )
     policy = CheckpointPolicy(tmp_path / "run", every_epochs=1)
     with pytest.raises(_Killed):
-        train.run_trial(config, progress=False, checkpoint=policy, on_curves=_die_at(5))
+        train.run_trial(config, progress=False, checkpoint_dir=policy, on_curves=_die_at(5))
     assert [p.name for p in TrialCheckpoints(policy.directory, {}).files()] == ["step-000000003.ckpt"]
     said: list[str] = []
-    resumed = train.run_trial(config, progress=False, checkpoint=policy, say=said.append)
+    resumed = train.run_trial(config, progress=False, checkpoint_dir=policy, say=said.append)
     assert resumed.resumed_from_step == 3 and reference.resumed_from_step is None
     assert any("resuming from checkpoint" in line and "step-000000003.ckpt" in line for line in said)
     _assert_same_results(reference, resumed)
@@ -160,18 +160,18 @@ def test_run_trial__resumes_mid_epoch_and_from_the_previous_when_the_newest_is_t
 ) -> None:
     config = _config("swav")
     reference = train.run_trial(
-        config, progress=False, checkpoint=CheckpointPolicy(tmp_path / "ref", every_epochs=1)
+        config, progress=False, checkpoint_dir=CheckpointPolicy(tmp_path / "ref", every_epochs=1)
     )
     # A checkpoint after every step (every_minutes ~ 0): they fall mid-epoch too.
     policy = CheckpointPolicy(tmp_path / "run", every_minutes=1e-9)
     with pytest.raises(_Killed):
-        train.run_trial(config, progress=False, checkpoint=policy, on_curves=_die_at(6))
+        train.run_trial(config, progress=False, checkpoint_dir=policy, on_curves=_die_at(6))
     names = [p.name for p in TrialCheckpoints(policy.directory, {}).files()]
     assert names == ["step-000000005.ckpt", "step-000000004.ckpt"]  # step 6's write never happened
     newest = policy.directory / names[0]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     said: list[str] = []
-    resumed = train.run_trial(config, progress=False, checkpoint=policy, say=said.append)
+    resumed = train.run_trial(config, progress=False, checkpoint_dir=policy, say=said.append)
     assert "step-000000005.ckpt is damaged" in said[0]
     assert "step-000000004.ckpt (step 4, 1 step(s) into epoch 2)" in said[1]
     assert resumed.resumed_from_step == 4
@@ -181,7 +181,7 @@ def test_run_trial__resumes_mid_epoch_and_from_the_previous_when_the_newest_is_t
 @pytest.mark.slow
 def test_run_trial__sigterm_checkpoints_at_the_next_step_and_resumes(tmp_path: Path) -> None:
     config = _config("simclr", epochs=2)
-    reference = train.run_trial(config, progress=False, checkpoint=CheckpointPolicy(tmp_path / "ref"))
+    reference = train.run_trial(config, progress=False, checkpoint_dir=CheckpointPolicy(tmp_path / "ref"))
     policy = CheckpointPolicy(tmp_path / "run", every_minutes=0)  # no cadence: only the signal
 
     def terminate_at_step_4(points: list[tuple[float, int, str, float]]) -> None:
@@ -190,11 +190,11 @@ def test_run_trial__sigterm_checkpoints_at_the_next_step_and_resumes(tmp_path: P
 
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrialInterrupted) as stopped:
-        train.run_trial(config, progress=False, checkpoint=policy, on_curves=terminate_at_step_4)
+        train.run_trial(config, progress=False, checkpoint_dir=policy, on_curves=terminate_at_step_4)
     assert signal.getsignal(signal.SIGTERM) is previous  # the trial's handler is gone again
     assert stopped.value.signum == signal.SIGTERM
     assert stopped.value.checkpoint == policy.directory / "step-000000004.ckpt"
-    resumed = train.run_trial(config, progress=False, checkpoint=policy)
+    resumed = train.run_trial(config, progress=False, checkpoint_dir=policy)
     assert resumed.resumed_from_step == 4
     _assert_same_results(reference, resumed)
 
@@ -202,15 +202,15 @@ def test_run_trial__sigterm_checkpoints_at_the_next_step_and_resumes(tmp_path: P
 def test_run_trial__failed_trial_leaves_no_checkpoint(tmp_path: Path) -> None:
     policy = CheckpointPolicy(tmp_path, every_minutes=1e-9)
     record = train.run_trial(
-        _config("simclr", optimizer="sgd", epochs=1, lr=1e30), progress=False, checkpoint=policy
+        _config("simclr", optimizer="sgd", epochs=1, lr=1e30), progress=False, checkpoint_dir=policy
     )
     assert record.status == "failed" and "diverged" in (record.reason or "")
     assert record.weights_path is None and list(tmp_path.glob("*.ckpt")) == []
 
 
 def test_run_trial__without_save_weights_writes_no_encoder(tmp_path: Path) -> None:
-    policy = CheckpointPolicy(tmp_path, save_weights=False, keep_final=False)
-    record = train.run_trial(_config("simclr", epochs=1, train_size=64), progress=False, checkpoint=policy)
+    config = _config("simclr", epochs=1, train_size=64, save_weights=False, keep_final_checkpoint=False)
+    record = train.run_trial(config, progress=False, checkpoint_dir=tmp_path)
     assert record.status == "complete" and record.weights_path is None
     assert list(tmp_path.iterdir()) == []
 

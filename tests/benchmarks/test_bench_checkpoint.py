@@ -67,7 +67,7 @@ def test_checkpoint_cost__default_cadence_and_every_epoch_vs_none(benchmark: pyt
                 with tempfile.TemporaryDirectory() as folder:
                     policy = make_policy(Path(folder)) if make_policy else None
                     start = time.perf_counter()
-                    record = run_trial(config, progress=False, checkpoint=policy)
+                    record = run_trial(config, progress=False, checkpoint_dir=policy)
                     wall = time.perf_counter() - start
                 assert record.status == "complete", record.reason
                 results[name].append((wall, record.checkpoint_seconds, record.summary["train_seconds"]))
