@@ -16,10 +16,14 @@ __all__ = [
     "BACKBONES",
     "BackboneFactory",
     "ConvBatchNorm2d",
+    "VisionTransformerEncoder",
     "build_backbone",
     "plain_copy",
     "resnet18",
+    "resnet50",
     "small_cnn",
+    "vit_patch_size",
+    "vit_small",
 ]
 
 BackboneFactory = Callable[..., tuple[nn.Module, int]]
@@ -157,32 +161,125 @@ def small_cnn(
     return module, 256
 
 
-def resnet18(in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True) -> tuple[nn.Module, int]:
-    """torchvision's ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) and no
-    classifier. Features ``(B, 512)``; 1 or 3 channels, any input size >= 8 px (28, 32, 96 ...).
+# At and above this input side, ResNets take torchvision's ImageNet stem (7x7 stride 2 + max-pool);
+# below, the CIFAR stem (3x3 stride 1, no max-pool), as SimCLR/solo-learn do for 32 and 96 px.
+IMAGENET_STEM_MIN_SIZE = 128
 
-    ``fused_stem`` computes the stem's convolution and batch norm as one :class:`ConvBatchNorm2d`
-    in ``conv1`` (``bn1`` becomes the identity); ``False`` keeps torchvision's two layers."""
-    _check("resnet18", in_channels, image_size, 8)
-    from torchvision.models import resnet18 as tv_resnet18  # a torch extension; imported on use
 
-    module = tv_resnet18(weights=None)
-    stem_conv = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+def _resnet(
+    name: str, builder: Callable[..., nn.Module], in_channels: int, image_size: int, fused_stem: bool
+) -> nn.Module:
+    _check(name, in_channels, image_size, 8)
+    module = builder(weights=None)
+    kernel, stride, padding = (7, 2, 3) if image_size >= IMAGENET_STEM_MIN_SIZE else (3, 1, 1)
+    stem_conv = nn.Conv2d(in_channels, 64, kernel_size=kernel, stride=stride, padding=padding, bias=False)
     nn.init.kaiming_normal_(stem_conv.weight, mode="fan_out", nonlinearity="relu")
     if fused_stem:
-        fused = ConvBatchNorm2d(in_channels, 64)
+        # Exact at every size; it only saves work where a patch (C_in*k*k) is smaller than the 64
+        # output channels (the 3x3 stems, and the 7x7 stem on grayscale): elsewhere it runs the layers.
+        fused = ConvBatchNorm2d(in_channels, 64, kernel, stride=stride, padding=padding)
         fused.conv = stem_conv
         module.conv1, module.bn1 = fused, nn.Identity()
     else:
         module.conv1 = stem_conv
-    module.maxpool = nn.Identity()
+    if image_size < IMAGENET_STEM_MIN_SIZE:
+        module.maxpool = nn.Identity()
     module.fc = nn.Identity()
-    return module, 512
+    module.image_size = image_size
+    return module
+
+
+def resnet18(in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True) -> tuple[nn.Module, int]:
+    """torchvision's ResNet-18 without classifier. Features ``(B, 512)``; 1 or 3 channels, any
+    input size >= 8 px. Below 128 px the CIFAR stem (3x3 conv, stride 1, no max-pool), from 128 px
+    torchvision's own (7x7 stride 2, max-pool).
+
+    ``fused_stem`` computes the stem's convolution and batch norm as one :class:`ConvBatchNorm2d`
+    in ``conv1`` (``bn1`` becomes the identity); ``False`` keeps torchvision's two layers."""
+    from torchvision.models import resnet18 as tv_resnet18  # a torch extension; imported on use
+
+    return _resnet("resnet18", tv_resnet18, in_channels, image_size, fused_stem), 512
+
+
+def resnet50(in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True) -> tuple[nn.Module, int]:
+    """torchvision's ResNet-50 (bottleneck blocks) without classifier. Features ``(B, 2048)``; the
+    stems and ``fused_stem`` as :func:`resnet18`."""
+    from torchvision.models import resnet50 as tv_resnet50
+
+    return _resnet("resnet50", tv_resnet50, in_channels, image_size, fused_stem), 2048
+
+
+def vit_patch_size(image_size: int) -> int:
+    """ViT-S's patch side for an input side: 16 from 160 px (ViT-S/16 at 224: 14x14 patches), 8
+    from 64 px (96 px: 12x12), else 4 (32 px: 8x8; 28 px: 7x7)."""
+    return 16 if image_size >= 160 else 8 if image_size >= 64 else 4
+
+
+class VisionTransformerEncoder(nn.Module):
+    """torchvision's ``VisionTransformer`` as an encoder: the class token's final features.
+
+    Other input sizes than the one built for (multi-crop's local views) work as in DINO: the
+    position embeddings of the patch grid are interpolated (bicubic) to the input's grid, and a
+    side that is not a multiple of the patch drops its last partial patch, as the strided patch
+    convolution does. Parameters are torchvision's (``vit.conv_proj``, ``vit.class_token``,
+    ``vit.encoder.*``), so a state dict loads into ``torchvision.models.VisionTransformer``."""
+
+    def __init__(
+        self, in_channels: int, image_size: int, patch_size: int, *, depth: int, heads: int, hidden: int, mlp: int
+    ) -> None:
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        self.vit = VisionTransformer(image_size, patch_size, depth, heads, hidden, mlp)
+        if in_channels != 3:
+            conv = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
+            # torchvision's initialization of the patch projection (LeCun normal, zero bias).
+            nn.init.trunc_normal_(conv.weight, std=(1.0 / (in_channels * patch_size * patch_size)) ** 0.5)
+            nn.init.zeros_(conv.bias)
+            self.vit.conv_proj = conv
+        self.vit.heads = nn.Identity()
+        self.patch_size = patch_size
+        self.image_size = image_size
+        self.grid = image_size // patch_size
+
+    def _position(self, rows: int, cols: int) -> Tensor:
+        pos = self.vit.encoder.pos_embedding
+        if (rows, cols) == (self.grid, self.grid):
+            return pos
+        cls, patches = pos[:, :1], pos[:, 1:]
+        hidden = patches.shape[-1]
+        grid = patches.reshape(1, self.grid, self.grid, hidden).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, rows * cols, hidden)], dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] < self.patch_size or x.shape[-2] < self.patch_size:
+            raise ValueError(f"vit: input {tuple(x.shape)} is smaller than one {self.patch_size}x{self.patch_size} patch")
+        vit = self.vit
+        tokens = vit.conv_proj(x)
+        rows, cols = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        tokens = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), tokens], dim=1)
+        tokens = vit.encoder.dropout(tokens + self._position(rows, cols))
+        return vit.encoder.ln(vit.encoder.layers(tokens))[:, 0]
+
+
+def vit_small(in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True) -> tuple[nn.Module, int]:
+    """ViT-S (12 layers, 6 heads, width 384, MLP 1536) with the patch size of
+    :func:`vit_patch_size`; features ``(B, 384)`` (the class token). Any input size >= 8 px.
+    ``fused_stem`` is accepted for the common signature; a ViT has no batch-norm stem to fuse."""
+    _check("vit_small", in_channels, image_size, 8)
+    module = VisionTransformerEncoder(
+        in_channels, image_size, vit_patch_size(image_size), depth=12, heads=6, hidden=384, mlp=1536
+    )
+    return module, 384
 
 
 BACKBONES: dict[str, BackboneFactory] = {
     "small_cnn": small_cnn,
     "resnet18": resnet18,
+    "resnet50": resnet50,
+    "vit_small": vit_small,
 }
 
 
@@ -201,7 +298,8 @@ def plain_copy(name: str, module: nn.Module) -> nn.Module:
     resnet18, the seed's ``0``/``1`` for small_cnn), for a checkpoint used outside the harness."""
     stem = next(m for m in module.modules() if isinstance(m, ConvBatchNorm2d | nn.Conv2d))
     conv = stem.conv if isinstance(stem, ConvBatchNorm2d) else stem
-    plain, _ = build_backbone(name, conv.in_channels, 32, fused_stem=False)
+    # The stem (resnets) and the position embeddings (ViT) depend on the size built for.
+    plain, _ = build_backbone(name, conv.in_channels, int(getattr(module, "image_size", 32)), fused_stem=False)
     source = [*module.parameters(), *module.buffers()]
     target = [*plain.parameters(), *plain.buffers()]
     if [t.shape for t in source] != [t.shape for t in target]:

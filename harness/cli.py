@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export.
+"""The ``harness`` command: run, status, report, bench, export, data.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -40,6 +40,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "loss-kernel microbenchmarks, stored and compared to a saved baseline",
         "Time the loss kernels (reference and fast implementations), store the results and "
         "compare them to a saved baseline with a regression gate.",
+    ),
+    "data": (
+        "harness.data.cli",
+        "prepare image-folder datasets as memory-mappable shards, and inspect them",
+        "Decode an image folder (imagefolder, imagenet100) once into uint8 shards at a chosen "
+        "resolution, where trials look for them; or show whether they are prepared and up to date.",
     ),
 }
 
@@ -83,6 +89,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from harness.spec import DEFAULT_TRIAL_LIMIT
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
@@ -115,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
+    )
+    run.add_argument(
+        "--trial-limit",
+        type=_positive_int,
+        default=DEFAULT_TRIAL_LIMIT,
+        metavar="N",
+        help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
     )
     run.add_argument(
         "--retry-failed",
@@ -232,7 +246,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study.store import check_kind, existing_rows
 
     try:
-        study = load_study(args.study)
+        study = load_study(args.study, max_trials=args.trial_limit)
         problems = search_problems(study)
         if problems:
             raise SpecError(problems)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.data.stream import iter_batches
 from harness.losses import alignment, uniformity
 
 __all__ = [
@@ -68,8 +69,10 @@ def extract_features(
     encoder.eval()
     try:
         chunks = []
-        for start in range(0, images_uint8.shape[0], batch_size):
-            batch = images_uint8[start : start + batch_size].to(device, non_blocking=True)
+        # Images on another device (host memory, a memory-mapped shard) are streamed: the next
+        # chunks are gathered and copied while this one runs.
+        slices = [slice(start, start + batch_size) for start in range(0, images_uint8.shape[0], batch_size)]
+        for batch in iter_batches(images_uint8, slices, device):
             # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction, one division.
             x = (batch.float() - shift) / scale
             with autocast:

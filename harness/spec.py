@@ -31,8 +31,16 @@ import yaml
 # ----------------------------------------------------------------------------------------------
 # Knob declarations
 
-BACKBONE_NAMES: tuple[str, ...] = ("small_cnn", "resnet18")
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits")
+BACKBONE_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_small")
+DATASET_NAMES: tuple[str, ...] = (
+    "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits", "imagefolder", "imagenet100",
+)
+# What the encoder pretrains on; k-NN and the probe always use the labeled train and test splits.
+PRETRAIN_SPLITS: tuple[str, ...] = ("train", "unlabeled", "train+unlabeled")
+# Augmentation presets: the seed notebook's recipe at every size, or the papers' by resolution.
+AUG_PRESETS: tuple[str, ...] = ("seed", "paper")
+# What preparing an image folder does with an unreadable image.
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
 # (train, test) images of each dataset's full splits, where fixed: train_size/test_size above them
 # are refused in validation rather than at run time.
 DATASET_SIZES: dict[str, tuple[int, int]] = {
@@ -63,8 +71,10 @@ OBJECTIVE_METRICS: tuple[str, ...] = (
     "train_img_per_s",
 )
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize")
-# Largest integer a knob or seed may take: the databases store 64-bit signed integers.
+# Largest integer a knob may take: the databases store 64-bit signed integers.
 MAX_INT = 2**63 - 1
+# Seeds: 32 bits, what every generator (torch, NumPy, Python) takes and a person writes.
+MAX_SEED = 2**32 - 1
 
 KNOB_GROUPS: tuple[str, ...] = ("what", "swept", "training", "method", "execution", "evaluation")
 
@@ -204,13 +214,15 @@ class TrialConfig:
     )
     backbone: str = knob(
         "small_cnn",
-        "encoder: `small_cnn` (the seed notebook's CNN) or `resnet18` (CIFAR-style stem)",
+        "encoder: `small_cnn` (the seed notebook's CNN), `resnet18`/`resnet50` (CIFAR stem below 128 px, "
+        "ImageNet stem from 128 px) or `vit_small` (ViT-S, patch 4/8/16 at <64/<160/>=160 px)",
         group="what",
         choices=BACKBONE_NAMES,
     )
     dataset: str = knob(
         "fashion-mnist",
-        "the dataset (same as the top-level `dataset:`); `synthetic` is generated, needs no files",
+        "the dataset (same as the top-level `dataset:`); `synthetic` is generated, needs no files; "
+        "`imagefolder`/`imagenet100` read `data_root` through prepared shards (docs/DATA.md)",
         group="what",
         choices=DATASET_NAMES,
     )
@@ -234,6 +246,30 @@ class TrialConfig:
         check=at_least(2),
         label="test subset (images)",
     )
+    pretrain_split: str = knob(
+        "train",
+        "what the encoder trains on: the labeled `train` split, the `unlabeled` split (STL-10, an image "
+        "folder's unlabeled/) or `train+unlabeled`; k-NN and the probe use the labeled train/test splits",
+        group="what",
+        choices=PRETRAIN_SPLITS,
+        legacy="train",
+        training=True,
+    )
+    image_size: int | None = knob(
+        None,
+        "side of the images of `imagefolder`/`imagenet100` shards (shorter side resized, centre crop); "
+        "null = 224; other datasets keep their own size",
+        group="what",
+        check=at_least(8),
+        legacy=None,
+    )
+    on_bad_image: str = knob(
+        "skip",
+        "preparing an image folder: `skip` unreadable images (counted, listed in the shard) or stop with an `error`",
+        group="what",
+        choices=BAD_IMAGE_POLICIES,
+        legacy="skip",
+    )
     # the swept ones
     temperature: float = knob(
         0.5, "softmax temperature of the contrastive losses", group="swept", check=above(0), label="temperature τ"
@@ -254,6 +290,15 @@ class TrialConfig:
         group="swept",
         check=within(0, 2),
         label="augmentation strength (0 = identity, 1 = SimCLR recipe)",
+        training=True,
+    )
+    aug_preset: str = knob(
+        "seed",
+        "augmentation recipe family: `seed` (the seed notebook's at every size) or `paper` (SimCLR/BYOL/"
+        "DINO's by resolution: crop area from 0.08, blur only from 96 px); `aug_strength` scales either",
+        group="swept",
+        choices=AUG_PRESETS,
+        legacy="seed",
         training=True,
     )
     # training
@@ -334,6 +379,14 @@ class TrialConfig:
         "channels-last (NHWC) activations: faster convolutions with cuDNN and with oneDNN on the CPU",
         group="execution",
     )
+    resident_share: float = knob(
+        0.5,
+        "share of the device memory (RAM on the CPU) a dataset may take to stay resident; a larger one "
+        "streams from host memory with prefetch (same results)",
+        group="execution",
+        check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+        identity=False,
+    )
     compile: bool = knob(False, "`torch.compile` the backbone", group="execution")
     loss_impl: str = knob(
         "fast",
@@ -345,7 +398,7 @@ class TrialConfig:
         0,
         "set by the top-level `seeds:` list, never in `fixed:`/`grid:`",
         group="execution",
-        check=within(0, MAX_INT),
+        check=within(0, MAX_SEED),
         identity=False,
     )
     # Checkpoints and weights: how a trial is kept, not what it computes, so outside its identity; a
@@ -591,9 +644,9 @@ def _describe(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, Mapping):
-        return "a mapping"
+        return "a mapping" if value else "an empty mapping"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     return type(value).__name__
 
 
@@ -611,12 +664,13 @@ def coerce_knob(name: str, value: Any) -> tuple[Any, str | None]:
     if base is bool:
         return (value, None) if isinstance(value, bool) else (None, label)
     if base is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_INT:
-                return int(value), None
             return None, label
-        if abs(value) > MAX_INT:
-            return None, f"{label.split(' or ')[0]} that fits in 64 bits"
+        if abs(value) > MAX_INT:  # the databases store 64-bit integers
+            bounded = declared.check is not None and declared.check.expected.startswith("in [")
+            return None, declared.expected if bounded else f"{declared.expected} that fits in 64 bits"
         return value, None
     if base is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -849,18 +903,47 @@ _StudyLoader.add_implicit_resolver(
 )
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and validate a study file; raises SpecError listing every problem."""
+def load_study(path: str | Path, *, max_trials: int | None = None) -> Study:
+    """Read and validate a study file; raises SpecError listing every problem. ``max_trials``: see
+    :func:`parse_study`."""
     file = Path(path)
     try:
-        text = file.read_text()
+        data = file.read_bytes()
     except OSError as error:
         raise SpecError([f"{file}: cannot read the study file ({error.strerror or error})"]) from None
-    return parse_study(text, source=str(file))
+    return parse_study(decode_study_text(data, str(file)), source=str(file), max_trials=max_trials)
 
 
-def parse_study(text: str, source: str = "<study>") -> Study:
-    """Validate the text of a study file; raises SpecError listing every problem."""
+def decode_study_text(data: bytes, source: str) -> str:
+    """A study file's bytes as text: UTF-8 (a UTF-8 byte-order mark is allowed), else a SpecError
+    that says what the bytes look like."""
+    for bom, encoding in ((b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"), (b"\x00\x00\xfe\xff", "UTF-32")):
+        if data.startswith(bom):
+            raise SpecError([f"{source}: the file is {encoding} (it starts with a byte-order mark); expected UTF-8 text"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        bad = data[error.start : error.start + 1].hex()
+        line = data[: error.start].count(b"\n") + 1
+        raise SpecError(
+            [f"{source}: line {line}: byte 0x{bad} is not UTF-8 (is the file Latin-1 or binary?); expected UTF-8 text"]
+        ) from None
+
+
+# The most trials one study file may expand to unless ``harness run --trial-limit`` raises it:
+# counted before anything is expanded, so a 10^6-point grid is refused at once instead of filling
+# memory (a search's n_trials is held to the same limit).
+DEFAULT_TRIAL_LIMIT = 10_000
+MAX_STUDY_NAME = 100  # fits every backend's column (200) and a file name (255 bytes) with room
+
+
+def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = None) -> Study:
+    """Validate the text of a study file; raises SpecError listing every problem.
+
+    ``max_trials``: refuse a file whose grid/ablation (times its seeds) or search (``n_trials``)
+    has more trials, counted before anything is expanded (``harness run`` passes
+    ``DEFAULT_TRIAL_LIMIT`` or its ``--trial-limit``); None: no limit (a study already stored).
+    """
     problems = _Problems(source)
     try:
         data = yaml.load(text, Loader=_StudyLoader)
@@ -881,6 +964,9 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     name = data.get("study")
     if not isinstance(name, str) or not name.strip():
         problems.add("study", f"found {_describe(name)}, expected {_TOP_KEYS['study']}")
+        name = ""
+    elif len(name) > MAX_STUDY_NAME:
+        problems.add("study", f"found a name of {len(name)} characters, expected at most {MAX_STUDY_NAME}")
         name = ""
     elif not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
         problems.add(
@@ -916,6 +1002,8 @@ def parse_study(text: str, source: str = "<study>") -> Study:
 
     points: list[dict[str, Any]] = []
     search: SearchSpec | None = None
+    if max_trials is not None and not _within_trial_limit(kind, data, seeds, max_trials, problems):
+        raise SpecError(problems.items)
     if kind in ("grid", "ablate") and kind in data:
         sweep = _validate_knob_mapping(data[kind], kind, problems, lists=True)
         if kind == "grid":
@@ -954,17 +1042,50 @@ def parse_study(text: str, source: str = "<study>") -> Study:
     )
 
 
+def _within_trial_limit(kind: str, data: Mapping[str, Any], seeds: Sequence[int], limit: int, problems: _Problems) -> bool:
+    """Count the trials a file asks for from the list lengths alone; False (with the problem) above
+    ``limit``."""
+    sweep = data.get(kind)
+    if kind == "search":
+        n_trials = sweep.get("n_trials") if isinstance(sweep, Mapping) else None
+        if isinstance(n_trials, int) and not isinstance(n_trials, bool) and n_trials > limit:
+            problems.add(
+                "search.n_trials",
+                f"found {n_trials}, more than the limit of {limit} trials; expected at most {limit} "
+                "(harness run --trial-limit N raises it)",
+            )
+            return False
+        return True
+    if not isinstance(sweep, Mapping):
+        return True
+    lengths = {str(k): len(v) for k, v in sweep.items() if isinstance(v, list)}
+    points = math.prod(lengths.values()) if kind == "grid" else 1 + sum(lengths.values())
+    total = points * max(len(seeds), 1)
+    if total <= limit:
+        return True
+    factors = " x ".join(f"{length} {kind}.{k}" for k, length in lengths.items())
+    how = factors if kind == "grid" else f"1 + {' + '.join(f'{n} {kind}.{k}' for k, n in lengths.items())}"
+    problems.add(
+        kind,
+        f"expands to {total:,} trials ({how}, times {len(seeds)} seeds), more than the limit of {limit:,}; "
+        "expected fewer values (harness run --trial-limit N raises the limit)",
+    )
+    return False
+
+
 def _validate_seeds(raw: Any, problems: _Problems) -> list[int]:
     if not isinstance(raw, list) or not raw:
         problems.add("seeds", f"found {_describe(raw)}, expected a non-empty list of integers")
         return [0]
     seeds: list[int] = []
+    seen: set[int] = set()  # a set: a list of a million seeds must not cost a million squared
     for i, seed in enumerate(raw):
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            problems.add(f"seeds[{i}]", f"found {_describe(seed)}, expected an integer >= 0")
-        elif seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            problems.add(f"seeds[{i}]", f"found {_describe(seed)}, expected an integer in [0, {MAX_SEED}]")
+        elif seed in seen:
             problems.add(f"seeds[{i}]", f"found {seed} twice, expected distinct seeds")
         else:
+            seen.add(seed)
             seeds.append(seed)
     return seeds
 
@@ -1073,7 +1194,8 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
     if not isinstance(enqueue_raw, list):
         problems.add("search.enqueue", f"found {_describe(enqueue_raw)}, expected a list of mappings knob: value")
     else:
-        names = {p.name for p in space}
+        by_name = {p.name: p for p in space}
+        names = set(by_name)
         for i, point in enumerate(enqueue_raw):
             path = f"search.enqueue[{i}]"
             if not isinstance(point, Mapping):
@@ -1087,7 +1209,9 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
                         problems.add(f"{path}.{knob}", f"not in search.space, expected one of {', '.join(sorted(names))}")
                     continue
                 ok, coerced = _validate_value(str(knob), value, f"{path}.{knob}", problems)
-                if ok:
+                if ok and (outside := _outside_space(by_name[str(knob)], coerced)):
+                    problems.add(f"{path}.{knob}", f"found {_describe(value)}, expected {outside}")
+                elif ok:
                     clean[str(knob)] = coerced
             enqueue.append(clean)
     return SearchSpec(
@@ -1099,6 +1223,16 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
         space=tuple(space),
         enqueue=tuple(enqueue),
     )
+
+
+def _outside_space(param: SearchParam, value: Any) -> str | None:
+    """None if ``value`` is a point of the dimension, else what it should be (Optuna only warns
+    about an enqueued value outside the space, then samples it anyway)."""
+    if param.choices is not None:
+        return None if value in param.choices else f"one of the search.space choices {list(param.choices)}"
+    if param.low is not None and param.high is not None and not param.low <= value <= param.high:
+        return f"a value in the search.space range [{param.low}, {param.high}]"
+    return None
 
 
 def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Problems) -> SearchParam | None:

@@ -43,7 +43,7 @@ from harness.checkpoint import (
     restore_rng,
     write_encoder,
 )
-from harness.data import ImageDataset, load_dataset, make_views
+from harness.data import FOLDER_DATASETS, ImageDataset, fits_on_device, iter_batches, load_dataset, make_views
 from harness.db.models import SUMMARY_METRICS, utcnow
 from harness.methods import METHODS
 from harness.methods.base import Method
@@ -121,15 +121,66 @@ _DATASETS: dict[tuple[Any, ...], ImageDataset] = {}
 
 
 def _dataset(config: TrialConfig, split: str, size: int | None, device: torch.device) -> ImageDataset:
-    """The dataset split on the device, kept for the next trial of the same process."""
-    key = (config.dataset, split, config.data_root, size, str(device))
+    """The dataset split, kept for the next trial of the same process: resident on the device when
+    it fits in ``resident_share`` of the device memory, else streamed from host memory."""
+    options = (
+        {"image_size": config.image_size, "on_bad_image": config.on_bad_image}
+        if config.dataset in FOLDER_DATASETS
+        else {}
+    )
+    key = (
+        config.dataset,
+        split,
+        config.data_root,
+        size,
+        str(device),
+        config.resident_share,
+        *options.values(),
+    )
     if key not in _DATASETS:
         if len(_DATASETS) >= 4:
             _DATASETS.pop(next(iter(_DATASETS)))
-        _DATASETS[key] = load_dataset(
-            config.dataset, split, root=config.data_root, size=size, device=device, seed=SUBSET_SEED
+        loaded = load_dataset(
+            config.dataset, split, root=config.data_root, size=size, device="cpu", seed=SUBSET_SEED, **options
         )
+        fits = fits_on_device(
+            loaded.images.numel() * loaded.images.element_size(), device, config.resident_share
+        )
+        _DATASETS[key] = loaded.resident(device) if fits else loaded.streaming(device)
     return _DATASETS[key]
+
+
+def _pretraining_dataset(config: TrialConfig, train: ImageDataset, device: torch.device) -> ImageDataset:
+    """The split the encoder trains on (``pretrain_split``): the labeled train split itself, the
+    unlabeled split, or both (STL-10's usual train+unlabeled); ``train_size`` applies to each."""
+    if config.pretrain_split == "train":
+        return train
+    unlabeled = _dataset(config, "unlabeled", config.train_size, device)
+    if config.pretrain_split == "unlabeled":
+        return unlabeled
+    if train.streamed or unlabeled.streamed:
+        host = torch.cat([train.images.cpu(), unlabeled.images.cpu()])
+        return ImageDataset(
+            host,
+            torch.cat([train.labels, unlabeled.labels]),
+            train.num_classes,
+            train.name,
+            "train+unlabeled",
+            train.mean,
+            train.std,
+            train.class_names,
+            streamed=True,
+        )
+    return ImageDataset(
+        torch.cat([train.images, unlabeled.images]),
+        torch.cat([train.labels, unlabeled.labels]),
+        train.num_classes,
+        train.name,
+        "train+unlabeled",
+        train.mean,
+        train.std,
+        train.class_names,
+    )
 
 
 class _PeakMemory:
@@ -241,6 +292,7 @@ class _Context:
     device: torch.device
     train: ImageDataset
     test: ImageDataset
+    pretrain: ImageDataset
     method: Method
     autocast: torch.dtype | None
     generator: torch.Generator
@@ -374,7 +426,13 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
         torch.backends.cudnn.benchmark = True
     train = _dataset(config, "train", config.train_size, device)
     test = _dataset(config, "test", config.test_size, device)
+    pretrain = _pretraining_dataset(config, train, device)
     method_class = METHODS[config.method]
+    if method_class.uses_labels and pretrain is not train:
+        raise ValueError(
+            f"method {config.method!r} trains on labels, but pretrain_split={config.pretrain_split!r} "
+            "includes unlabeled images; use pretrain_split: train"
+        )
     channels, image_size = train.images.shape[1], train.images.shape[-1]
     method = method_class(
         config, in_channels=channels, image_size=image_size, num_classes=train.num_classes
@@ -390,6 +448,7 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
         device=device,
         train=train,
         test=test,
+        pretrain=pretrain,
         method=method,
         autocast=_autocast_dtype(config, device),
         generator=generator,
@@ -415,13 +474,14 @@ class _Checkpoints:
 
     def __init__(self, policy: CheckpointPolicy, context: _Context, say: Callable[[str], None]) -> None:
         config = context.config
-        steps_per_epoch = context.train.images.shape[0] // config.batch_size
+        images = context.pretrain.images.shape[0]
+        steps_per_epoch = images // config.batch_size
         identity = {
             "config_hash": config.config_hash,
             "seed": config.seed,
             "method": config.method,
             "device_type": context.device.type,
-            "train_images": int(context.train.images.shape[0]),
+            "train_images": int(images),
             "total_steps": steps_per_epoch * config.epochs,
         }
         self.policy = policy
@@ -502,7 +562,8 @@ def _train(
     checkpoints: _Checkpoints | None = None,
 ) -> None:
     config, device, method = context.config, context.device, context.method
-    images, labels = context.train.images, context.train.labels
+    data = context.pretrain
+    images, labels = data.images, data.labels
     n = images.shape[0]
     steps_per_epoch = n // config.batch_size
     total_steps = steps_per_epoch * config.epochs
@@ -568,20 +629,30 @@ def _train(
                     progress,
                     position.batch,
                 )
-                for batch in range(position.batch, steps_per_epoch):
+                size = config.batch_size
+                # A streamed dataset gathers on the host: one copy of the order per epoch, not per step.
+                gather_order = order.cpu() if data.streamed else order
+                batches = iter_batches(
+                    images,
+                    [gather_order[b * size : (b + 1) * size] for b in range(position.batch, steps_per_epoch)],
+                    device,
+                    stream=data.streamed,
+                )
+                for batch, batch_images in enumerate(batches, start=position.batch):
                     step = position.step
                     if step == first_step + WARMUP_STEPS or (batch == 0 and step > first_step + WARMUP_STEPS):
                         _sync(device)
                         timed_start, timed_images = time.perf_counter(), 0
-                    index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+                    index = order[batch * size : (batch + 1) * size]
                     views = make_views(
-                        images[index],
+                        batch_images,
                         method.view_recipe,
                         config.aug_strength,
                         n_local=method.n_local_crops,
                         generator=context.generator,
-                        mean=context.train.mean,
-                        std=context.train.std,
+                        mean=data.mean,
+                        std=data.std,
+                        preset=config.aug_preset,
                     )
                     if channels_last:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -691,7 +762,7 @@ def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> No
     if context.method.trainable:
         final_epoch, final_step = (
             config.epochs,
-            (context.train.images.shape[0] // config.batch_size) * config.epochs,
+            (context.pretrain.images.shape[0] // config.batch_size) * config.epochs,
         )
     else:  # an untrained encoder (random_init) is the state at epoch 0, whatever its reset knobs say
         final_epoch, final_step = 0, 0
@@ -726,8 +797,8 @@ def _alignment_uniformity(context: _Context) -> tuple[float, float]:
     generator = torch.Generator(device=context.device)
     generator.manual_seed(context.config.seed + 1)
     first, second = [], []
-    for start in range(0, context.test.images.shape[0], EVAL_BATCH_SIZE):
-        batch = context.test.images[start : start + EVAL_BATCH_SIZE]
+    chunks = [slice(start, start + EVAL_BATCH_SIZE) for start in range(0, len(context.test), EVAL_BATCH_SIZE)]
+    for batch in iter_batches(context.test.images, chunks, context.device, stream=context.test.streamed):
         views = make_views(
             batch,
             "simclr",

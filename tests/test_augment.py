@@ -454,3 +454,58 @@ def test_two_views__cpu_generator_with_cuda_images() -> None:
     a = two_views(x, 1.0, generator=gen(2))
     b = two_views(x, 1.0, generator=gen(2))
     assert a[0].is_cuda and torch.equal(a[0], b[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets: the seed recipe everywhere, or the papers' by resolution
+
+
+def test_view_recipes__seed_preset_is_the_default() -> None:
+    from harness.data.augment import view_recipes
+
+    for recipe in ("simclr", "byol", "multicrop"):
+        assert view_recipes(recipe, 1.0, channels=3, image_size=32) == view_recipes(
+            recipe, 1.0, channels=3, image_size=32, preset="seed"
+        )
+
+
+@pytest.mark.parametrize(("size", "blur_p", "kernel"), [(32, 0.0, 3), (96, 0.5, 9), (224, 0.5, 23)])
+def test_view_recipes__paper_simclr_by_resolution(size: int, blur_p: float, kernel: int) -> None:
+    from harness.data.augment import view_recipes
+
+    first, second = view_recipes("simclr", 1.0, channels=3, image_size=size, preset="paper")
+    assert first == second and first.scale == (0.08, 1.0) and first.blur_p == blur_p
+    assert first.blur_kernel == kernel and first.jitter_p == 0.8 and first.brightness == 0.4
+    assert first.grayscale_p == pytest.approx(0.2) and first.hue == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(("size", "blurs"), [(32, (0.0, 0.0)), (224, (1.0, 0.1))])
+def test_view_recipes__paper_byol_asymmetry_by_resolution(size: int, blurs: tuple[float, float]) -> None:
+    from harness.data.augment import view_recipes
+
+    first, second = view_recipes("byol", 1.0, channels=3, image_size=size, preset="paper")
+    assert (first.blur_p, second.blur_p) == pytest.approx(blurs)
+    assert first.solarize_p == 0.0 and second.solarize_p == pytest.approx(0.2)
+
+
+def test_view_recipes__paper_keeps_the_meaning_of_strength() -> None:
+    from harness.data.augment import local_recipe, view_recipes
+
+    for recipe in ("simclr", "byol", "multicrop"):
+        assert all(r.is_identity for r in view_recipes(recipe, 0.0, channels=3, image_size=224, preset="paper"))
+    # Halfway: the crop area bound halfway to the paper's 0.08, probabilities halved.
+    half = view_recipes("simclr", 0.5, channels=3, image_size=224, preset="paper")[0]
+    assert half.scale[0] == pytest.approx(0.54) and half.blur_p == pytest.approx(0.25)
+    assert local_recipe(1.0, channels=3, image_size=96, preset="paper").scale == pytest.approx((0.05, 0.4))
+    with pytest.raises(ValueError, match="unknown augmentation preset 'papers'"):
+        view_recipes("simclr", 1.0, preset="papers")
+
+
+def test_multi_crop__paper_at_224_is_two_global_and_six_96px_local_views() -> None:
+    from harness.data.augment import view_recipes
+
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    views = multi_crop(images, 1.0, n_local=6, generator=torch.Generator().manual_seed(0), preset="paper")
+    assert [tuple(v.shape[-2:]) for v in views] == [(224, 224)] * 2 + [(96, 96)] * 6
+    glob = view_recipes("multicrop", 1.0, channels=3, image_size=224, preset="paper")[0]
+    assert glob.scale == pytest.approx((0.4, 1.0))  # DINO's global crops

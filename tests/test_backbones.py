@@ -258,3 +258,109 @@ def test_plain_copy__resnet18_loads_into_torchvision() -> None:
     torchvision_model.conv1 = nn.Conv2d(1, 64, 3, padding=1, bias=False)
     torchvision_model.fc = nn.Identity()
     torchvision_model.load_state_dict(plain_copy("resnet18", fused).state_dict())  # strict: every key matches
+
+
+# ----------------------------------------------------------------------------------------------
+# resnet50 and vit_small
+
+
+def test_backbones__resnet_stems_by_resolution() -> None:
+    from harness.backbones import IMAGENET_STEM_MIN_SIZE
+
+    small, dim = build_backbone("resnet50", 3, 32)
+    assert dim == 2048 and small.conv1.conv.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
+    large, _ = build_backbone("resnet50", 3, IMAGENET_STEM_MIN_SIZE)
+    assert large.conv1.conv.kernel_size == (7, 7) and large.conv1.conv.stride == (2, 2)
+    assert isinstance(large.maxpool, nn.MaxPool2d)
+    # RGB 7x7 patches (147 values) exceed the 64 channels: the fused layer runs the plain layers.
+    assert not large.conv1.folds_statistics and build_backbone("resnet50", 1, 224)[0].conv1.folds_statistics
+    out = large(torch.randn(2, 3, IMAGENET_STEM_MIN_SIZE, IMAGENET_STEM_MIN_SIZE))
+    assert out.shape == (2, 2048)
+
+
+def test_plain_copy__resnet50_imagenet_stem_loads_into_torchvision() -> None:
+    from torchvision.models import resnet50 as tv_resnet50
+
+    from harness.backbones import plain_copy
+
+    fused, _ = build_backbone("resnet50", 3, 224)
+    model = tv_resnet50(weights=None)
+    model.fc = nn.Identity()
+    model.load_state_dict(plain_copy("resnet50", fused).state_dict())  # strict: torchvision's own layout
+
+
+@pytest.mark.parametrize(("size", "patch"), [(28, 4), (32, 4), (64, 8), (96, 8), (160, 16), (224, 16)])
+def test_vit_patch_size__suits_the_resolution(size: int, patch: int) -> None:
+    from harness.backbones import vit_patch_size
+
+    assert vit_patch_size(size) == patch
+
+
+def test_vit_small__equals_torchvision_vision_transformer() -> None:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    ours, dim = build_backbone("vit_small", 3, 32)
+    reference = VisionTransformer(32, 4, 12, 6, 384, 1536)
+    reference.heads = nn.Identity()
+    reference.load_state_dict(ours.vit.state_dict())
+    ours.eval(), reference.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert dim == 384
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_small__other_sizes_interpolate_the_position_embeddings() -> None:
+    torch.manual_seed(0)
+    vit, _ = build_backbone("vit_small", 1, 28)
+    assert vit(torch.randn(2, 1, 12, 12)).shape == (2, 384)  # a multi-crop local view: 3x3 patches
+    assert vit(torch.randn(2, 1, 14, 14)).shape == (2, 384)  # 14 px: the partial patch is dropped
+    pos = vit._position(7, 7)
+    assert pos is vit.vit.encoder.pos_embedding
+    # Interpolating the 7x7 grid onto itself is the identity; onto 3x3 it keeps the class token.
+    assert torch.equal(vit._position(3, 3)[:, 0], pos[:, 0])
+    with pytest.raises(ValueError, match="smaller than one 4x4 patch"):
+        vit(torch.randn(1, 1, 3, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "vit_small"])
+def test_backbones__every_method_trains_and_embeds_with_the_new_backbones(backbone: str) -> None:
+    """The method contract on small inputs: a finite loss, gradients in every backbone parameter,
+    a state-dict round trip, and eval-mode features of the declared size."""
+    from harness.data import make_views
+    from harness.methods import METHODS
+    from harness.spec import METHOD_NAMES, resolve
+
+    labels = torch.tensor([0, 1, 0, 1])  # two images per class: SupCon has positives
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in METHOD_NAMES:
+            config = resolve({
+                "method": name, "backbone": backbone, "proj_hidden_dim": 32, "proj_dim": 16, "pred_hidden_dim": 16,
+                "batch_size": 4, "swav_prototypes": 10, "dino_out_dim": 32,
+                **({"queue_size": 16} if name == "moco" else {}),
+                **({"local_crops": 2} if name in ("swav", "dino") else {}),
+            })
+            torch.manual_seed(0)
+            method = METHODS[name](config, in_channels=1, image_size=16, num_classes=2)
+            generator = torch.Generator().manual_seed(0)
+            images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=generator)
+            views = make_views(images, method.view_recipe, 1.0, n_local=method.n_local_crops, generator=generator)
+            if method.trainable:
+                method.on_train_start(10, 5)
+                loss = method.training_loss(views, labels)
+                assert torch.isfinite(loss), name
+                loss.backward()
+                for pname, param in method.backbone.named_parameters():
+                    assert param.grad is not None and torch.isfinite(param.grad).all(), (name, pname)
+            clone = METHODS[name](config, in_channels=1, image_size=16, num_classes=2)
+            clone.load_state_dict(method.state_dict())
+            method.eval(), clone.eval()
+            with torch.no_grad():
+                features = method.backbone(views[0])
+                assert features.shape == (4, {"resnet50": 2048, "vit_small": 384}[backbone])
+                assert torch.equal(features, clone.backbone(views[0])), name
+    finally:
+        torch.set_num_threads(threads)

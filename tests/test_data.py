@@ -13,6 +13,7 @@ import torch
 
 from harness.data import (
     DATASETS,
+    FOLDER_DATASETS,
     DatasetNotFoundError,
     ImageDataset,
     balanced_subset_indices,
@@ -233,7 +234,25 @@ def test_cache_dir__follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def _available(name: str) -> bool:
     if name == "fashion-mnist":
         return FASHION_DIR.is_dir()
-    return name in ("synthetic", "digits")
+    return name != "mnist"  # the others are written in their own formats by _written_root
+
+
+@pytest.fixture(scope="module")
+def _written_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data root with CIFAR-10/100 and STL-10 in their real formats and an image folder of the
+    100 ImageNet-100 classes (so `imagefolder` and `imagenet100` both read it)."""
+    from data_writers import write_cifar10, write_cifar100, write_folder, write_stl10
+
+    from harness.data.formats import imagenet100_classes
+
+    root = tmp_path_factory.mktemp("written-datasets")
+    write_cifar10(root, per_batch=4)
+    write_cifar100(root)
+    write_stl10(root)
+    classes = dict.fromkeys(imagenet100_classes(), 1)
+    write_folder(root / "train", classes, size=(12, 10))
+    write_folder(root / "val", classes, size=(10, 12), seed=1)
+    return root
 
 
 @pytest.mark.parametrize(
@@ -243,9 +262,12 @@ def _available(name: str) -> bool:
         for name in DATASETS
     ],
 )
-def test_datasets__contract(name: str) -> None:
+def test_datasets__contract(name: str, _written_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_DATA_ROOT", str(_written_root))
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(_written_root / "cache"))
+    options = {"image_size": 8} if name in FOLDER_DATASETS else {}
     for split in ("train", "test"):
-        ds = load_dataset(name, split)
+        ds = load_dataset(name, split, **options)
         assert isinstance(ds, ImageDataset)
         assert ds.images.dtype == torch.uint8 and ds.images.ndim == 4
         assert ds.labels.dtype == torch.int64 and ds.labels.shape == (len(ds),)

@@ -899,3 +899,160 @@ def test_declarations__every_later_knob_declares_a_legacy_value_of_its_own_type(
     for declared in KNOBS.values():
         if declared.legacy is not IN_IDENTITY and declared.legacy is not None:
             assert isinstance(declared.legacy, declared.base_type), declared.name
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile files: bounded expansion, encodings, long names, out-of-range values
+
+
+def test_parse_study__million_point_grid_is_refused_before_expanding() -> None:
+    knobs = ["temperature", "lr", "weight_decay", "warmup_epochs", "aug_strength", "knn_t"]
+    grid = "\n".join(f"  {k}: [{', '.join(str(0.1 + i / 100) for i in range(10))}]" for k in knobs)
+    text = f"study: bomb\nfixed: {{method: simclr}}\ngrid:\n{grid}\nseeds: [0, 1]\n"
+    with pytest.raises(SpecError) as error:
+        parse_study(text, source="bomb.yaml", max_trials=10_000)
+    message = str(error.value)
+    assert "bomb.yaml: grid: expands to 2,000,000 trials (10 grid.temperature x 10 grid.lr" in message
+    assert "more than the limit of 10,000" in message and "--trial-limit" in message
+
+
+def test_parse_study__trial_limit_counts_seeds_and_ablations() -> None:
+    seeds = ", ".join(str(i) for i in range(200))
+    ablate = "study: a\nfixed: {method: simclr}\nablate:\n  temperature: [0.1, 0.2, 0.3]\n  lr: [0.01, 0.1]\n"
+    parse_study(ablate + f"seeds: [{seeds}]\n", max_trials=1200)  # (1 + 3 + 2) x 200 = 1200
+    with pytest.raises(SpecError, match=r"ablate: expands to 1,200 trials \(1 \+ 3 ablate.temperature \+ 2 ablate.lr"):
+        parse_study(ablate + f"seeds: [{seeds}]\n", max_trials=1199)
+    many_seeds = ", ".join(str(i) for i in range(100_000))
+    with pytest.raises(SpecError, match="expands to 100,000 trials"):
+        parse_study(f"study: s\ngrid: {{method: [simclr]}}\nseeds: [{many_seeds}]\n", max_trials=10_000)
+
+
+def test_parse_study__search_n_trials_above_the_limit_is_refused() -> None:
+    text = "study: s\nsearch:\n  n_trials: 20000\n  space:\n    lr: {low: 0.001, high: 0.1, log: true}\n"
+    with pytest.raises(SpecError, match=r"search.n_trials: found 20000, more than the limit of 10000 trials"):
+        parse_study(text, max_trials=10_000)
+    assert parse_study(text).search is not None  # no limit: a study already stored is read back
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"\xff\xfes\x00t\x00", "the file is UTF-16 (it starts with a byte-order mark); expected UTF-8 text"),
+        (b"study: caf\xe9\n", "line 1: byte 0xe9 is not UTF-8 (is the file Latin-1 or binary?)"),
+        (b"study: s\ngrid: {method: [simclr]}\n\x80\x81\x82", "line 3: byte 0x80 is not UTF-8"),
+    ],
+    ids=["utf16-bom", "latin1", "random-bytes"],
+)
+def test_load_study__text_that_is_not_utf8_is_one_located_line(tmp_path: Path, data: bytes, expected: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(data)
+    with pytest.raises(SpecError) as error:
+        load_study(path)
+    [problem] = error.value.problems
+    assert problem.startswith(f"{path}: {expected}")
+
+
+def test_load_study__utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"\xef\xbb\xbfstudy: s\ngrid: {method: [simclr]}\n")
+    assert load_study(path).name == "s"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("fixed: {epochs: 1e26}", "fixed.epochs: found 1e+26, expected an integer in [0, 100000]"),
+        ("fixed: {device: 'cuda:abc'}", "expected one of auto, cpu, cuda or cuda:N (N >= 0)"),
+        ("fixed: {device: 'cuda:-1'}", "expected one of auto, cpu, cuda or cuda:N (N >= 0)"),
+        ("fixed: {train_size: 70000}", "train_size: found 70000, expected at most 60000 (the fashion-mnist split's size)"),
+        ("fixed: {test_size: 20000}", "test_size: found 20000, expected at most 10000"),
+        ("seeds: [18446744073709551616]", "seeds[0]: found 18446744073709551616, expected an integer in [0, 4294967295]"),
+        ("study2: x\nseeds: []", "seeds: found an empty list, expected a non-empty list of integers"),
+    ],
+)
+def test_parse_study__hostile_values_are_located_errors(line: str, expected: str) -> None:
+    text = f"study: s\ndataset: fashion-mnist\ngrid: {{method: [simclr]}}\n{line}\n"
+    with pytest.raises(SpecError) as error:
+        parse_study(text, source="s.yaml")
+    assert any(expected in problem for problem in error.value.problems), error.value.problems
+
+
+def test_parse_study__train_size_of_a_dataset_in_a_user_folder_is_not_bounded() -> None:
+    text = "study: s\ndataset: cifar10\nfixed: {data_root: /data/bigger, train_size: 80000}\ngrid: {method: [simclr]}\n"
+    assert parse_study(text).fixed["train_size"] == 80000
+
+
+def test_parse_study__study_name_longer_than_the_limit_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"s.yaml: study: found a name of 101 characters, expected at most 100"):
+        parse_study(f"study: {'x' * 101}\ngrid: {{method: [simclr]}}\n", source="s.yaml")
+    assert parse_study(f"study: {'x' * 100}\ngrid: {{method: [simclr]}}\n").name == "x" * 100
+
+
+def test_parse_study__enqueued_point_outside_the_space_is_refused() -> None:
+    text = (
+        "study: s\nsearch:\n  n_trials: 3\n  space:\n    lr: {low: 0.001, high: 0.1, log: true}\n"
+        "    batch_size: {choices: [64, 128]}\n  enqueue:\n    - {lr: 0.5, batch_size: 256}\n"
+    )
+    with pytest.raises(SpecError) as error:
+        parse_study(text, source="s.yaml")
+    assert error.value.problems == [
+        "s.yaml: search.enqueue[0].lr: found 0.5, expected a value in the search.space range [0.001, 0.1]",
+        "s.yaml: search.enqueue[0].batch_size: found 256, expected one of the search.space choices [64, 128]",
+    ]
+
+
+def _hostile_file(kind: str, size: int) -> bytes:
+    """One hostile study file of a family: encodings, huge lists, bombs, long names."""
+    if kind == "utf16":
+        return "study: s\ngrid: {method: [simclr]}\n".encode("utf-16")
+    if kind == "latin1":
+        return f"study: caf{'é' * size}\ngrid: {{method: [simclr]}}\n".encode("latin-1")
+    if kind == "random-bytes":
+        return bytes((i * 131 + size) % 256 for i in range(64 + size))
+    if kind == "huge-grid":
+        values = ", ".join(str(0.001 * (i + 1)) for i in range(size + 10))
+        return f"study: s\ngrid:\n  lr: [{values}]\n  temperature: [{values}]\n  weight_decay: [{values}]\nseeds: [0, 1, 2]\n".encode()
+    if kind == "huge-seeds":
+        return f"study: s\ngrid: {{method: [simclr]}}\nseeds: [{', '.join(map(str, range(20_000 + size)))}]\n".encode()
+    if kind == "alias-bomb":
+        lines = ["study: s", "a0: &a0 [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]"]
+        lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 8 + size % 4)]
+        lines += ["grid: {temperature: *a0, lr: *a0, weight_decay: *a0, knn_t: *a0, aug_strength: *a0}"]
+        return "\n".join(lines).encode()
+    if kind == "long-name":
+        return f"study: {'n' * (101 + size)}\ngrid: {{method: [simclr]}}\n".encode()
+    if kind == "huge-search":
+        return f"study: s\nsearch:\n  n_trials: {10_001 + size}\n  space:\n    lr: {{low: 0.001, high: 0.1}}\n".encode()
+    raise ValueError(kind)
+
+
+HOSTILE_KINDS = ("utf16", "latin1", "random-bytes", "huge-grid", "huge-seeds", "alias-bomb", "long-name", "huge-search")
+
+
+@pytest.mark.slow
+@settings(max_examples=24, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(HOSTILE_KINDS), size=st.integers(min_value=0, max_value=40))
+def test_cli_run__hostile_files_exit_2_with_located_lines_and_touch_nothing(
+    tmp_path_factory: pytest.TempPathFactory, kind: str, size: int
+) -> None:
+    import contextlib
+    import io
+
+    from harness.cli import main
+
+    folder = tmp_path_factory.mktemp("hostile")
+    study = folder / "hostile.yaml"
+    study.write_bytes(_hostile_file(kind, size))
+    database = folder / "existing.db"
+    database.write_bytes(b"")  # stands for a database the file must not touch
+    before = sorted(p.name for p in folder.iterdir())
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["run", str(study), "--db", str(folder / "new.db")])
+    lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+    assert code == 2, stderr.getvalue()
+    problems = [line for line in lines if line.startswith("  - ")]
+    assert problems and all(line.startswith(f"  - {study}: ") for line in problems), stderr.getvalue()
+    assert "Traceback" not in stderr.getvalue()
+    assert sorted(p.name for p in folder.iterdir()) == before, "a refused file must create nothing"
+    assert database.read_bytes() == b""

@@ -1,8 +1,9 @@
-"""Datasets as device-resident uint8 tensors, and batched on-device augmentation.
+"""Datasets as uint8 tensors (device-resident, or streamed from host memory and memory-mapped
+shards), and batched on-device augmentation.
 
 Public API::
 
-    from harness.data import load_dataset, two_views, make_views, multi_crop, normalize
+    from harness.data import load_dataset, two_views, make_views, multi_crop, normalize, iter_batches
 
 See docs/DATA.md for the datasets, the augmentation recipes and the strength table.
 """
@@ -10,6 +11,7 @@ See docs/DATA.md for the datasets, the augmentation recipes and the strength tab
 from __future__ import annotations
 
 from harness.data.augment import (
+    PRESETS,
     RECIPES,
     ViewRecipe,
     augment,
@@ -22,6 +24,7 @@ from harness.data.augment import (
 )
 from harness.data.datasets import (
     DATASETS,
+    FOLDER_DATASETS,
     SPLITS,
     DatasetNotFoundError,
     ImageDataset,
@@ -30,9 +33,12 @@ from harness.data.datasets import (
     clear_cache,
     load_dataset,
 )
+from harness.data.stream import fits_on_device, iter_batches
 
 __all__ = [
     "DATASETS",
+    "FOLDER_DATASETS",
+    "PRESETS",
     "RECIPES",
     "SPLITS",
     "DatasetNotFoundError",
@@ -42,6 +48,8 @@ __all__ = [
     "balanced_subset_indices",
     "cache_dir",
     "clear_cache",
+    "fits_on_device",
+    "iter_batches",
     "load_dataset",
     "local_recipe",
     "make_views",

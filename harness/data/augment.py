@@ -29,7 +29,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from harness.spec import AUG_PRESETS
+
 __all__ = [
+    "BLUR_MIN_SIZE",
+    "PRESETS",
     "RECIPES",
     "ViewRecipe",
     "adjust_brightness",
@@ -51,6 +55,11 @@ __all__ = [
 ]
 
 RECIPES: tuple[str, ...] = ("simclr", "byol", "multicrop")
+# ``seed``: the seed notebook's 28-px recipe at every resolution (crop area from 0.8 at s = 1, blur
+# at every size). ``paper``: the papers' recipes by resolution (crop area from 0.08, blur only from
+# BLUR_MIN_SIZE px as SimCLR/solo-learn at 32 vs 96/224; multi-crop globals from DINO's 0.4).
+PRESETS: tuple[str, ...] = AUG_PRESETS
+BLUR_MIN_SIZE = 96
 MAX_STRENGTH = 2.0
 # RandomResizedCrop's retries: sample (area, ratio) this many times, keep the first crop that fits.
 _CROP_ATTEMPTS = 10
@@ -188,9 +197,19 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) | 1)
 
 
-def _simclr_view(s: float, channels: int, image_size: int) -> ViewRecipe:
+def _check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown augmentation preset {preset!r}; expected one of {', '.join(PRESETS)}")
+
+
+def _simclr_view(s: float, channels: int, image_size: int, preset: str = "seed", min_area: float = 0.08) -> ViewRecipe:
+    _check_preset(preset)
+    paper = preset == "paper"
+    # At s = 1 the crop area starts at the paper's min_area (seed: 0.8); s = 0 always keeps the image.
+    low = max(0.08, 1.0 - (1.0 - min_area) * s) if paper else max(0.08, 1.0 - 0.2 * s)
+    blur = min(1.0, 0.5 * s) if not paper or image_size >= BLUR_MIN_SIZE else 0.0
     return ViewRecipe(
-        scale=(max(0.08, 1.0 - 0.2 * s), 1.0),
+        scale=(low, 1.0),
         log_ratio=(s * math.log(3 / 4), s * math.log(4 / 3)),
         flip_p=min(1.0, 0.5 * s),
         jitter_p=min(1.0, 0.8 * s),
@@ -199,34 +218,40 @@ def _simclr_view(s: float, channels: int, image_size: int) -> ViewRecipe:
         saturation=0.4 * s if channels == 3 else 0.0,
         hue=min(0.5, 0.1 * s) if channels == 3 else 0.0,
         grayscale_p=min(1.0, 0.2 * s) if channels == 3 else 0.0,
-        blur_p=min(1.0, 0.5 * s),
+        blur_p=blur,
         blur_sigma=(0.1, 0.1 + 1.9 * s),
         blur_kernel=blur_kernel_size(image_size),
     )
 
 
-def view_recipes(recipe: str, strength: float, *, channels: int = 1, image_size: int = 28) -> tuple[ViewRecipe, ViewRecipe]:
+def view_recipes(
+    recipe: str, strength: float, *, channels: int = 1, image_size: int = 28, preset: str = "seed"
+) -> tuple[ViewRecipe, ViewRecipe]:
     """The two (global) views' recipes at ``strength`` for ``recipe`` in :data:`RECIPES`.
 
-    ``simclr``/``multicrop``: both views are the seed notebook's SimCLR recipe scaled by strength.
+    ``simclr``/``multicrop``: both views are the SimCLR recipe scaled by strength.
     ``byol``: the same, except view 1 always blurs (p = min(1, s)) and view 2 blurs with
     p = min(1, 0.1 s) and solarizes with p = min(1, 0.2 s), as in BYOL.
+    ``preset`` (:data:`PRESETS`): ``seed`` is the seed notebook's recipe at every size; ``paper``
+    the papers' by resolution: crop area from 0.08 at s = 1 (multi-crop globals: DINO's 0.4), and
+    no blur below :data:`BLUR_MIN_SIZE` px (BYOL's blur probabilities included).
     """
     _check_recipe(recipe)
     s = _check_strength(strength)
-    base = _simclr_view(s, channels, image_size)
+    base = _simclr_view(s, channels, image_size, preset, 0.4 if recipe == "multicrop" else 0.08)
     if recipe != "byol":
         return base, base
-    first = _replace(base, blur_p=min(1.0, 1.0 * s))
-    second = _replace(base, blur_p=min(1.0, 0.1 * s), solarize_p=min(1.0, 0.2 * s))
+    blurs = preset == "seed" or image_size >= BLUR_MIN_SIZE
+    first = _replace(base, blur_p=min(1.0, 1.0 * s) if blurs else 0.0)
+    second = _replace(base, blur_p=min(1.0, 0.1 * s) if blurs else 0.0, solarize_p=min(1.0, 0.2 * s))
     return first, second
 
 
-def local_recipe(strength: float, *, channels: int = 1, image_size: int = 28) -> ViewRecipe:
+def local_recipe(strength: float, *, channels: int = 1, image_size: int = 28, preset: str = "seed") -> ViewRecipe:
     """Multi-crop's small crops: area in ``(0.05**s, 0.4**s)`` (DINO's (0.05, 0.4) at s = 1),
-    otherwise the SimCLR photometric recipe."""
+    otherwise the SimCLR photometric recipe of ``preset`` at the crops' own size."""
     s = _check_strength(strength)
-    return _replace(_simclr_view(s, channels, image_size), scale=(0.05**s, 0.4**s))
+    return _replace(_simclr_view(s, channels, image_size, preset), scale=(0.05**s, 0.4**s))
 
 
 def _replace(recipe: ViewRecipe, **changes: object) -> ViewRecipe:
@@ -522,6 +547,7 @@ def two_views(
     recipe: str = "simclr",
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    preset: str = "seed",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented, normalized float32 views ``(B, C, H, W)`` of uint8 ``images`` ``(B, C, H, W)``.
 
@@ -530,7 +556,7 @@ def two_views(
     ``"byol"`` (asymmetric blur/solarize) or ``"multicrop"`` (its two global views).
     """
     _check_images(images)
-    first, second = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2])
+    first, second = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2], preset=preset)
     v1, v2 = augment(images, (first, second), generator=generator, mean=mean, std=std)
     return v1, v2
 
@@ -545,6 +571,7 @@ def multi_crop(
     generator: torch.Generator | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    preset: str = "seed",
 ) -> list[torch.Tensor]:
     """2 global views ``(B, C, G, G)`` followed by ``n_local`` local crops ``(B, C, L, L)`` (SwAV/DINO).
 
@@ -561,12 +588,12 @@ def multi_crop(
     default_local = max(1, round(0.43 * height))
     loc = _pair(local_size, (default_local, default_local), "local_size")
     globals_ = augment(
-        images, view_recipes("multicrop", s, channels=channels, image_size=g[0]),
+        images, view_recipes("multicrop", s, channels=channels, image_size=g[0], preset=preset),
         out_size=g, generator=generator, mean=mean, std=std,
     )
     if n_local == 0:
         return globals_
-    local = local_recipe(s, channels=channels, image_size=loc[0])
+    local = local_recipe(s, channels=channels, image_size=loc[0], preset=preset)
     locals_ = augment(images, [local] * n_local, out_size=loc, generator=generator, mean=mean, std=std)
     return globals_ + locals_
 
@@ -580,13 +607,14 @@ def make_views(
     generator: torch.Generator | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    preset: str = "seed",
 ) -> list[torch.Tensor]:
     """The views the training loop feeds to a method: ``[v1, v2]`` for ``simclr``/``byol``, and
     ``[g1, g2, l1, ..., l_n_local]`` for ``multicrop``. All float32, normalized, on the images' device.
     """
     _check_recipe(recipe)
     if recipe == "multicrop":
-        return multi_crop(images, strength, n_local=n_local, generator=generator, mean=mean, std=std)
+        return multi_crop(images, strength, n_local=n_local, generator=generator, mean=mean, std=std, preset=preset)
     if n_local != 0:
         raise ValueError(f"n_local={n_local} needs recipe='multicrop', got recipe={recipe!r}")
-    return list(two_views(images, strength, generator=generator, recipe=recipe, mean=mean, std=std))
+    return list(two_views(images, strength, generator=generator, recipe=recipe, mean=mean, std=std, preset=preset))

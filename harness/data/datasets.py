@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DATASETS",
+    "FOLDER_DATASETS",
     "SPLITS",
     "DatasetNotFoundError",
     "ImageDataset",
@@ -32,10 +33,12 @@ __all__ = [
     "cache_dir",
     "clear_cache",
     "load_dataset",
+    "prepare_command",
     "read_idx",
+    "shard_for",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "test")
+SPLITS: tuple[str, ...] = ("train", "test", "unlabeled")
 
 # Where Debian's `dataset-fashion-mnist` package installs the four IDX files. A module attribute
 # (not a constant inlined in the search) so that tests can point it at an empty folder.
@@ -94,6 +97,15 @@ class ImageDataset:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     class_names: tuple[str, ...] = field(default=())
+    mapped: bool = False
+    """``images`` is a memory map of a file (a prepared shard, STL-10's binaries): nothing is in
+    memory until indexed. :meth:`resident` loads it."""
+    streamed: bool = False
+    """The images stay in host memory (or a memory map) and the labels sit on the compute device:
+    batches are gathered, prefetched and copied per step (:func:`harness.data.iter_batches`)."""
+    source: Any = None
+    """Where the images came from when that is worth recording: the :class:`ShardMeta` of a
+    prepared image folder (class counts, fingerprint, skipped files), else None."""
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -138,6 +150,19 @@ class ImageDataset:
             return self
         return _replace_tensors(self, self.images.to(device), self.labels.to(device))
 
+    def resident(self, device: str | torch.device) -> ImageDataset:
+        """The dataset loaded whole into ``device``'s memory (a memory map is read into RAM)."""
+        device = torch.device(device)
+        if self.images.device == device and not self.mapped and not self.streamed:
+            return self
+        images = self.images.to(device, copy=self.mapped and self.images.device == device)
+        return _replace_tensors(self, images, self.labels.to(device))
+
+    def streaming(self, device: str | torch.device) -> ImageDataset:
+        """The dataset with its images left in host memory (a memory map stays one) and its labels
+        on ``device``, for the streamed path."""
+        return _replace_tensors(self, self.images.cpu(), self.labels.to(device), mapped=self.mapped, streamed=True)
+
     def subset(self, size: int, *, seed: int = 0) -> ImageDataset:
         """A deterministic class-balanced subset of ``size`` images (see :func:`balanced_subset_indices`)."""
         index = balanced_subset_indices(self.labels.cpu(), size, seed=seed, name=self.name)
@@ -145,10 +170,12 @@ class ImageDataset:
         return _replace_tensors(self, self.images.index_select(0, index), self.labels.index_select(0, index))
 
 
-def _replace_tensors(ds: ImageDataset, images: torch.Tensor, labels: torch.Tensor) -> ImageDataset:
+def _replace_tensors(
+    ds: ImageDataset, images: torch.Tensor, labels: torch.Tensor, *, mapped: bool = False, streamed: bool = False
+) -> ImageDataset:
     return ImageDataset(
         images=images, labels=labels, num_classes=ds.num_classes, name=ds.name, split=ds.split,
-        mean=ds.mean, std=ds.std, class_names=ds.class_names,
+        mean=ds.mean, std=ds.std, class_names=ds.class_names, mapped=mapped, streamed=streamed, source=ds.source,
     )
 
 
@@ -402,18 +429,11 @@ def _load_fashion_mnist(split: str, *, root: str | Path | None = None, download:
 def _torchvision_dataset(
     name: str, split: str, root: str | Path | None, download: bool, folder: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, C, H, W), labels int64 (N,)) read by torchvision.datasets from a root."""
+    """(images uint8 (N, C, H, W), labels int64 (N,)) of MNIST read by torchvision from a root."""
     import torchvision.datasets as tvd
 
     def build(base: Path, allow_download: bool) -> Any:
-        train = split == "train"
-        if name == "mnist":
-            return tvd.MNIST(str(base), train=train, download=allow_download)
-        if name == "cifar10":
-            return tvd.CIFAR10(str(base), train=train, download=allow_download)
-        if name == "cifar100":
-            return tvd.CIFAR100(str(base), train=train, download=allow_download)
-        return tvd.STL10(str(base), split=split, download=allow_download)
+        return tvd.MNIST(str(base), train=split == "train", download=allow_download)
 
     roots = _candidate_roots(root)
     for base in roots:
@@ -428,46 +448,196 @@ def _torchvision_dataset(
             dataset = build(base, False)
         except RuntimeError:  # torchvision's "Dataset not found or corrupted"
             continue
-        result = _torchvision_arrays(name, dataset)
+        result = (dataset.data.unsqueeze(1).contiguous(), dataset.targets.to(torch.int64))
         with _MEMORY_LOCK:
             _MEMORY_CACHE[memory_key] = result
         return result
     if download:
-        target = _download_root(root)
-        result = _torchvision_arrays(name, build(target, True))
-        with _MEMORY_LOCK:
-            _MEMORY_CACHE[(name, split, str(target.resolve()))] = result
-        return result
+        dataset = build(_download_root(root), True)
+        return dataset.data.unsqueeze(1).contiguous(), dataset.targets.to(torch.int64)
+    raise _not_found(name, split, roots, folder)
+
+
+def _not_found(name: str, split: str, roots: Sequence[Path], folder: str) -> DatasetNotFoundError:
     looked = "".join(f"  {base / folder}\n" for base in roots) or "  (nowhere: no root given and HARNESS_DATA_ROOT unset)\n"
-    raise DatasetNotFoundError(
+    return DatasetNotFoundError(
         f"{name} ({split} split) not found; looked for a torchvision-style dataset folder in\n{looked}"
         f"Pass root=<folder containing {folder}/> (or set HARNESS_DATA_ROOT), or pass download=True "
         "where a network exists to let torchvision fetch it there."
     )
 
 
-def _torchvision_arrays(name: str, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if name == "mnist":
-        images = dataset.data.unsqueeze(1).contiguous()
-        labels = dataset.targets.to(torch.int64)
-    elif name in ("cifar10", "cifar100"):
-        images = torch.from_numpy(np.ascontiguousarray(dataset.data.transpose(0, 3, 1, 2)))
-        labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
-    else:
-        images = torch.from_numpy(np.ascontiguousarray(dataset.data))
-        labels = torch.as_tensor(dataset.labels, dtype=torch.int64)
-    return images, labels
+def _load_mnist(split: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+    """MNIST from a torchvision root (``MNIST/raw`` IDX files)."""
+    images, labels = _torchvision_dataset("mnist", split, root, download, "MNIST")
+    mean, std = _STATS["mnist"]
+    return ImageDataset(images, labels, 10, "mnist", split, mean, std, tuple(str(d) for d in range(10)))
 
 
-def _torchvision_loader(
-    name: str, folder: str, num_classes: int, class_names: tuple[str, ...]
-) -> DatasetLoader:
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10/100 (pickle batches) and STL-10 (binary files), read by harness.data.formats
+
+
+# name -> (folder, a file that marks it, number of classes, torchvision class to download with)
+_NATIVE: dict[str, tuple[str, str, int, str]] = {
+    "cifar10": ("cifar-10-batches-py", "batches.meta", 10, "CIFAR10"),
+    "cifar100": ("cifar-100-python", "meta", 100, "CIFAR100"),
+    "stl10": ("stl10_binary", "test_X.bin", 10, "STL10"),
+}
+
+
+def _native_folder(name: str, split: str, root: str | Path | None, download: bool) -> Path:
+    """The dataset's own folder: ``base/FOLDER`` or ``base`` itself for each candidate base."""
+    folder, marker, _, tv_class = _NATIVE[name]
+    roots = _candidate_roots(root)
+    for base in roots:
+        for candidate in (base / folder, base):
+            if (candidate / marker).is_file():
+                return candidate
+    if download:
+        import torchvision.datasets as tvd
+
+        target = _download_root(root)
+        kwargs: dict[str, Any] = {"split": "train"} if name == "stl10" else {"train": True}
+        getattr(tvd, tv_class)(str(target), download=True, **kwargs)
+        return target / folder
+    raise _not_found(name, split, roots, folder)
+
+
+def _load_native(name: str, split: str, root: str | Path | None, download: bool) -> ImageDataset:
+    from harness.data import formats
+
+    folder = _native_folder(name, split, root, download)
+    if split == "unlabeled" and name != "stl10":
+        raise ValueError(f"{name} has no unlabeled split (only stl10 and image folders have one)")
+    marker = folder / (f"{split}_X.bin" if name == "stl10" else _NATIVE[name][1])
+    key = (name, split, str(folder.resolve()), _source_key([marker]) if marker.is_file() else "")
+    with _MEMORY_LOCK:
+        hit = _MEMORY_CACHE.get(key)
+    if hit is None:
+        try:
+            if name == "stl10":
+                array, labels, names = formats.read_stl10(folder, split, mmap_mode="c")
+            else:
+                array, labels, names = formats.read_cifar(folder, split, hundred=name == "cifar100")
+        except FileNotFoundError as missing:
+            raise DatasetNotFoundError(f"{name} ({split} split): {missing}") from None
+        hit = (torch.from_numpy(array), torch.from_numpy(np.ascontiguousarray(labels)), names)
+        with _MEMORY_LOCK:
+            _MEMORY_CACHE[key] = hit
+    images, labels_t, names = hit
+    mean, std = _STATS[name]
+    default_names = {"cifar10": CIFAR10_CLASSES, "stl10": STL10_CLASSES}.get(name, ())
+    return ImageDataset(
+        images, labels_t, _NATIVE[name][2], name, split, mean, std, names or default_names, mapped=name == "stl10"
+    )
+
+
+def _native_loader(name: str) -> DatasetLoader:
     def load(split: str, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
-        images, labels = _torchvision_dataset(name, split, root, download, folder)
-        mean, std = _STATS[name]
-        return ImageDataset(images, labels, num_classes, name, split, mean, std, class_names)
+        return _load_native(name, split, root, download)
 
-    load.__doc__ = f"Load {name} from a torchvision-style root (folder {folder}/)."
+    load.__doc__ = f"Load {name} from its own files (folder {_NATIVE[name][0]}/)."
+    load.__name__ = f"_load_{name}"
+    return load
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders, through prepared shards
+
+# Datasets read from image folders through prepared shards (they take image_size, on_bad_image).
+FOLDER_DATASETS: tuple[str, ...] = ("imagefolder", "imagenet100")
+# Split -> folder names tried under the dataset root, in order.
+FOLDER_SPLITS: dict[str, tuple[str, ...]] = {"train": ("train",), "test": ("val", "test"), "unlabeled": ("unlabeled",)}
+DEFAULT_IMAGE_SIZE = 224
+
+
+def _split_folder(name: str, split: str, root: str | Path | None) -> Path:
+    roots = _candidate_roots(root)
+    if not roots:
+        raise DatasetNotFoundError(
+            f"{name} needs data_root (or root=, or $HARNESS_DATA_ROOT) pointing at a folder with "
+            f"train/CLASS/*.jpg and val/ or test/ likewise"
+        )
+    for base in roots:
+        for folder in FOLDER_SPLITS[split]:
+            if (base / folder).is_dir():
+                return base / folder
+    wanted = " or ".join(f"{f}/" for f in FOLDER_SPLITS[split])
+    raise DatasetNotFoundError(
+        f"{name} ({split} split): no {wanted} folder in " + ", ".join(str(b) for b in roots)
+        + " (an image folder is ROOT/train/CLASS/*.jpg|png..., ROOT/val/ or ROOT/test/ likewise, "
+        "ROOT/unlabeled/*.jpg for an unlabeled split)"
+    )
+
+
+def shard_for(
+    name: str, split: str, root: str | Path | None, image_size: int | None = None
+) -> tuple[Path, Path, tuple[str, ...] | None, int]:
+    """(source split folder, shard folder, class list or None, resolution) of an image-folder
+    dataset split: what ``harness data prepare`` and the loader agree on."""
+    from harness.data.formats import imagenet100_classes
+    from harness.data.shards import default_shard_dir
+
+    source = _split_folder(name, split, root)
+    classes = imagenet100_classes() if name == "imagenet100" and split != "unlabeled" else None
+    resolution = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
+    return source, default_shard_dir(source, resolution, tag=name), classes, resolution
+
+
+def prepare_command(name: str, split: str, root: str | Path | None, image_size: int | None) -> str:
+    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    where = f" --root {root}" if root is not None else ""
+    return f"harness data prepare {name}{where} --split {split} --image-size {size}"
+
+
+def _load_folder(
+    name: str,
+    split: str,
+    root: str | Path | None,
+    image_size: int | None,
+    on_bad_image: str,
+    workers: int | None,
+) -> ImageDataset:
+    from harness.data.shards import ensure_shard
+
+    source, shard, classes, resolution = shard_for(name, split, root, image_size)
+    images, labels, meta = ensure_shard(
+        source, shard, resolution=resolution, classes=classes, on_bad_image=on_bad_image,
+        workers=workers, command=prepare_command(name, split, root, image_size),
+    )
+    if split == "train":
+        mean, std, class_names = meta.mean, meta.std, meta.class_names
+    else:  # every split is normalized with the train split's statistics, as the built-in datasets
+        train = _load_folder(name, "train", root, image_size, on_bad_image, workers)
+        mean, std, class_names = train.mean, train.std, meta.class_names or train.class_names
+        if meta.channels != train.channels:
+            raise ValueError(
+                f"{name}: the {split} split has {meta.channels}-channel images and the train split "
+                f"{train.channels}-channel ones; convert one of them"
+            )
+    num_classes = len(class_names)
+    return ImageDataset(
+        torch.from_numpy(images), torch.from_numpy(labels), num_classes, name, split, mean, std,
+        class_names, mapped=True, source=meta,
+    )
+
+
+def _folder_loader(name: str) -> DatasetLoader:
+    def load(
+        split: str,
+        *,
+        root: str | Path | None = None,
+        download: bool = False,
+        image_size: int | None = None,
+        on_bad_image: str = "skip",
+        workers: int | None = None,
+    ) -> ImageDataset:
+        if download:
+            raise ValueError(f"{name} cannot be downloaded; point data_root at your copy")
+        return _load_folder(name, split, root, image_size, on_bad_image, workers)
+
+    load.__doc__ = f"Load {name} from an image folder through a prepared shard (see harness.data.shards)."
     load.__name__ = f"_load_{name}"
     return load
 
@@ -645,10 +815,12 @@ def _load_digits(split: str, *, root: str | Path | None = None, download: bool =
 
 DATASETS: dict[str, DatasetLoader] = {
     "fashion-mnist": _load_fashion_mnist,
-    "mnist": _torchvision_loader("mnist", "MNIST", 10, tuple(str(d) for d in range(10))),
-    "cifar10": _torchvision_loader("cifar10", "cifar-10-batches-py", 10, CIFAR10_CLASSES),
-    "cifar100": _torchvision_loader("cifar100", "cifar-100-python", 100, ()),
-    "stl10": _torchvision_loader("stl10", "stl10_binary", 10, STL10_CLASSES),
+    "mnist": _load_mnist,
+    "cifar10": _native_loader("cifar10"),
+    "cifar100": _native_loader("cifar100"),
+    "stl10": _native_loader("stl10"),
+    "imagefolder": _folder_loader("imagefolder"),
+    "imagenet100": _folder_loader("imagenet100"),
     "synthetic": _load_synthetic,
     "digits": _load_digits,
 }
