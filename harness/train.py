@@ -123,29 +123,15 @@ _DATASETS: dict[tuple[Any, ...], ImageDataset] = {}
 def _dataset(config: TrialConfig, split: str, size: int | None, device: torch.device) -> ImageDataset:
     """The dataset split, kept for the next trial of the same process: resident on the device when
     it fits in ``resident_share`` of the device memory, else streamed from host memory."""
-    options = (
-        {"image_size": config.image_size, "on_bad_image": config.on_bad_image}
-        if config.dataset in FOLDER_DATASETS
-        else {}
-    )
-    key = (
-        config.dataset,
-        split,
-        config.data_root,
-        size,
-        str(device),
-        config.resident_share,
-        *options.values(),
-    )
+    options = {"image_size": config.image_size, "on_bad_image": config.on_bad_image} if config.dataset in FOLDER_DATASETS else {}
+    key = (config.dataset, split, config.data_root, size, str(device), config.resident_share, *options.values())
     if key not in _DATASETS:
         if len(_DATASETS) >= 4:
             _DATASETS.pop(next(iter(_DATASETS)))
         loaded = load_dataset(
             config.dataset, split, root=config.data_root, size=size, device="cpu", seed=SUBSET_SEED, **options
         )
-        fits = fits_on_device(
-            loaded.images.numel() * loaded.images.element_size(), device, config.resident_share
-        )
+        fits = fits_on_device(loaded.images.numel() * loaded.images.element_size(), device, config.resident_share)
         _DATASETS[key] = loaded.resident(device) if fits else loaded.streaming(device)
     return _DATASETS[key]
 
@@ -161,25 +147,12 @@ def _pretraining_dataset(config: TrialConfig, train: ImageDataset, device: torch
     if train.streamed or unlabeled.streamed:
         host = torch.cat([train.images.cpu(), unlabeled.images.cpu()])
         return ImageDataset(
-            host,
-            torch.cat([train.labels, unlabeled.labels]),
-            train.num_classes,
-            train.name,
-            "train+unlabeled",
-            train.mean,
-            train.std,
-            train.class_names,
-            streamed=True,
+            host, torch.cat([train.labels, unlabeled.labels]), train.num_classes, train.name,
+            "train+unlabeled", train.mean, train.std, train.class_names, streamed=True,
         )
     return ImageDataset(
-        torch.cat([train.images, unlabeled.images]),
-        torch.cat([train.labels, unlabeled.labels]),
-        train.num_classes,
-        train.name,
-        "train+unlabeled",
-        train.mean,
-        train.std,
-        train.class_names,
+        torch.cat([train.images, unlabeled.images]), torch.cat([train.labels, unlabeled.labels]),
+        train.num_classes, train.name, "train+unlabeled", train.mean, train.std, train.class_names,
     )
 
 
@@ -434,9 +407,7 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
             "includes unlabeled images; use pretrain_split: train"
         )
     channels, image_size = train.images.shape[1], train.images.shape[-1]
-    method = method_class(
-        config, in_channels=channels, image_size=image_size, num_classes=train.num_classes
-    ).to(device)
+    method = method_class(config, in_channels=channels, image_size=image_size, num_classes=train.num_classes).to(device)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if config.compile:
@@ -741,9 +712,7 @@ def _check_losses(
 
 
 @torch.no_grad()
-def _intermediate_eval(
-    context: _Context, epoch: int, step: int, on_eval: Callable[[int, float], None] | None
-) -> None:
+def _intermediate_eval(context: _Context, epoch: int, step: int, on_eval: Callable[[int, float], None] | None) -> None:
     train_features = context.features(context.train)
     test_features = context.features(context.test)
     knn = context.knn(train_features, test_features)
@@ -760,10 +729,7 @@ def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> No
         test_features = context.features(context.test)
         knn = context.knn(train_features, test_features)
     if context.method.trainable:
-        final_epoch, final_step = (
-            config.epochs,
-            (context.pretrain.images.shape[0] // config.batch_size) * config.epochs,
-        )
+        final_epoch, final_step = config.epochs, (context.pretrain.images.shape[0] // config.batch_size) * config.epochs
     else:  # an untrained encoder (random_init) is the state at epoch 0, whatever its reset knobs say
         final_epoch, final_step = 0, 0
     context.curves.append((float(final_epoch), final_step, "knn_top1", knn))
