@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from harness.cli import main
+import sys
 
 if __name__ == "__main__":
+    try:
+        from harness.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while Python is still starting: no traceback
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     raise SystemExit(main())

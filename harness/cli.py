@@ -2,6 +2,8 @@
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
+This module imports only the standard library at import time: everything else is imported
+inside ``main``, where Ctrl-C during start-up is one line ("interrupted"), not a traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-
-from harness.db import DEFAULT_DB_PATH
 
 DESCRIPTION = (
     "Benchmark and ablation harness for self-supervised representation learning. A study file "
@@ -50,6 +50,34 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
 }
 
 
+def version_text() -> str:
+    """``harness 0.1.0`` (the installed distribution's version, from pyproject.toml), plus the git
+    commit of the checkout the package runs from, when it is one (``+dirty`` for local changes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from harness.provenance import git_state
+
+    try:
+        text = f"harness {version('harness')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        text = "harness (not installed)"
+    commit, dirty = git_state()
+    if commit:
+        text += f" (git {commit[:12]}{'+dirty' if dirty else ''})"
+    return text
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, computing the text only when asked (it runs git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -80,6 +108,8 @@ def _device(text: str) -> str:
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
+    from harness.db import DEFAULT_DB_PATH
+
     parser.add_argument(
         "--db",
         metavar="URL",
@@ -93,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
+    parser.add_argument("--version", action=_VersionAction, help="print the version and git commit, and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser(
@@ -118,10 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes on this machine, each claiming trials (one per GPU where there are several)",
     )
     run.add_argument(
-        "--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials"
+        "--force-workers",
+        action="store_true",
+        help="run --workers N even when N is more than this machine's CUDA devices (or CPU cores)",
     )
     run.add_argument(
+        "--max-trials", type=_positive_int, metavar="N", help="stop after this command ran N trials"
+    )
+
+    run.add_argument(
         "--dry-run", action="store_true", help="print the expanded trials and notes; write nothing"
+    )
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the study file (repeatable): KNOB=VALUE sets fixed.KNOB, a dotted path any key "
+        "(search.n_trials=4), VALUE is YAML; the run is then a separate study, NAME.set.KEY-VALUE "
+        "(or --set study=NAME)",
     )
     run.add_argument(
         "--trial-limit",
@@ -233,7 +280,8 @@ def _delegate(command: str, rest: list[str]) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from harness.spec import SpecError, load_study
+    from harness.overrides import load_study_with_overrides
+    from harness.spec import SpecError
     from harness.study import (
         RunOptions,
         SearchSetupError,
@@ -246,7 +294,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from harness.study.store import check_kind, existing_rows
 
     try:
-        study = load_study(args.study, max_trials=args.trial_limit)
+        study, overrides = load_study_with_overrides(args.study, args.overrides, max_trials=args.trial_limit)
         problems = search_problems(study)
         if problems:
             raise SpecError(problems)
@@ -256,6 +304,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except RecursionError:  # absurdly deep YAML nesting, which the parser cannot handle
         print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
+    if overrides:
+        print(
+            f"overrides: {', '.join(f'{o.key}={o.value_text}' for o in overrides)}; "
+            f"running them as study {study.name} (the file's own study is not touched)",
+            flush=True,
+        )
     from harness.spec import DEFAULTS
     from harness.train import device_problem
 
@@ -289,6 +343,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_trials=args.max_trials,
         retry_failed=args.retry_failed,
+        force_workers=args.force_workers,
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
     )

@@ -10,18 +10,36 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Folders of generated output that do not count as local changes: the committed example reports
+# are rewritten by `harness report` (and `bash scripts/setup.sh quickstart`), which changes no code.
+# Without this, every trial run after a report would be recorded as from a dirty checkout.
+GENERATED_PATHS: tuple[str, ...] = ("reports",)
 
 
 @functools.lru_cache(maxsize=1)
 def git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout the package runs from; (None, None) outside git."""
+    """(commit, dirty) of the checkout the package runs from; (None, None) outside git. Dirty means
+    a tracked file outside GENERATED_PATHS differs from the commit."""
+    return checkout_state(REPO_ROOT)
+
+
+def checkout_state(root: Path) -> tuple[str | None, bool | None]:
+    """``git_state`` of the checkout at ``root`` (uncached)."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ".",
+                *(f":(top,exclude){path}" for path in GENERATED_PATHS),
+            ],
+            cwd=root,
             capture_output=True,
             text=True,
             check=True,

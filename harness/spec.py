@@ -28,6 +28,8 @@ from typing import Any, get_args, get_type_hints
 
 import yaml
 
+from harness.metrics import OBJECTIVE_METRICS
+
 # ----------------------------------------------------------------------------------------------
 # Knob declarations
 
@@ -58,18 +60,6 @@ LOSS_IMPLS: tuple[str, ...] = ("reference", "fast")
 STUDY_KINDS: tuple[str, ...] = ("grid", "ablate", "search")
 SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes")
 PRUNERS: tuple[str, ...] = ("none", "median", "hyperband")
-# The typed summary columns of a trial that a search can optimize (harness.db.models reads this).
-OBJECTIVE_METRICS: tuple[str, ...] = (
-    "knn_top1",
-    "linear_top1",
-    "linear_top5",
-    "final_loss",
-    "alignment",
-    "uniformity",
-    "effective_rank",
-    "feature_std",
-    "train_img_per_s",
-)
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize")
 # Largest integer a knob may take: the databases store 64-bit signed integers.
 MAX_INT = 2**63 - 1

@@ -49,6 +49,8 @@ from harness.methods import METHODS
 from harness.methods.base import Method
 from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
 from harness.spec import TrialConfig
+from harness.tracking import MetricSink
+from harness.trial_api import TrialPruned
 
 # Steps excluded from the throughput measurement: the first steps pay for allocator growth,
 # cuDNN autotuning and compilation.
@@ -59,10 +61,6 @@ SUBSET_SEED = 0
 # Alignment/uniformity use the standard recipe whatever the trial trained with, so an
 # aug_strength ablation compares encoders under one measurement.
 EVAL_VIEW_STRENGTH = 1.0
-
-
-class TrialPruned(Exception):
-    """Raised by an ``on_eval`` callback to stop a trial early (Optuna pruning)."""
 
 
 class TrialDiverged(Exception):
@@ -270,6 +268,13 @@ class _Context:
     autocast: torch.dtype | None
     generator: torch.Generator
     curves: list[tuple[float, int, str, float]] = field(default_factory=list)
+    sink: MetricSink | None = None
+
+    def record(self, epoch: float, step: int, name: str, value: float) -> None:
+        """One point of a curve: kept for the database, and handed to the trial's tracker."""
+        self.curves.append((epoch, step, name, value))
+        if self.sink is not None:
+            self.sink.on_metric(name, value, step=step, epoch=epoch)
     # Live curves: receives the points not yet handed over, at each log point and evaluation.
     on_curves: Callable[[list[tuple[float, int, str, float]]], None] | None = None
     published: int = 0
@@ -315,18 +320,21 @@ def run_trial(
     *,
     on_eval: Callable[[int, float], None] | None = None,
     progress: bool | None = None,
+    sink: MetricSink | None = None,
     checkpoint_dir: str | Path | CheckpointPolicy | None = None,
     on_curves: Callable[[list[tuple[float, int, str, float]]], None] | None = None,
     say: Callable[[str], None] | None = None,
 ) -> TrialRecord:
     """Train and evaluate one configuration; see the module docstring for the failure contract.
 
+    ``sink`` (an MLflow/TensorBoard tracker, harness.tracking) gets every curve point as it is
+    recorded; it must not raise (``harness.tracking.TrialTracker`` guards its own calls).
     ``checkpoint_dir``: the trial's own folder, checkpointed into at the cadence of its knobs
     (``checkpoint_minutes``, ``checkpoint_epochs``) and resumed from; the encoder is written there
     (``save_weights``). A :class:`CheckpointPolicy` sets the cadence directly. None: no
-    checkpoints, no weights. ``on_curves``: receives curve points as they are made (a resumed
-    trial first gets the points restored from its checkpoint); ``say``: one line per resume and per
-    checkpoint skipped."""
+    checkpoints, no weights. ``on_curves``: receives curve points in batches as they are made (a
+    resumed trial first gets the points restored from its checkpoint); ``say``: one line per
+    resume and per checkpoint skipped."""
     checkpoint = (
         checkpoint_dir
         if checkpoint_dir is None or isinstance(checkpoint_dir, CheckpointPolicy)
@@ -342,6 +350,7 @@ def run_trial(
         device = resolve_device(config.device)
         device_label = str(device)
         context = _build(config, device)
+        context.sink = sink
         context.on_curves = on_curves
         curves = context.curves
         if checkpoint is not None:
@@ -639,12 +648,11 @@ def _train(
                     position.step, position.batch = step + 1, batch + 1
                     timed_images += index.numel()
                     if position.step % config.log_every == 0 or batch == steps_per_epoch - 1:
-                        position.checked = _check_losses(
-                            losses, position.checked, position.step, epoch, steps_per_epoch, context.curves
+                        position.checked, mean_loss = _check_losses(
+                            losses, position.checked, position.step, epoch, steps_per_epoch, context.record
                         )
-                        context.curves.append(
-                            (epoch + (batch + 1) / steps_per_epoch, position.step, "lr", lr)
-                        )
+                        context.record(epoch + (batch + 1) / steps_per_epoch, position.step, "lr", lr)
+                        bar.set_postfix_str(f"loss {mean_loss:.4g}, lr {lr:.3g}", refresh=False)
                         context.publish()
                     bar.update(1)
                     if checkpoints is not None and checkpoints.due(epoch_end=False, epoch=epoch):
@@ -698,17 +706,19 @@ def _check_losses(
     step: int,
     epoch: int,
     steps_per_epoch: int,
-    curves: list[tuple[float, int, str, float]],
-) -> int:
-    """Record the mean loss since the last check; raise TrialDiverged at the first non-finite."""
+    record: Callable[[float, int, str, float], None],
+) -> tuple[int, float]:
+    """Record the mean loss since the last check and return (step, that mean); raise
+    TrialDiverged at the first non-finite."""
     window = losses[checked:step]
     finite = torch.isfinite(window)
     if not bool(finite.all()):
         first = checked + int((~finite).nonzero()[0, 0]) + 1
         raise TrialDiverged(f"diverged at step {first} (loss {float(window[first - checked - 1])})")
     epoch_position = epoch + (step - epoch * steps_per_epoch) / steps_per_epoch
-    curves.append((epoch_position, step, "loss", float(window.mean())))
-    return step
+    mean = float(window.mean())
+    record(epoch_position, step, "loss", mean)
+    return step, mean
 
 
 @torch.no_grad()
@@ -716,7 +726,8 @@ def _intermediate_eval(context: _Context, epoch: int, step: int, on_eval: Callab
     train_features = context.features(context.train)
     test_features = context.features(context.test)
     knn = context.knn(train_features, test_features)
-    context.curves.append((float(epoch), step, "knn_top1", knn))
+    context.record(float(epoch), step, "knn_top1", knn)
+    context.publish()
     if on_eval is not None:
         on_eval(epoch, knn)
 
@@ -732,7 +743,7 @@ def _final_evaluation(context: _Context, summary: dict[str, float | None]) -> No
         final_epoch, final_step = config.epochs, (context.pretrain.images.shape[0] // config.batch_size) * config.epochs
     else:  # an untrained encoder (random_init) is the state at epoch 0, whatever its reset knobs say
         final_epoch, final_step = 0, 0
-    context.curves.append((float(final_epoch), final_step, "knn_top1", knn))
+    context.record(float(final_epoch), final_step, "knn_top1", knn)
     top1, top5 = evaluation.linear_probe(
         train_features,
         context.train.labels,

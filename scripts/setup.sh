@@ -2,7 +2,8 @@
 # Sets everything up (Debian's Fashion-MNIST, a virtual environment, the project) and runs one of:
 #   quickstart   the quickstart study, then its report
 #   test         the whole test suite (with a throwaway PostgreSQL server for the PostgreSQL tests,
-#                unless HARNESS_TEST_POSTGRES_URL names one), then the loss-kernel speed gate
+#                unless HARNESS_TEST_POSTGRES_URL names one, and Debian's chromium for the report's
+#                browser test), then the loss-kernel speed gate
 #   setup        only the set-up
 # Idempotent: a second call reuses the environment (re-installing only when pyproject.toml changed).
 set -euo pipefail
@@ -72,9 +73,17 @@ case "$what" in
     ;;
   test)
     start_test_postgres
+    if ! command -v chromium >/dev/null; then
+      echo "== installing Debian's chromium (for the report's browser test)"
+      as_root apt-get update -q
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    fi
+    # The browser test fails (instead of skipping) without chromium; its screenshots stay here.
+    export HARNESS_REQUIRE_BROWSER=1 HARNESS_TEST_ARTIFACTS="$PWD/test-artifacts"
     "$py" -m pytest -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --timeout=900
     "$venv/bin/harness" bench --quick --threads 1 --no-memory --db "sqlite:///${TMPDIR:-/tmp}/harness-ci-bench.db" \
       --compare harness/bench/baselines/ci-cpu.json --max-slowdown 50%
+    echo "== browser screenshots of a real report: $HARNESS_TEST_ARTIFACTS/report-*.png"
     ;;
   *)
     echo "usage: scripts/setup.sh [setup|quickstart|test]" >&2

@@ -237,6 +237,8 @@ def test_cli__status_shows_counts_best_trials_and_failures(
     best = out.index("method=simclr lr=0.001")
     assert best < out.index("method=random_init")
     assert "method=simclr lr=0.002 seed=0: diverged at step 7" in out
+    # Accuracies in percent, as in the reports (the database keeps fractions).
+    assert "knn_top1 70.0%  linear_top1 75.0%  final_loss -" in out
     assert cli.main(["status", "--db", str(tmp_path / "h.db")]) == 0
     assert "cli-tiny (grid" in capsys.readouterr().out
 
@@ -344,3 +346,18 @@ def test_cli__output_cut_short_by_head_is_not_a_traceback(tmp_path: Path) -> Non
     result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.stdout.startswith("study cli-tiny (grid)")
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_cli__version_names_the_package_version_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    from harness.provenance import git_state
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"harness {version('harness')}")
+    commit, _ = git_state()
+    if commit:  # a git checkout: the commit is named
+        assert f"(git {commit[:12]}" in printed

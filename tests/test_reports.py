@@ -497,3 +497,99 @@ def test_configuration_label__random_init_leaves_out_the_training_knobs_it_ignor
     assert configuration_label(trained, ("batch_size", "lr", "temperature")) == (
         "simclr · batch_size=256, lr=0.001, temperature=0.5"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Polish: missing values, Pareto labels, baseline lines, wide tables
+
+
+def test_comparison_table__a_baseline_without_loss_or_throughput_shows_a_dash(reports: Path) -> None:
+    header = next(
+        line for line in _markdown(reports, "method-grid").splitlines() if line.startswith("| configuration")
+    )
+    columns = [c.strip() for c in header.strip("|").split(" | ")][1:]
+    cells = dict(zip(columns, _md_rows(_markdown(reports, "method-grid"))["random_init"]))
+    for column in ("final loss", "throughput (img/s)", "peak memory (MiB)"):
+        assert cells[column] == "—", column
+    assert "nan" not in cells.values()
+    assert "—: not produced by that configuration" in _markdown(reports, "method-grid")
+
+
+def test_pareto_plot__long_labels_never_leave_the_figure(tmp_path: Path) -> None:
+    import pandas as pd
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from harness.reports.plots import pareto_plot
+    from harness.reports.style import figure_style
+
+    long = " · temperature=0.05, batch_size=1024, queue_size=65536, aug_strength=0.75"
+    comparison = pd.DataFrame(
+        {
+            "label": [f"{m}{long}" for m in ("simclr", "moco", "byol")],
+            "method": ["simclr", "moco", "byol"],
+            "is_reference": [False, False, False],
+            "knn_top1_mean": [71.0, 74.0, 69.0],
+            "train_img_per_s_mean": [9000.0, 3000.0, 12000.0],
+        }
+    )
+    with figure_style():
+        figure, front, _ = pareto_plot(comparison)
+        FigureCanvasAgg(figure).draw()
+        renderer = figure.canvas.get_renderer()
+        # Everything drawn (tick labels outside the view excluded), legend and numbers included.
+        drawn = figure.get_tightbbox(renderer)
+        page = figure.bbox_inches
+        assert page.x0 - 0.01 <= drawn.x0 and drawn.x1 <= page.x1 + 0.01
+        assert page.y0 - 0.01 <= drawn.y0 and drawn.y1 <= page.y1 + 0.01
+        texts = [t for t in figure.findobj(Text) if t.get_visible() and t.get_text().strip()]
+        bounds = figure.axes[0].bbox
+        for text in figure.axes[0].texts:  # the front's marks stay inside the axes
+            box = text.get_window_extent(renderer)
+            assert bounds.x0 <= box.x0 and box.x1 <= bounds.x1, text.get_text()
+            assert bounds.y0 <= box.y0 and box.y1 <= bounds.y1, text.get_text()
+    shown = {t.get_text() for t in texts}
+    assert not any(long in s for s in shown), "the figure carries numbers; the table the labels"
+    assert {str(n) for n in range(1, len(front) + 1)} <= shown
+
+
+def test_pareto_table__numbers_match_the_figure(reports: Path) -> None:
+    section = _markdown(reports, "method-grid").split("## Accuracy, throughput and memory", 1)[1]
+    table = section.split("\n| # ", 1)[1].split("\n\n", 1)[0]
+    header, _, *rows = table.splitlines()
+    assert header.startswith("| on the Pareto front | throughput (img/s) |")
+    assert [int(line.split(" | ")[0].strip("| ")) for line in rows] == list(range(1, len(rows) + 1))
+
+
+def test_knn_curves__untrained_baseline_is_a_horizontal_reference_line(database: Database) -> None:
+    from harness.reports.plots import curve_groups, knn_curves
+
+    data = load(database, "method-grid")
+    figure = knn_curves(data, curve_groups(data, "knn_top1"))
+    ax = figure.axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "random_init (untrained)"]
+    xs, ys = line.get_xdata(), line.get_ydata()
+    assert list(xs) == [0, 1] and ys[0] == ys[1]  # axes-wide, constant: an axhline
+    complete = data.complete
+    trial_ids = complete.loc[complete["method"] == "random_init", "trial_id"]
+    metrics = data.metrics
+    values = metrics[(metrics["name"] == "knn_top1") & metrics["trial_id"].isin(list(trial_ids))]["value"]
+    assert ys[0] == pytest.approx(float(values.mean()))
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "random_init (untrained)" in labels and "random_init" not in labels
+
+
+def test_html__every_table_scrolls_inside_its_own_box(reports: Path) -> None:
+    page = _html(reports, "method-grid")
+    assert page.count("<table>") == page.count('<div class="table-wrap">\n<table>') > 0
+    assert re.search(r"\.table-wrap \{[^}]*overflow-x: auto", page)
+
+
+def test_metric_text__one_unit_for_accuracies_everywhere() -> None:
+    from harness.reports.data import ACCURACY_COLUMNS
+    from harness.units import ACCURACY_METRICS, metric_text
+
+    assert ACCURACY_COLUMNS == ACCURACY_METRICS
+    assert metric_text("knn_top1", 0.715) == "71.5%" and metric_text("linear_top5", 1.0) == "100.0%"
+    assert metric_text("final_loss", 4.79612) == "4.796"
+    assert metric_text("knn_top1", math.nan) == "nan" and metric_text("knn_top1", None) == "-"

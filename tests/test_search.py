@@ -349,3 +349,169 @@ def test_search__two_processes_run_six_trials_with_a_pruner_into_one_database(
         if row.status == "complete":
             assert trial.value == pytest.approx(row.knn_top1)
     assert db.run(lambda s: s.scalar(select(StudyRow.kind))) == "search"
+
+
+def test_search__runs_without_importing_torch_when_the_trainer_is_injected(tmp_path: Path) -> None:
+    # The study layer needs torch only to train: TrialPruned comes from harness.trial_api.
+    path = search_file(tmp_path, SPACE, n_trials=3, extra="", name="notorch")
+    path.write_text(path.read_text().replace("fixed:\n", "fixed:\n  device: cpu\n"))
+    script = f"""
+import sys
+from harness.db import SUMMARY_METRICS, utcnow
+from harness.spec import load_study
+from harness.study import RunOptions, run_study
+from harness.trial_api import TrialPruned
+
+class Record:
+    def __init__(self, status, value, reason=None):
+        self.status, self.reason, self.curves, self.provenance = status, reason, [], {{}}
+        self.summary = dict.fromkeys(SUMMARY_METRICS, None)
+        self.summary["knn_top1"] = value
+        self.started_at = self.ended_at = utcnow()
+
+def trainer(config, *, on_eval=None, progress=None):
+    try:
+        on_eval(1, 0.5)
+    except TrialPruned as pruned:
+        return Record("pruned", None, str(pruned))
+    return Record("complete", 0.5)
+
+result = run_study(load_study({str(path)!r}), RunOptions(db={str(tmp_path / "h.db")!r}), run_trial=trainer, echo=print)
+assert result.exit_code == 0 and result.tally.complete == 3, result
+sys.exit(3 if "torch" in sys.modules else 0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# A worker of the race below: it runs ROUNDS searches, starting each one together with the other
+# processes (a barrier of files), with an instant trainer.
+RACE_WORKER = """
+import sys, time
+from pathlib import Path
+from harness.db import SUMMARY_METRICS, utcnow
+from harness.spec import load_study
+from harness.study import RunOptions, run_study
+
+folder, url, index, rounds, processes = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+
+class Record:
+    def __init__(self, value):
+        self.status, self.reason, self.curves, self.provenance = "complete", None, [], {}
+        self.summary = dict.fromkeys(SUMMARY_METRICS, None)
+        self.summary["knn_top1"] = value
+        self.started_at = self.ended_at = utcnow()
+
+def trainer(config, *, on_eval=None, progress=None):
+    time.sleep(0.05)
+    return Record(config.lr)
+
+for r in range(rounds):
+    (folder / f"ready-{r}-{index}").touch()
+    while len(list(folder.glob(f"ready-{r}-*"))) < processes:
+        time.sleep(0.002)
+    result = run_study(load_study(folder / f"race{r}.yaml"), RunOptions(db=url), run_trial=trainer, echo=lambda line: None)
+    assert result.exit_code == 0, result
+"""
+
+
+@pytest.mark.slow
+def test_search__concurrent_postgresql_runners_reach_n_trials_with_enqueued_points_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Issue 13: three runners starting one search together on PostgreSQL could enqueue a point twice
+    (enqueue_trial's skip_if_exists outside the search's lock); the copy was counted as a failed
+    trial and the search ended one short of n_trials. Many rounds, so that the race shows."""
+    rounds, processes, n_trials = 8, 3, 4
+    enqueued = [(0.5, 0.001), (0.1, 0.002)]
+    extra = "enqueue:\n" + "\n".join(f"  - {{temperature: {t}, lr: {lr}}}" for t, lr in enqueued)
+    for r in range(rounds):
+        search_file(tmp_path, SPACE, n_trials=n_trials, pruner="none", extra=extra, name=f"race{r}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    runners = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE_WORKER, str(tmp_path), postgres_url, str(i), str(rounds), str(processes)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outputs = [runner.communicate(timeout=240)[0] for runner in runners]
+    assert all(runner.returncode == 0 for runner in runners), "\n".join(outputs)
+    db = Database(postgres_url)
+    url = resolve_url(postgres_url)
+    short = []
+    for r in range(rounds):
+        rows = db.run(
+            lambda s, r=r: list(
+                s.scalars(select(TrialRow).join(StudyRow).where(StudyRow.name == f"race{r}"))
+            )
+        )
+        study = optuna.load_study(study_name=f"race{r}", storage=url)
+        trials = counted(study)
+        points = sorted((round(row.config["temperature"], 6), row.config["lr"]) for row in rows)
+        if (
+            len(rows) != n_trials
+            or any(row.status != "complete" for row in rows)
+            or len(trials) != n_trials
+            or any(t.state != optuna.trial.TrialState.COMPLETE for t in trials)
+            or any(points.count(point) != 1 for point in enqueued)
+        ):
+            short.append((r, [row.status for row in rows], [t.state.name for t in study.trials], points))
+    assert not short, short
+
+
+def test_search__a_duplicate_counted_failed_by_an_older_harness_is_reported_and_a_rerun_finishes(
+    tmp_path: Path,
+) -> None:
+    """The state issue 13's race left behind: 2 of 3 trials ran, and a duplicate of an enqueued
+    point was told FAIL without a harness row. It must not use a trial of n_trials."""
+    from harness.study import status_lines
+
+    extra = "enqueue:\n  - {temperature: 0.5, lr: 0.001}"
+    path = search_file(tmp_path, SPACE, n_trials=3, pruner="none", extra=extra)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    run_study(load_study(path), RunOptions(db=url, max_trials=2), run_trial=Scripted(), echo=quiet)
+    study = optuna.load_study(study_name="srch", storage=url)
+    duplicate = study.trials[0]  # the enqueued point, as the racing runner's copy of it
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL,
+            params=duplicate.params,
+            distributions=duplicate.distributions,
+            system_attrs={"fixed_params": duplicate.params},
+        )
+    )
+    db = Database(url)
+    lines = status_lines(db, "srch")
+    assert "  n_trials: 2 of 3 used: the search is 1 trial(s) short of n_trials; `harness run` its study file again to finish it" in lines
+    trainer = Scripted()
+    assert run_study(load_study(path), RunOptions(db=url), run_trial=trainer, echo=quiet).exit_code == 0
+    assert len(trainer.calls) == 1
+    assert [r.status for r in our_rows(db)] == ["complete"] * 3
+    assert "  n_trials: 3 of 3 used" in status_lines(db, "srch")
+    trainer = Scripted()
+    run_study(load_study(path), RunOptions(db=url), run_trial=trainer, echo=quiet)
+    assert trainer.calls == []  # finished: a further rerun runs nothing
+
+
+def test_search__an_enqueued_point_already_in_the_study_does_not_use_a_trial(tmp_path: Path) -> None:
+    """A second copy of an enqueued point (queued twice by runners that started together) is
+    superseded when it is sampled after the first copy finished, instead of reusing its result."""
+    extra = "enqueue:\n  - {temperature: 0.5, lr: 0.001}"
+    path = search_file(tmp_path, SPACE, n_trials=3, pruner="none", extra=extra)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    run_study(load_study(path), RunOptions(db=url, max_trials=1), run_trial=Scripted(), echo=quiet)
+    study = optuna.load_study(study_name="srch", storage=url)
+    study.enqueue_trial({"temperature": 0.5, "lr": 0.001})  # the copy (without skip_if_exists)
+    lines: list[str] = []
+    trainer = Scripted()
+    run_study(load_study(path), RunOptions(db=url), run_trial=trainer, echo=lines.append)
+    assert len(trainer.calls) == 2 and (0.5, 0.001) not in [(c.temperature, c.lr) for c in trainer.calls]
+    assert any("an enqueued point already in the study" in line for line in lines), lines
+    study = optuna.load_study(study_name="srch", storage=url)
+    assert len(counted(study)) == 3 and len(study.trials) == 4
+    assert len(our_rows(Database(url))) == 3

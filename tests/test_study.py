@@ -27,6 +27,7 @@ from harness.spec import SpecError, TrialConfig, load_study
 from harness.study import (
     RunOptions,
     StudyConflict,
+    WorkerEvents,
     claim_next,
     finish,
     heartbeat,
@@ -386,6 +387,39 @@ def test_run_study__ctrl_c_hands_the_trial_back_and_a_rerun_finishes(tmp_path: P
     assert {r.status for r in rows(Database(tmp_path / "h.db"))} == {"complete"}
 
 
+@dataclass
+class EventLog(WorkerEvents):
+    """Records the worker loop's hooks, in order."""
+
+    seen: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def claimed(self, ctx: Any, claim: Any) -> None:
+        self.seen.append(("claimed", claim.row_id))
+
+    def finished(self, ctx: Any, claim: Any, result: Any) -> None:
+        self.seen.append(("finished", claim.row_id, None if result is None else result.status))
+
+    def released(self, ctx: Any, claim: Any) -> None:
+        self.seen.append(("released", claim.row_id))
+
+
+def test_run_study__worker_events_see_each_trial_claimed_finished_or_released(tmp_path: Path) -> None:
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
+    log = EventLog()
+    trainer = FakeTrainer(interrupt_on_call=3, fail_on=lambda c: "bad lr" if c.lr == 0.002 else None)
+    result = run_study(study, RunOptions(db=str(tmp_path / "h.db")), run_trial=trainer, echo=quiet, events=[log])
+    assert result.exit_code == 130
+    first, second, third = (r.id for r in rows(Database(tmp_path / "h.db")))
+    assert log.seen == [
+        ("claimed", first),
+        ("finished", first, "complete"),
+        ("claimed", second),
+        ("finished", second, "failed"),
+        ("claimed", third),
+        ("released", third),
+    ]
+
+
 def test_run_study__max_trials_stops_early(tmp_path: Path) -> None:
     study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002, 0.003]}))
     trainer = FakeTrainer()
@@ -560,7 +594,7 @@ def test_run_options__heartbeat_interval_is_a_fraction_of_the_timeout() -> None:
 
 
 def test_device_shown__auto_is_resolved_for_the_progress_line() -> None:
-    from harness.study.runner import _device_shown
+    from harness.study.worker import _device_shown
 
     expected = "cuda (auto)" if __import__("torch").cuda.is_available() else "cpu (auto)"
     assert _device_shown("auto") == expected
@@ -579,3 +613,123 @@ def test_status_lines__top_is_honoured_in_the_overview_of_every_study(tmp_path: 
 
     assert best(status_lines(db)) == 3 and best(status_lines(db, "tiny")) == 5
     assert best(status_lines(db, top=4)) == 4 and best(status_lines(db, "tiny", top=2)) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# A dead owner on this machine: reclaimed at once
+
+
+def _gone_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    done = subprocess.run(["true"], check=True)
+    assert done.returncode == 0
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_owner_is_dead__only_for_a_provably_gone_process_on_this_host() -> None:
+    import socket
+
+    from harness.study.liveness import owner_is_dead
+
+    host = socket.gethostname()
+    now = utcnow()
+    assert owner_is_dead(f"{host}:{_gone_pid()}", now)
+    assert not owner_is_dead(f"another-{host}:{_gone_pid()}", now)  # other hosts keep the timeout
+    assert not owner_is_dead(f"{host}:{os.getpid()}", now)
+    assert not owner_is_dead("not a worker name", now)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.2)
+        # The live process with that id started before the heartbeat: it may be the owner.
+        assert not owner_is_dead(f"{host}:{sleeper.pid}", utcnow() + timedelta(seconds=2))
+        # ... it started after the heartbeat: the id was reused, the owner is gone.
+        assert owner_is_dead(f"{host}:{sleeper.pid}", now - timedelta(seconds=30))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_run_study__a_dead_local_owners_trial_is_taken_over_without_waiting_for_the_timeout(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    study = load_study(study_file(tmp_path, {"lr": [0.001, 0.002]}))
+    db = Database(tmp_path / "h.db")
+    report = sync_study(db, study)
+    dead = f"{socket.gethostname()}:{_gone_pid()}"
+    elsewhere = "another-host:1"
+    first, second = report.row_ids or ()
+    for row_id, owner in ((first, dead), (second, elsewhere)):
+        claim = claim_next(db, report.study_id, owner, stale_before=utcnow(), row_ids=[row_id])
+        assert claim is not None  # running, heartbeat fresh
+    lines: list[str] = []
+    trainer = FakeTrainer()
+    started = time.monotonic()
+    result = run_study(
+        study, RunOptions(db=str(tmp_path / "h.db"), heartbeat_timeout=600, max_trials=1),
+        run_trial=trainer, echo=lines.append,
+    )
+    assert time.monotonic() - started < 30 and result.exit_code == 0
+    assert [c.lr for c in trainer.calls] == [0.001]
+    assert any(f"taking over from {dead}, whose process on this machine is gone" in line for line in lines)
+    stored = {r.id: r for r in rows(db)}
+    assert stored[first].status == "complete" and stored[first].attempts == 2
+    assert stored[second].status == "running" and stored[second].worker == elsewhere
+
+
+def test_capped_workers__at_most_one_per_core_unless_forced() -> None:
+    from harness.study.runner import _cpu_cores, capped_workers
+
+    cores = _cpu_cores()
+    assert capped_workers(RunOptions(workers=cores, device="cpu")) == (cores, None)
+    workers, note = capped_workers(RunOptions(workers=cores + 3, device="cpu"))
+    assert workers == cores and note == (
+        f"--workers {cores + 3}: this machine has {cores} CPU core(s); running {cores} worker(s) "
+        f"(--force-workers runs {cores + 3})"
+    )
+    assert capped_workers(RunOptions(workers=cores + 3, device="cpu", force_workers=True)) == (cores + 3, None)
+
+
+@pytest.mark.slow
+def test_harness_run__ctrl_c_during_start_up_is_one_line_without_a_traceback(tmp_path: Path) -> None:
+    path = study_file(tmp_path, {"lr": [0.001]})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # While Python imports the command's modules, then while it validates and opens the database.
+    for delay in (0.3, 1.0, 2.0):
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "harness", "run", str(path), "--db", str(tmp_path / "h.db"), "--no-progress"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        time.sleep(delay)
+        os.killpg(runner.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
+        output = runner.communicate(timeout=120)[0]
+        # -SIGINT: an interrupt inside torch's import passes through an embedded interpreter call,
+        # after which CPython ends the process by SIGINT (a shell shows 130 either way).
+        assert runner.returncode in (130, -signal.SIGINT), (delay, output)
+        assert "Traceback" not in output and output.splitlines()[-1].startswith("interrupted"), (delay, output)
+
+
+@pytest.mark.slow
+def test_harness_run__sigint_to_the_parent_of_workers_reaches_the_workers(tmp_path: Path) -> None:
+    """`kill -INT` of the parent only (a job scheduler): the workers hand their trials back."""
+    path = study_file(tmp_path, {"lr": [0.001, 0.002, 0.003, 0.004]}, fixed={"epochs": 4})
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    runner = harness(
+        "run", str(path), "--db", url, "--workers", "2", "--force-workers", "--no-progress", cwd=tmp_path
+    )
+    _wait_for_running_trial(url, runner)
+    runner.send_signal(signal.SIGINT)
+    output = runner.communicate(timeout=120)[0]
+    assert runner.returncode == 130, output
+    assert "Traceback" not in output, output
+    stored = rows(Database(url))
+    assert "running" not in {r.status for r in stored}, [(r.status, r.reason) for r in stored]
+    assert any(r.status == "pending" and r.reason == "interrupted" for r in stored), output

@@ -21,23 +21,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-TRIAL_STATUSES: tuple[str, ...] = ("pending", "running", "complete", "failed", "pruned")
+from harness.metrics import SUMMARY_METRICS
 
-# The typed summary columns of a trial, in the order reports show them.
-SUMMARY_METRICS: tuple[str, ...] = (
-    "final_loss",
-    "knn_top1",
-    "linear_top1",
-    "linear_top5",
-    "alignment",
-    "uniformity",
-    "effective_rank",
-    "feature_std",
-    "train_img_per_s",
-    "peak_mem_bytes",
-    "train_seconds",
-    "eval_seconds",
-)
+TRIAL_STATUSES: tuple[str, ...] = ("pending", "running", "complete", "failed", "pruned")
 
 PROVENANCE_FIELDS: tuple[str, ...] = (
     "git_commit",
@@ -101,18 +87,8 @@ class TrialRow(Base):
     device_name: Mapped[str | None] = mapped_column(String(200))
     host: Mapped[str | None] = mapped_column(String(200))
 
-    final_loss: Mapped[float | None] = mapped_column(Float)
-    knn_top1: Mapped[float | None] = mapped_column(Float)
-    linear_top1: Mapped[float | None] = mapped_column(Float)
-    linear_top5: Mapped[float | None] = mapped_column(Float)
-    alignment: Mapped[float | None] = mapped_column(Float)
-    uniformity: Mapped[float | None] = mapped_column(Float)
-    effective_rank: Mapped[float | None] = mapped_column(Float)
-    feature_std: Mapped[float | None] = mapped_column(Float)
-    train_img_per_s: Mapped[float | None] = mapped_column(Float)
-    peak_mem_bytes: Mapped[float | None] = mapped_column(Float)
-    train_seconds: Mapped[float | None] = mapped_column(Float)
-    eval_seconds: Mapped[float | None] = mapped_column(Float)
+    # One typed Float column per summary metric (harness.metrics), in its order.
+    locals().update({name: mapped_column(name, Float) for name in SUMMARY_METRICS})
 
     study: Mapped[StudyRow] = relationship(back_populates="trials")
     metrics: Mapped[list[MetricRow]] = relationship(back_populates="trial", cascade="all, delete-orphan")

@@ -13,6 +13,7 @@ import pandas as pd
 from sqlalchemy import select
 
 from harness.db import Database, StudyRow
+from harness.metrics import ACCURACY_METRICS
 from harness.reports.style import format_knob_value, is_finite, method_rank
 from harness.results import bench_frame, metrics_frame, trials_frame
 from harness.spec import (
@@ -26,7 +27,7 @@ from harness.spec import (
     resolve,
 )
 
-ACCURACY_COLUMNS: tuple[str, ...] = ("knn_top1", "linear_top1", "linear_top5")
+ACCURACY_COLUMNS: tuple[str, ...] = ACCURACY_METRICS  # shown in %, stored as fractions (harness.units)
 # Knobs that never make two trials different configurations.
 _NOT_CONFIGURATION: frozenset[str] = frozenset({"seed", "device", "data_root"})
 

@@ -133,7 +133,8 @@ body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin
        padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { border-bottom: 2px solid #ddd; padding-bottom: .2em; }
 h2 { border-bottom: 1px solid #eee; padding-bottom: .15em; margin-top: 2em; }
-table { border-collapse: collapse; margin: .6em 0; font-size: 0.9em; }
+.table-wrap { overflow-x: auto; max-width: 100%; margin: .6em 0; }
+table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: .25em .55em; vertical-align: top; }
 th { background: #f4f4f4; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
@@ -146,6 +147,7 @@ pre { background: #f6f8fa; padding: .8em; overflow-x: auto; font-size: 0.85em; }
 code { background: #f2f2f2; padding: 0 .2em; }
 pre code { background: none; padding: 0; }
 nav ul { columns: 2; }
+@media (max-width: 640px) { body { margin: 1em auto; } nav ul { columns: 1; } }
 """.strip()
 
 
@@ -169,7 +171,9 @@ def _html_cell(cell: Cell, numeric: bool) -> str:
 
 def _html_table(table: Table) -> list[str]:
     numeric = table.numeric or tuple(False for _ in table.columns)
+    # The wrapper scrolls sideways on a narrow screen; the page itself never does.
     lines = [
+        '<div class="table-wrap">',
         "<table>",
         "<thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in table.columns) + "</tr></thead>",
         "<tbody>",
@@ -185,6 +189,7 @@ def _html_table(table: Table) -> list[str]:
         cells = "".join(_html_cell(c, n) for c, n in zip(row, numeric))
         lines.append(f"<tr{klass}>{cells}</tr>")
     lines.append("</tbody></table>")
+    lines.append("</div>")
     if table.caption:
         lines.append(f'<p class="caption"><em>{_html_inline(table.caption)}</em></p>')
     return lines

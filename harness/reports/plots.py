@@ -17,7 +17,7 @@ from harness.reports.data import ReportData, ablation_base, plain_value, reads_k
 from harness.reports.search import SearchSummary
 from harness.reports.style import METRICS, MIB, format_knob_value, is_finite, method_colour, method_rank
 from harness.reports.tables import display_values
-from harness.spec import KNOBS
+from harness.spec import KNOBS, method_declarations
 
 CURVE_POINTS = 200  # a loss curve longer than this is averaged into this many epoch bins
 # What the ablation figures plot against each knob: the training objective and the accuracies.
@@ -381,9 +381,29 @@ def knn_curves(data: ReportData, groups: dict[str, str]) -> Figure | None:
     frame = _curve_frame(data, groups, "knn_top1")
     if frame.empty:
         return None
-    hue_order = _hue_order(frame)
+    # An untrained baseline has one point (epoch 0): a reference level for every epoch, drawn as
+    # a horizontal line across the axes rather than a lone marker at the origin.
+    untrained_methods = [name for name, declared in method_declarations().items() if not declared.trains]
+    untrained = frame[frame["method"].isin(untrained_methods)]
+    frame = frame[~frame["method"].isin(untrained_methods)]
     figure, axes = _new_figure(7.5, 4.0)
     ax = axes[0][0]
+    for method, part in sorted(untrained.groupby("method"), key=lambda item: method_rank(str(item[0]))):
+        ax.axhline(
+            float(part["value"].mean()),
+            color=method_colour(str(method)),
+            linestyle=":",
+            linewidth=1.6,
+            label=f"{method} (untrained)",
+            zorder=1,
+        )
+    if frame.empty:
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(METRICS["knn_top1"].label)
+        _legend_outside(ax)
+        return figure
+    hue_order = _hue_order(frame)
     sns.lineplot(
         frame,
         x="epoch",
@@ -485,8 +505,20 @@ def pareto_plot(comparison: pd.DataFrame) -> tuple[Figure, list[tuple[float, flo
         zorder=3,
         label="on the front",
     )
-    for x, y, label in front:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=7, color="#333333")
+    # Numbers, not configuration labels: a label can be longer than the axes are wide. The
+    # table under the figure maps each number to its configuration.
+    for number, (x, y, _label) in enumerate(front, 1):
+        ax.annotate(
+            str(number),
+            (x, y),
+            textcoords="offset points",
+            xytext=(7, 6),
+            fontsize=8,
+            fontweight="bold",
+            color="#222222",
+            annotation_clip=False,
+        )
+    ax.margins(x=0.08, y=0.12)  # room for the rings and numbers at the extremes
     set_scale(ax, list(frame["x"]), "x")
     ax.set_xlabel("training throughput (img/s)")
     ax.set_ylabel(METRICS[column].label)

@@ -25,8 +25,9 @@ from harness.reports.document import (
     to_html,
     to_markdown,
 )
-from harness.reports.style import figure_style, format_number, save_svg
+from harness.reports.style import MISSING, figure_style, format_number, save_svg
 from harness.results import as_database, bench_frame
+from harness.spec import method_declarations
 
 DEFAULT_OUT_ROOT = Path("reports")
 FIGURES = "figures"
@@ -104,7 +105,7 @@ def _write_report(database: Database, data: ReportData, out: Path) -> None:
 def _index_row(data: ReportData) -> tuple[Cell, ...]:
     counts = tables.status_counts(data)
     comparison = tables.comparison_frame(data)
-    best_text, best_label = "–", "–"
+    best_text, best_label = MISSING, MISSING
     if not comparison.empty and "knn_top1_mean" in comparison.columns:
         regular = comparison[~comparison["is_reference"] & comparison["knn_top1_mean"].map(math.isfinite)]
         if not regular.empty:
@@ -128,7 +129,7 @@ def _index_row(data: ReportData) -> tuple[Cell, ...]:
 
 
 def _date(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M UTC") if hasattr(value, "strftime") else "–"
+    return value.strftime("%Y-%m-%d %H:%M UTC") if hasattr(value, "strftime") else MISSING
 
 
 def _slug(text: str) -> str:
@@ -226,6 +227,11 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
         notes.append(
             f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
         )
+    if any(cell.text == MISSING for row in table.rows for cell in row):
+        notes.append(
+            f"{MISSING}: not produced by that configuration (an untrained baseline has no training loss, "
+            "throughput or memory) or not finite in any of its seeds."
+        )
     document.add(Paragraph(" ".join(notes)))
 
 
@@ -271,14 +277,15 @@ def _curves(document: Document, data: ReportData, figures: _Figures) -> None:
             )
         )
     if knn is not None:
-        document.add(
-            figures.add(
-                knn,
-                "curves_knn",
-                "k-NN top-1 per epoch",
-                "k-NN top-1 on the test split at each evaluation epoch.",
+        caption = "k-NN top-1 on the test split at each evaluation epoch."
+        declared = method_declarations()
+        untrained = sorted(m for m in groups if m in declared and not declared[m].trains)
+        if untrained:
+            caption += (
+                f" Dotted horizontal line: {', '.join(untrained)}, the untrained encoder (its epoch-0 value), "
+                "as the level training has to beat."
             )
-        )
+        document.add(figures.add(knn, "curves_knn", "k-NN top-1 per epoch", caption))
 
 
 def _efficiency(document: Document, data: ReportData, comparison: pd.DataFrame, figures: _Figures) -> None:
@@ -295,17 +302,18 @@ def _efficiency(document: Document, data: ReportData, comparison: pd.DataFrame, 
                 "pareto_throughput",
                 "accuracy against throughput",
                 f"Mean {tables.metric_label(column)} against mean training throughput per configuration; the dashed "
-                "line and rings mark the Pareto front (no other configuration is both faster and more accurate).",
+                "line and rings mark the Pareto front (no other configuration is both faster and more accurate), "
+                "numbered as in the table below.",
             )
         )
         document.add(
             Table(
-                columns=("on the Pareto front", "throughput (img/s)", tables.metric_label(column)),
+                columns=("#", "on the Pareto front", "throughput (img/s)", tables.metric_label(column)),
                 rows=tuple(
-                    (Cell(label), Cell(format_number(x, 1)), Cell(format_number(y, 1)))
-                    for x, y, label in front
+                    (Cell(str(number)), Cell(label), Cell(format_number(x, 1)), Cell(format_number(y, 1)))
+                    for number, (x, y, label) in enumerate(front, 1)
                 ),
-                numeric=(False, True, True),
+                numeric=(True, False, True, True),
             )
         )
     if memory is not None:

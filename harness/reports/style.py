@@ -7,49 +7,20 @@ import colorsys
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.metrics import EXTRA_METRICS as EXTRA_METRICS
+from harness.metrics import METRICS as METRICS
+from harness.metrics import TABLE_METRICS as TABLE_METRICS
+from harness.metrics import Metric as Metric
 from harness.spec import method_declarations
 
 MIB = 2.0**20
+# A table cell with no value: a metric the configuration does not produce (an untrained baseline
+# has no training loss, throughput or memory) or that no seed recorded as a finite number.
+MISSING = "—"
 
-
-@dataclass(frozen=True)
-class Metric:
-    """A summary column of ``harness_trial`` as reports show it."""
-
-    column: str
-    label: str  # with the unit, as a table header and an axis label
-    higher_is_better: bool
-    kind: str = "plain"  # "accuracy" (shown in %), "bytes" (shown in MiB) or "plain"
-
-    @property
-    def short(self) -> str:
-        """The label without its unit, for captions."""
-        return self.label.split(" (")[0]
-
-
-# The comparison table's columns, in order. Directions are documented in docs/REPORTS.md.
-TABLE_METRICS: tuple[Metric, ...] = (
-    Metric("knn_top1", "k-NN top-1 (%)", True, "accuracy"),
-    Metric("linear_top1", "linear top-1 (%)", True, "accuracy"),
-    Metric("linear_top5", "linear top-5 (%)", True, "accuracy"),
-    Metric("final_loss", "final loss", False),
-    Metric("alignment", "alignment", False),
-    # Wang & Isola's uniformity is the log of a mean Gaussian potential: lower = more uniform.
-    Metric("uniformity", "uniformity", False),
-    Metric("effective_rank", "effective rank", True),
-    Metric("train_img_per_s", "throughput (img/s)", True),
-    Metric("peak_mem_bytes", "peak memory (MiB)", False, "bytes"),
-    Metric("train_seconds", "training time (s)", False),
-)
-EXTRA_METRICS: tuple[Metric, ...] = (
-    Metric("feature_std", "feature std", True),
-    Metric("eval_seconds", "evaluation time (s)", False),
-)
-METRICS: dict[str, Metric] = {m.column: m for m in TABLE_METRICS + EXTRA_METRICS}
 
 def method_colour(method: str) -> str:
     """The colour a method declares (its ``SPEC.colour``), so it keeps its colour in every figure of

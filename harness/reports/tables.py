@@ -16,6 +16,7 @@ from harness.reports.document import Cell, Table
 from harness.reports.style import (
     METRICS,
     MIB,
+    MISSING,
     TABLE_METRICS,
     Metric,
     format_knob_value,
@@ -53,10 +54,10 @@ class Stat:
 
 
 def stat_text(mean: float, std: float, n_nonfinite: int, decimals: int) -> str:
-    """'mean ± std', the mean alone for a single seed, '(k nan)' for diverged seeds, 'nan' when
-    no seed has a finite value."""
+    """'mean ± std', the mean alone for a single seed, '(k nan)' for diverged seeds, MISSING ("—")
+    when no seed has a finite value."""
     if not math.isfinite(mean):
-        return "nan"
+        return MISSING
     text = format_number(mean, decimals)
     if math.isfinite(std):
         text += f" ± {format_number(std, decimals)}"
@@ -311,7 +312,7 @@ def provenance_table(data: ReportData) -> Table | None:
 
 def _text(value: Any, key: str) -> str:
     if value is None or _is_nan(value):
-        return "–"
+        return MISSING
     if key == "git_commit":
         return str(value)[:12]
     if key == "git_dirty":
@@ -365,14 +366,14 @@ def bench_table(bench: pd.DataFrame) -> Table | None:
                 Cell(str(row["dtype"])),
                 Cell(str(row["device"])),
                 Cell(str(row["impl"])),
-                Cell(format_number(ref * 1e3, 3) if ref else "–"),
+                Cell(format_number(ref * 1e3, 3) if ref else MISSING),
                 Cell(format_number(float(row["median_s"]) * 1e3, 3)),
-                Cell(format_number(float(row["iqr_s"]) * 1e3, 3) if is_finite(row["iqr_s"]) else "–"),
+                Cell(format_number(float(row["iqr_s"]) * 1e3, 3) if is_finite(row["iqr_s"]) else MISSING),
                 Cell(format_number(ratio, 3), bold=is_finite(ratio) and float(ratio) > 1.0),
                 Cell(
                     format_number(1.0 / float(ratio), 2) + "×"
                     if is_finite(ratio) and float(ratio) > 0
-                    else "–"
+                    else MISSING
                 ),
             )
         )
@@ -455,7 +456,7 @@ def bench_trend_table(trend: pd.DataFrame) -> Table | None:
         part = trend[trend["kernel"] == kernel]
         values = {r: v for r, v in zip(part["run"], part["ratio"])}
         rows.append(
-            (Cell(kernel), *(Cell(format_number(values[r], 3) if r in values else "–") for r in runs))
+            (Cell(kernel), *(Cell(format_number(values[r], 3) if r in values else MISSING) for r in runs))
         )
     return Table(
         columns=("kernel", *runs),

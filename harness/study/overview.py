@@ -16,7 +16,9 @@ from sqlalchemy.orm import Session
 
 from harness.db import Database, StudyRow, TrialRow, utcnow
 from harness.spec import SpecError, Study, parse_study
-from harness.study import store
+from harness.study import search, store
+from harness.study.kinds import kind_of
+from harness.units import metric_text
 
 STATUS_ORDER: tuple[str, ...] = ("complete", "running", "pending", "failed", "pruned")
 SHOWN_METRICS: tuple[str, ...] = ("knn_top1", "linear_top1", "final_loss")
@@ -50,14 +52,6 @@ def compared_knobs(configs: Sequence[Mapping[str, Any]]) -> list[str]:
         return []
     keys = list(configs[0])
     return [k for k in keys if k not in _NOT_COMPARED and len({repr(c.get(k)) for c in configs}) > 1]
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
@@ -105,6 +99,7 @@ def status_lines(
             lines.append("")
         lines.extend(
             _study_lines(
+                db,
                 study_row,
                 trials,
                 top=top if top is not None else (5 if name else 3),
@@ -114,7 +109,9 @@ def status_lines(
     return lines
 
 
-def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failures: int) -> list[str]:
+def _study_lines(
+    db: Database, study_row: StudyRow, trials: list[TrialRow], *, top: int, failures: int
+) -> list[str]:
     objective, parsed = _objective_of(study_row.file_text)
     counts = {s: sum(t.status == s for t in trials) for s in STATUS_ORDER}
     count_text = ", ".join(f"{counts[s]} {s}" for s in STATUS_ORDER if counts[s]) or "no trials"
@@ -145,7 +142,7 @@ def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failu
         lines.append(f"  best by {objective.metric} ({objective.direction}):")
         metrics = [objective.metric, *(m for m in SHOWN_METRICS if m != objective.metric)]
         for trial in scored[:top]:
-            values = "  ".join(f"{m} {_fmt(getattr(trial, m))}" for m in metrics)
+            values = "  ".join(f"{m} {metric_text(m, getattr(trial, m))}" for m in metrics)
             lines.append(f"    #{trial.id}  {label(trial)}  {values}")
     failed = [t for t in trials if t.status == "failed"]
     if failed:
@@ -166,32 +163,29 @@ def _study_lines(study_row: StudyRow, trials: list[TrialRow], *, top: int, failu
     interrupted = [t for t in trials if t.status == "pending" and t.reason]
     if interrupted:
         lines.append(f"  {len(interrupted)} pending trial(s) were {interrupted[0].reason} and will be rerun")
+    if parsed is not None and parsed.search is not None:
+        lines.extend(_search_budget_lines(db, study_row, parsed.search.n_trials, running=bool(running)))
     return lines
+
+
+def _search_budget_lines(db: Database, study_row: StudyRow, n_trials: int, *, running: bool) -> list[str]:
+    """How much of ``n_trials`` the search has used, and what to do when it is short."""
+    used = search.trials_used_in_database(db, study_row.name, study_row.id)
+    if used is None:
+        return [f"  n_trials: 0 of {n_trials} used (the Optuna study is not in this database yet)"]
+    line = f"  n_trials: {used} of {n_trials} used"
+    if used >= n_trials:
+        return [line]
+    if running:
+        return [line + " (trials are running)"]
+    missing = n_trials - used
+    return [
+        line + f": the search is {missing} trial(s) short of n_trials; `harness run` its study file "
+        "again to finish it"
+    ]
 
 
 def dry_run_lines(study: Study, existing: Mapping[tuple[str, int], str] | None) -> list[str]:
     """``harness run --dry-run``: the expanded trials (and notes), marked with their state in the
     database when it has the study. Writes nothing."""
-    if study.search is not None:
-        from harness.study import search
-
-        lines = search.describe(study)
-        lines.extend(f"note: {note}" for note in study.notes)
-        return lines
-    trials = study.trials()
-    configurations = len({t.config_hash for t in trials})
-    lines = [
-        f"study {study.name} ({study.kind}): {configurations} configuration(s) x {len(study.seeds)} seed(s) "
-        f"= {len(trials)} trial(s) (dry run: nothing is written)"
-    ]
-    lines.extend(f"note: {note}" for note in study.notes)
-    knobs = study.swept_knobs
-    for index, config in enumerate(trials, 1):
-        state = "new" if existing is None else existing.get((config.config_hash, config.seed), "new")
-        lines.append(f"  {index:>4}  {store.trial_label(config.to_dict(), knobs)}  [{state}]")
-    if existing is not None:
-        wanted = {(t.config_hash, t.seed) for t in trials}
-        gone = [key for key in existing if key not in wanted]
-        if gone:
-            lines.append(f"  {len(gone)} trial(s) in the database are no longer in the file (kept, not run)")
-    return lines
+    return kind_of(study).dry_run_lines(existing)

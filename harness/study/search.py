@@ -11,22 +11,26 @@ excepted, across all processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.db import Database, sqlite_file
 from harness.spec import SearchParam, SearchSpec, SpecError, Study, config_hash, resolve
 from harness.study import store
-from harness.study.runner import WorkerContext, run_claim
-from harness.study.store import Claim
+from harness.study.store import Claim, SyncReport
+from harness.study.worker import SKIPPED, Finished, Job, Skipped, WorkerContext
+from harness.trial_api import TrialPruned
 
 T = TypeVar("T")
 
@@ -34,6 +38,11 @@ SQLITE_TIMEOUT_S = 30.0
 _STORAGE_RETRIES = 8
 SUPERSEDED = "harness_superseded"
 HARNESS_TRIAL = "harness_trial_id"
+REUSED = "harness_reused_trial_id"
+SETUP_FAILED = "harness_setup_failed"
+# A RUNNING Optuna trial that no harness row points at (its process died between sampling and
+# registering the sample) stops counting against n_trials after this long.
+ORPHAN_AFTER_S = 120.0
 
 
 class SearchSetupError(Exception):
@@ -233,12 +242,74 @@ def prepare(db: Database, study: Study) -> None:
     """Before the workers start: Optuna's tables and study exist, and the file's ``enqueue``
     points are queued (once: points already in the study are skipped)."""
     search = open_search(db, study)
-    for point in search.spec.enqueue:
-        _retry(lambda point=point: search.study.enqueue_trial(dict(point), skip_if_exists=True))
+    if not search.spec.enqueue:
+        return
+    # Under the search's lock: runners that start together must not each find a point missing
+    # and each enqueue it (skip_if_exists alone is check-then-insert).
+    with sampling_lock(db, study.name):
+        for point in search.spec.enqueue:
+            _retry(lambda point=point: search.study.enqueue_trial(dict(point), skip_if_exists=True))
 
 
-def trials_used(search: _Search) -> int:
-    """Optuna trials that count against ``n_trials`` (all processes together)."""
+def counts_toward_n_trials(state: str, user_attrs: Mapping[str, Any], linked: bool) -> bool:
+    """Whether an Optuna trial (``state``: a TrialState name) uses one of the search's ``n_trials``.
+
+    A running trial does, and so does a finished one with a result in the harness: a row that
+    points at it (``linked``), a reused row, or a sample that could not be set up. A superseded
+    trial does not (a replacement runs its configuration), nor a failed trial that nothing in the
+    harness accounts for: an older harness failed duplicate samples that way, and a rerun of the
+    study now runs the trial they took the place of.
+    """
+    if user_attrs.get(SUPERSEDED) or state == "WAITING":
+        return False
+    if state in ("RUNNING", "COMPLETE", "PRUNED"):
+        return True
+    return linked or any(user_attrs.get(key) is not None for key in (HARNESS_TRIAL, REUSED, SETUP_FAILED))
+
+
+def trials_used_in_database(db: Database, study_name: str, study_id: int) -> int | None:
+    """``trials_used`` read from Optuna's tables with plain queries (for ``harness status``: no
+    Optuna import, nothing written); None when the database has no Optuna study of that name."""
+    from sqlalchemy import inspect, text
+
+    if not inspect(db.engine).has_table("trials"):
+        return None
+
+    def query(session: Any) -> tuple[bool, list[Any]]:
+        found = session.execute(
+            text("SELECT study_id FROM studies WHERE study_name = :name"), {"name": study_name}
+        ).first()
+        if found is None:
+            return False, []
+        rows = session.execute(
+            text(
+                "SELECT t.number, t.state, a.key, a.value_json FROM trials t "
+                "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id WHERE t.study_id = :id"
+            ),
+            {"id": found[0]},
+        ).all()
+        return True, list(rows)
+
+    exists, rows = db.run(query)
+    if not exists:
+        return None
+    trials: dict[int, tuple[str, dict[str, Any]]] = {}
+    for number, state, key, value in rows:
+        state_name = getattr(state, "name", str(state))  # an enum on some drivers, its name on others
+        _, attrs = trials.setdefault(int(number), (state_name, {}))
+        if key is not None:
+            attrs[key] = json.loads(value)
+    linked = store.optuna_numbers(db, study_id)
+    return sum(
+        counts_toward_n_trials(state, attrs, number in linked or attrs.get(HARNESS_TRIAL) is not None)
+        for number, (state, attrs) in trials.items()
+    )
+
+
+def trials_used(search: _Search, db: Database, study_id: int) -> int:
+    """Optuna trials that count against ``n_trials`` (all processes together). Call it under
+    ``sampling_lock``: it also retires orphans, RUNNING trials that no harness row points at,
+    older than ``ORPHAN_AFTER_S``."""
     optuna = _optuna()
     states = optuna.trial.TrialState
     trials = _retry(
@@ -246,7 +317,22 @@ def trials_used(search: _Search) -> int:
             deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL, states.RUNNING)
         )
     )
-    return sum(1 for t in trials if not t.user_attrs.get(SUPERSEDED))
+    linked = store.optuna_numbers(db, study_id)
+    orphaned_before = datetime.now() - timedelta(seconds=ORPHAN_AFTER_S)  # Optuna's local times
+    used = 0
+    for trial in trials:
+        is_linked = trial.number in linked or trial.user_attrs.get(HARNESS_TRIAL) is not None
+        if (
+            trial.state == states.RUNNING
+            and not is_linked
+            and not trial.user_attrs.get(SUPERSEDED)
+            and trial.datetime_start is not None
+            and trial.datetime_start < orphaned_before
+        ):
+            supersede(search, trial.number)
+            continue
+        used += counts_toward_n_trials(trial.state.name, trial.user_attrs, is_linked)
+    return used
 
 
 @contextmanager
@@ -317,92 +403,111 @@ def _tell(search: _Search, trial: Any, *, value: float | None = None, state: str
 
 
 # ----------------------------------------------------------------------------------------------
-# The worker loop
+# One worker's trials
 
 
-def search_loop(ctx: WorkerContext) -> None:
-    """Rerun the search's trials that need it, then sample new ones until ``n_trials`` is used."""
-    study = ctx.study
-    assert study.search is not None
-    search = open_search(ctx.db, study)
-    seed = study.seeds[0]
-    waiting_said = False
-    while ctx.budget.take():
-        claim = store.claim_next(
-            ctx.db,
-            ctx.study_id,
-            ctx.worker,
-            stale_before=ctx.stale_before,
-            retry_failed_before=ctx.retry_failed_before,
+class SearchSource:
+    """A search's trials for one worker: claimed rows get a new Optuna trial with the same
+    parameters; new trials are sampled while the study has used fewer than ``n_trials``."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        assert ctx.study.search is not None
+        self.ctx = ctx
+        self.search = open_search(ctx.db, ctx.study)
+        self.seed = ctx.study.seeds[0]
+
+    def adopt(self, claim: Claim) -> Job | None:
+        """A claimed harness trial (interrupted, its worker dead, or a failure to retry) gets a new
+        Optuna trial with the same parameters."""
+        optuna = _optuna()
+        search = self.search
+        supersede(search, claim.optuna_number)
+        params = {p.name: claim.config.get(p.name) for p in search.spec.space}
+        template = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING,
+            params=params,
+            distributions={p.name: distribution(p, params[p.name]) for p in search.spec.space},
+            # fixed_params: a GridSampler must not assign this trial a grid point of its own.
+            system_attrs={"fixed_params": params},
+            user_attrs={HARNESS_TRIAL: claim.row_id},
         )
-        if claim is not None:
-            _rerun(ctx, search, claim)
-            waiting_said = False
-            continue
-        with sampling_lock(ctx.db, study.name):
-            trial = _retry(search.study.ask) if trials_used(search) < search.spec.n_trials else None
-        if trial is not None:
-            if not _ask_and_run(ctx, search, trial, seed):
-                ctx.budget.give_back()  # nothing trained (a reused or invalid point)
-            waiting_said = False
-            continue
-        ctx.budget.give_back()
-        others = store.live_running(ctx.db, ctx.study_id, stale_before=ctx.stale_before)
-        if others == 0:
-            return
-        if not waiting_said:
-            ctx.echo(
-                f"waiting for {others} trial(s) running in other workers (to take over any whose worker dies)"
-            )
-            waiting_said = True
-        time.sleep(ctx.poll_seconds)
+        trial_id = _retry(lambda: search.storage.create_new_trial(search.study_id, template_trial=template))
+        trial = optuna.trial.Trial(search.study, trial_id)
+        number = trial.number
+        if not store.set_optuna_number(self.ctx.db, claim, number):
+            _tell(search, trial, state="failed")
+            return None
+        return self._job(trial, replace(claim, optuna_number=number))
 
+    def propose(self) -> Job | Skipped | None:
+        """Sample one point in a new Optuna trial, claimed; SKIPPED when nothing needs training
+        (the point was invalid, or the study already has a result for it)."""
+        search = self.search
+        ctx = self.ctx
+        with sampling_lock(ctx.db, ctx.study.name):
+            used = trials_used(search, ctx.db, ctx.study_id)
+            trial = _retry(search.study.ask) if used < search.spec.n_trials else None
+        if trial is None:
+            return None
+        try:
+            claim = _configure(ctx, search, trial, self.seed)
+        except KeyboardInterrupt:
+            supersede(search, trial.number)
+            raise
+        except Exception as error:  # e.g. an enqueued value Optuna rejects: a failed sample, not a crash
+            reason = f"{type(error).__name__}: {error}"
+            # The mark makes the failure count against n_trials (so a sample that always fails
+            # cannot loop); if even it cannot be written, the failure is still reported below.
+            with contextlib.suppress(Exception):
+                _retry(lambda: trial.set_user_attr(SETUP_FAILED, reason))
+            _tell(search, trial, state="failed")
+            ctx.echo(f"optuna trial {trial.number}: could not be set up ({reason}); counted as failed")
+            return SKIPPED
+        return claim if claim is SKIPPED else self._job(trial, claim)
 
-def _rerun(ctx: WorkerContext, search: _Search, claim: Claim) -> None:
-    """A claimed harness trial (interrupted, its worker dead, or a failure to retry) gets a new
-    Optuna trial with the same parameters."""
-    optuna = _optuna()
-    supersede(search, claim.optuna_number)
-    params = {p.name: claim.config.get(p.name) for p in search.spec.space}
-    template = optuna.trial.create_trial(
-        state=optuna.trial.TrialState.RUNNING,
-        params=params,
-        distributions={p.name: distribution(p, params[p.name]) for p in search.spec.space},
-        # fixed_params: a GridSampler must not assign this trial a grid point of its own.
-        system_attrs={"fixed_params": params},
-        user_attrs={HARNESS_TRIAL: claim.row_id},
-    )
-    trial_id = _retry(lambda: search.storage.create_new_trial(search.study_id, template_trial=template))
-    trial = optuna.trial.Trial(search.study, trial_id)
-    number = trial.number
-    if not store.set_optuna_number(ctx.db, claim, number):
-        _tell(search, trial, state="failed")
-        return
-    _run(ctx, search, trial, replace(claim, optuna_number=number))
+    def _job(self, trial: Any, claim: Claim) -> Job:
+        ctx, search = self.ctx, self.search
+        spec = search.spec
+        # Intermediate values are the k-NN accuracy (what training measures as it goes); they rank
+        # trials the right way round only when the objective is maximized.
+        report = spec.direction == "maximize"
 
+        def on_eval(epoch: int, value: float) -> None:
+            if not report or value is None or not math.isfinite(value):
+                return
+            try:
+                trial.report(float(value), int(epoch))
+                prune = trial.should_prune()
+            except Exception as error:  # a busy database must not fail the trial; it just is not pruned now
+                ctx.echo(
+                    f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})"
+                )
+                return
+            if prune:
+                raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
 
-def _ask_and_run(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> bool:
-    """Sample one point in a new Optuna trial and run it; False when nothing was trained (the
-    point was invalid, or the study already has a result for it)."""
-    try:
-        claim = _configure(ctx, search, trial, seed)
-    except KeyboardInterrupt:
-        supersede(search, trial.number)
-        raise
-    except Exception as error:  # e.g. an enqueued value Optuna rejects: a failed sample, not a crash
-        _tell(search, trial, state="failed")
-        ctx.echo(
-            f"optuna trial {trial.number}: could not be set up ({type(error).__name__}: {error}); counted as failed"
+        def on_finished(finished: Finished | None) -> None:
+            if finished is None:  # taken over by another worker, which owns the Optuna side now
+                return
+            value = objective_value(spec, finished.summary)
+            _tell(search, trial, value=value, state=finished.status)
+
+        return Job(
+            claim,
+            on_eval=on_eval,
+            on_finished=on_finished,
+            on_interrupted=lambda: supersede(search, trial.number),
         )
-        return False
-    if claim is None:
-        return False
-    _run(ctx, search, trial, claim)
-    return True
 
 
-def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | None:
-    """The sampled configuration's harness trial, claimed; None when there is nothing to train."""
+def objective_value(spec: SearchSpec, summary: Mapping[str, Any] | None) -> float | None:
+    """The value a finished trial reports to Optuna (None when it has none)."""
+    value = (summary or {}).get(spec.metric)
+    return None if value is None else float(value)
+
+
+def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | Skipped:
+    """The sampled configuration's harness trial, claimed; SKIPPED when there is nothing to train."""
     params = {p.name: suggest(trial, p) for p in search.spec.space}
     overrides = {**ctx.study.fixed, **params, "seed": seed}
     label = " ".join(f"{k}={store.format_value(v)}" for k, v in params.items())
@@ -415,46 +520,55 @@ def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Cl
         )
         _tell(search, trial, state="failed")
         ctx.echo(f"optuna trial {trial.number} ({label}): {reason}")
-        return None
+        return SKIPPED
     _retry(lambda: trial.set_user_attr("config_hash", config.config_hash))
     claim = store.insert_running(
         ctx.db, ctx.study_id, config.to_dict(), config.config_hash, seed, ctx.worker, trial.number
     )
     if claim is None:
-        claim = _existing(ctx, search, trial, config.config_hash, seed, label)
-    if claim is not None:
-        _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
+        return _existing(ctx, search, trial, config.config_hash, seed, label)
+    _retry(lambda: trial.set_user_attr(HARNESS_TRIAL, claim.row_id))
     return claim
 
 
 def _existing(
     ctx: WorkerContext, search: _Search, trial: Any, hash_: str, seed: int, label: str
-) -> Claim | None:
+) -> Claim | Skipped:
     """The sampled configuration is already in the study: reuse its result instead of training
-    it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed)."""
+    it again, or claim it if it is runnable (pending, abandoned, or failed with --retry-failed).
+    A copy of an enqueued point whose result exists, and any sample of a configuration that runs
+    in another worker right now, are duplicates: superseded, so that they do not use a trial of
+    ``n_trials`` (the latter after a pause, so that the other worker can finish it)."""
     row = store.find_row(ctx.db, ctx.study_id, hash_, seed)
     if row is None:  # deleted meanwhile; treat the sample as failed rather than loop
         _tell(search, trial, state="failed")
-        return None
+        return SKIPPED
     metric = search.spec.metric
     status = row["status"]
+    if status in ("complete", "pruned", "failed") and _enqueued(search, trial):
+        supersede(search, trial.number)
+        ctx.echo(
+            f"optuna trial {trial.number} ({label}): an enqueued point already in the study as trial "
+            f"#{row['id']}; not counted"
+        )
+        return SKIPPED
     if status == "complete":
-        value = row.get(metric)
-        _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
+        value = objective_value(search.spec, row)
+        _retry(lambda: trial.set_user_attr(REUSED, row["id"]))
         _tell(search, trial, value=value, state="complete" if value is not None else "failed")
         ctx.tally.reused += 1
         ctx.echo(
             f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {metric} {value}"
         )
-        return None
+        return SKIPPED
     if status == "pruned" or (status == "failed" and not ctx.options.retry_failed):
-        _retry(lambda: trial.set_user_attr("harness_reused_trial_id", row["id"]))
+        _retry(lambda: trial.set_user_attr(REUSED, row["id"]))
         _tell(search, trial, state=status)
         ctx.tally.reused += 1
         ctx.echo(
             f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, which was {status}; counted as {status}"
         )
-        return None
+        return SKIPPED
     claim = store.claim_row(
         ctx.db,
         row["id"],
@@ -464,47 +578,26 @@ def _existing(
         optuna_number=trial.number,
     )
     if claim is None:  # running in another worker right now
-        _tell(search, trial, state="failed")
+        supersede(search, trial.number)
         ctx.echo(
-            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running elsewhere; counted as failed"
+            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, running in "
+            "another worker; not counted"
         )
-        return None
+        # Sampling again at once would likely propose the same point (small spaces); give the
+        # other worker time to finish it.
+        time.sleep(ctx.poll_seconds)
+        return SKIPPED
     if row.get("optuna_number") is not None and row["optuna_number"] != trial.number:
         supersede(search, row["optuna_number"])
     return claim
 
 
-def _run(ctx: WorkerContext, search: _Search, trial: Any, claim: Claim) -> None:
-    from harness.train import TrialPruned
-
-    spec = search.spec
-    # Intermediate values are the k-NN accuracy (what training measures as it goes); they rank
-    # trials the right way round only when the objective is maximized.
-    report = spec.direction == "maximize"
-
-    def on_eval(epoch: int, value: float) -> None:
-        if not report or value is None or not math.isfinite(value):
-            return
-        try:
-            trial.report(float(value), int(epoch))
-            prune = trial.should_prune()
-        except Exception as error:  # a busy database must not fail the trial; it just is not pruned now
-            ctx.echo(
-                f"optuna trial {trial.number}: could not report epoch {epoch} ({type(error).__name__}: {error})"
-            )
-            return
-        if prune:
-            raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
-
-    try:
-        finished = run_claim(ctx, claim, on_eval=on_eval)
-    except KeyboardInterrupt:
-        supersede(search, trial.number)
-        raise
-    if finished is None:  # taken over by another worker, which owns the Optuna side now
-        return
-    value = finished.summary.get(spec.metric) if finished.summary else None
-    _tell(search, trial, value=None if value is None else float(value), state=finished.status)
+def _enqueued(search: _Search, trial: Any) -> bool:
+    """Whether ``trial`` came from the queue of enqueued points (``enqueue_trial``)."""
+    trial_id = _retry(
+        lambda: search.storage.get_trial_id_from_study_id_trial_number(search.study_id, trial.number)
+    )
+    return "fixed_params" in _retry(lambda: search.storage.get_trial_system_attrs(trial_id))
 
 
 def describe(study: Study) -> list[str]:
@@ -534,17 +627,40 @@ def describe(study: Study) -> list[str]:
     return lines
 
 
+@dataclass(frozen=True)
+class SearchKind:
+    """``search:`` studies: an Optuna study stored beside the harness tables."""
+
+    study: Study
+
+    def prepare(self, db: Database) -> None:
+        prepare(db, self.study)
+
+    def sync_lines(self, report: SyncReport, limit: int = 10) -> list[str]:
+        state = "new" if report.created else ("file changed" if report.file_changed else "unchanged")
+        return [f"study {self.study.name} (search, {state}): {report.kept} trial(s) in the database so far"]
+
+    def dry_run_lines(self, existing: Mapping[tuple[str, int], str] | None) -> list[str]:
+        return describe(self.study) + [f"note: {note}" for note in self.study.notes]
+
+    def source(self, ctx: WorkerContext) -> SearchSource:
+        return SearchSource(ctx)
+
+
 __all__ = [
+    "SearchKind",
     "SearchSetupError",
+    "SearchSource",
     "describe",
     "distribution",
     "grid_values",
     "make_storage",
+    "objective_value",
     "open_search",
     "prepare",
-    "search_loop",
     "search_problems",
     "suggest",
     "supersede",
     "trials_used",
+    "trials_used_in_database",
 ]

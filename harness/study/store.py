@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
@@ -457,6 +457,38 @@ def live_running(
         return int(session.scalar(statement) or 0)
 
     return db.run(query)
+
+
+def live_running_rows(
+    db: Database, study_id: int, *, stale_before: datetime, row_ids: Iterable[int] | None = None
+) -> list[Any]:
+    """(id, worker, attempts, heartbeat) of the study's running trials with a fresh heartbeat."""
+    ids = None if row_ids is None else tuple(row_ids)
+
+    def query(session: Session) -> list[Any]:
+        statement = select(TrialRow.id, TrialRow.worker, TrialRow.attempts, TrialRow.heartbeat).where(
+            TrialRow.study_id == study_id, TrialRow.status == "running", TrialRow.heartbeat >= stale_before
+        )
+        if ids is not None:
+            statement = statement.where(TrialRow.id.in_(ids))
+        return list(session.execute(statement.order_by(TrialRow.id)).all())
+
+    return db.run(query)
+
+
+def claim_running(db: Database, row_id: int, worker: str, *, attempts: int) -> Claim | None:
+    """Take over a running trial whatever its heartbeat, if it is still the claim ``attempts`` (its
+    owner was found dead by other means than the heartbeat; see ``liveness``)."""
+    far_future = utcnow() + timedelta(days=365)
+    return db.run(lambda session: _take(session, row_id, "running", attempts, worker, far_future, None))
+
+
+def optuna_numbers(db: Database, study_id: int) -> set[int]:
+    """The Optuna trial numbers that the study's rows point at."""
+    statement = select(TrialRow.optuna_number).where(
+        TrialRow.study_id == study_id, TrialRow.optuna_number.is_not(None)
+    )
+    return db.run(lambda session: {int(n) for n in session.scalars(statement)})
 
 
 def status_counts(db: Database, study_id: int, row_ids: Iterable[int] | None = None) -> dict[str, int]:
