@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,28 +22,36 @@ from harness.data.datasets import load_dataset
 
 __all__ = [
     "SeedTwoViewDataset",
+    "TwoViews",
     "benchmark_images",
     "compare_pipelines",
+    "folder_epoch",
+    "make_imagefolder_loader",
     "make_seed_loader",
     "ours_epoch",
     "ours_images_per_s",
     "seed_epoch",
     "seed_pipeline_images_per_s",
     "seed_transform",
+    "shard_epoch",
+    "write_benchmark_folder",
 ]
 
 
-def seed_transform(mean: float = 0.5, std: float = 0.5) -> Callable[[Any], torch.Tensor]:
-    """The seed notebook's per-image PIL transform (one view)."""
+def seed_transform(
+    mean: float = 0.5, std: float = 0.5, *, size: int = 28, channels: int = 1
+) -> Callable[[Any], torch.Tensor]:
+    """The seed notebook's per-image PIL transform (one view), at ``size`` px (28 in the notebook)
+    for ``channels``-channel images."""
     import torchvision.transforms as T
 
     return T.Compose(
         [
-            T.RandomResizedCrop(28, scale=(0.8, 1.0)),
+            T.RandomResizedCrop(size, scale=(0.8, 1.0)),
             T.RandomApply([T.GaussianBlur(3)], p=0.5),
             T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             T.ToTensor(),
-            T.Normalize((mean,), (std,)),
+            T.Normalize((mean,) * channels, (std,) * channels),
         ]
     )
 
@@ -182,3 +191,85 @@ def compare_pipelines(
         "device": str(torch.device(device)),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: torchvision's ImageFolder + DataLoader against a prepared shard
+
+
+class TwoViews:
+    """A per-image transform applied twice (the seed notebook's two-view dataset wrapper)."""
+
+    def __init__(self, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(image), self.transform(image)
+
+
+def write_benchmark_folder(
+    root: str | Path, n_images: int, *, size: int = 80, num_classes: int = 8, quality: int = 90
+) -> Path:
+    """An ImageFolder tree of ``n_images`` RGB JPEGs (``size`` px, the generated ``synthetic``
+    shapes) under ``root/train``; returns that folder."""
+    from PIL import Image
+
+    data = load_dataset(
+        "synthetic", "train", channels=3, image_size=size, num_train=n_images, num_classes=num_classes
+    )
+    folder = Path(root) / "train"
+    for index, (pixels, label) in enumerate(zip(data.images, data.labels.tolist())):
+        target = folder / data.class_names[label]
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(target / f"{index:06d}.jpg", quality=quality)
+    return folder
+
+
+def make_imagefolder_loader(
+    folder: str | Path, *, size: int, batch_size: int = 256, num_workers: int = 2
+) -> torch.utils.data.DataLoader:
+    """torchvision's ``ImageFolder`` with the seed notebook's transform twice per image (RGB, at
+    ``size`` px), in a shuffled ``DataLoader``: the usual per-image pipeline over a folder.
+    Persistent workers, so repeated epochs measure the steady state."""
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(folder), transform=TwoViews(seed_transform(size=size, channels=3)))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+
+
+def folder_epoch(loader: torch.utils.data.DataLoader) -> int:
+    """One pass over an ImageFolder loader of (views, label) batches; the number of images seen."""
+    seen = 0
+    for (view1, _view2), _labels in loader:
+        seen += int(view1.shape[0])
+    return seen
+
+
+def shard_epoch(
+    images: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    stream: bool = False,
+    generator: torch.Generator | None = None,
+    order_generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> int:
+    """One shuffled pass over uint8 ``images`` (a RAM tensor, or the memory map of a shard with
+    ``stream=True``) as the training loop makes it: batches from :func:`iter_batches` (prefetched
+    by a thread when streamed), two views each by :func:`two_views`; the number of images seen."""
+    from harness.data.stream import iter_batches
+
+    device = torch.device(device)
+    order = torch.randperm(images.shape[0], generator=order_generator)
+    batches = [order[start : start + batch_size] for start in range(0, images.shape[0], batch_size)]
+    if not stream:
+        batches = [b.to(images.device) for b in batches]
+    seen = 0
+    for batch in iter_batches(images, batches, device, stream=stream):
+        view1, _view2 = two_views(batch, 1.0, generator=generator)
+        seen += int(view1.shape[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return seen
