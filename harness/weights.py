@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 
 from harness.db import DEFAULT_DB_PATH, Database, StudyRow, TrialRow, open_existing
-from harness.spec import OBJECTIVE_METRICS
+from harness.metrics import METRICS, OBJECTIVE_METRICS
 
 EXIT_USAGE = 2
 EXIT_NOTHING = 1
@@ -126,10 +126,8 @@ def _weights(row: TrialRow, study: str) -> TrialWeights:
 
 
 def best(trials: list[TrialWeights], metric: str) -> TrialWeights:
-    """The complete trial with weights that is best by ``metric``, in the metric's direction as
-    reports show it (``harness.reports.style``); ties go to the older trial."""
-    from harness.reports.style import METRICS  # imported on use: it pulls in the report stack
-
+    """The complete trial with weights that is best by ``metric``, in its declared direction
+    (``harness.metrics``); ties go to the older trial."""
     if metric not in OBJECTIVE_METRICS:
         raise WeightsProblem(f"--best {metric}: expected one of {', '.join(OBJECTIVE_METRICS)}")
     candidates = [
