@@ -45,6 +45,7 @@ from torch import nn
 
 from harness.backbones import build_backbone, plain_copy
 from harness.spec import TrialConfig
+from harness.trial_api import Interrupted
 
 # Bumped whenever the layout of the state changes; older checkpoints are then skipped, not misread.
 FORMAT_VERSION = 1
@@ -343,9 +344,9 @@ def _as_tuple(value: Any) -> Any:
 # Stopping at a step boundary
 
 
-class TrialInterrupted(KeyboardInterrupt):
+class TrialInterrupted(Interrupted):
     """The trial stopped on a signal after writing a checkpoint (``checkpoint``, or None when it
-    had nowhere to write one). A KeyboardInterrupt, so that whatever handles Ctrl-C handles it."""
+    had nowhere to write one)."""
 
     def __init__(self, signum: int, checkpoint: Path | None) -> None:
         try:
@@ -353,8 +354,7 @@ class TrialInterrupted(KeyboardInterrupt):
         except ValueError:
             name = str(signum)
         where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
-        super().__init__(f"stopped by {name}{where}")
-        self.signum = signum
+        super().__init__(signum, f"stopped by {name}{where}")
         self.checkpoint = checkpoint
 
 

@@ -92,6 +92,7 @@ class Scripted:
         *,
         on_eval: Callable[[int, float], None] | None = None,
         progress: bool | None = None,
+        **_: object,  # checkpoint_dir, on_curves, say: not used by this stand-in
     ) -> TrialRecord:
         call = next(self.counter)
         self.calls.append(config)

@@ -11,8 +11,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from harness.db import sqlite_file
+from harness.spec import KNOBS, Study, TrialConfig, method_declarations
 
 CurvePoint = tuple[float, int, str, float]
+# Knobs that say how a trial is kept, not what it computes (outside its identity): a trial runs
+# with the values its study file has when it runs, not those stored when it was registered.
+KEEPING_KNOBS: tuple[str, ...] = (
+    "checkpoint_minutes",
+    "checkpoint_epochs",
+    "checkpoint_dir",
+    "save_weights",
+    "keep_final_checkpoint",
+)
 # Beside the default database, and under the working directory for a server database.
 SERVER_DATABASE_ROOT = Path("results") / "harness-checkpoints"
 
@@ -28,6 +38,19 @@ def checkpoint_root(db_url: str | Path | None, override: str | Path | None = Non
     if database is None:
         return SERVER_DATABASE_ROOT.absolute()
     return database.absolute().with_name(f"{database.stem}-checkpoints")
+
+
+def with_current_keeping_knobs(config: TrialConfig, study: Study) -> TrialConfig:
+    """``config`` with the :data:`KEEPING_KNOBS` as ``study``'s file sets them now (their defaults
+    where it does not), except those the study sweeps and, for a method that does not train
+    (random_init), the training ones (its configuration keeps their defaults, as ``resolve`` does)."""
+    trains = method_declarations()[config.method].trains if config.method in method_declarations() else True
+    values = {
+        name: study.fixed.get(name, KNOBS[name].default)
+        for name in KEEPING_KNOBS
+        if name not in study.swept_knobs and (trains or not KNOBS[name].training)
+    }
+    return config.replace(**values)
 
 
 def trial_folder(root: Path, study: str, trial_id: int) -> Path:

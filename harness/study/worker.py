@@ -32,12 +32,14 @@ from typing import Any, Protocol
 
 from harness.db import Database, utcnow
 from harness.spec import Study
-from harness.study import liveness, store
+from harness.study import artifacts, liveness, store
 from harness.study.store import Claim, SyncReport
-from harness.trial_api import TrialRunner
+from harness.trial_api import Interrupted, TrialRunner
 
 DEFAULT_HEARTBEAT_TIMEOUT = 90.0
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What `harness run` exits with after an interrupt: 128 + the signal (130 Ctrl-C, 143 SIGTERM).
+INTERRUPT_EXIT_CODES = frozenset(128 + int(sig) for sig in INTERRUPT_SIGNALS)
 # A worker with nothing to claim while other workers' trials run waits for them, so that it can
 # take over a trial whose worker dies; it polls this often (at most).
 MAX_POLL_SECONDS = 2.0
@@ -55,6 +57,7 @@ class RunOptions:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     progress: bool | None = None  # progress bars; None = when stderr is a terminal
     force_workers: bool = False  # more workers than the machine has devices/cores (--force-workers)
+    checkpoint_dir: str | None = None  # root of the trials' checkpoint folders (--checkpoint-dir)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -132,21 +135,28 @@ class Heartbeat:
     """A daemon thread that refreshes a claim's heartbeat until stopped; ``lost`` turns true when
     the claim was taken over (this worker looked dead), after which the result will not be written."""
 
-    def __init__(self, db: Database, claim: Claim, interval: float) -> None:
+    def __init__(
+        self, db: Database, claim: Claim, interval: float, curves: artifacts.LiveCurves | None = None
+    ) -> None:
         self._db = db
         self._claim = claim
         self._interval = interval
+        self._curves = curves
         self._stop = threading.Event()
         self.lost = False
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{claim.row_id}", daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
+            # The trial's new curve points ride along (live progress), in the beat's transaction.
+            points, replace = self._curves.take() if self._curves is not None else ([], False)
             try:
-                if not store.heartbeat(self._db, self._claim):
+                if not store.heartbeat(self._db, self._claim, points=points, replace_points=replace):
                     self.lost = True
                     return
             except Exception:  # a missed beat is retried next interval; the timeout allows several
+                if self._curves is not None:
+                    self._curves.give_back(points, replace)
                 continue
 
     def __enter__(self) -> Heartbeat:
@@ -293,7 +303,12 @@ def run_claim(
 ) -> Finished | None:
     """Run one claimed trial and write its result; None if the claim was lost meanwhile (another
     worker took the trial over). KeyboardInterrupt hands the trial back and propagates."""
-    config = claim.trial_config(ctx.options.device)
+    config = artifacts.with_current_keeping_knobs(claim.trial_config(ctx.options.device), ctx.study)
+    folder = artifacts.trial_folder(
+        artifacts.checkpoint_root(ctx.options.db, ctx.options.checkpoint_dir or config.checkpoint_dir),
+        ctx.study.name,
+        claim.row_id,
+    )
     if claim.previous_status == "running":
         ctx.echo(
             f"trial #{claim.row_id} ({ctx.label(claim.config)}): taking over from {claim.previous_worker}, whose heartbeat stopped"
@@ -307,10 +322,19 @@ def run_claim(
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
     ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)}")
     started = time.perf_counter()
+    curves = artifacts.LiveCurves()
+    store.set_checkpoint_dir(ctx.db, claim, str(folder))  # `harness status` finds it while it runs
     try:
-        with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval) as beat:
+        with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval, curves) as beat:
             try:
-                record = ctx.run_trial(config, on_eval=on_eval, progress=ctx.options.progress)
+                record = ctx.run_trial(
+                    config,
+                    on_eval=on_eval,
+                    progress=ctx.options.progress,
+                    checkpoint_dir=str(folder),
+                    on_curves=curves.add,
+                    say=lambda line: ctx.echo(f"trial #{claim.row_id}: {line}"),
+                )
                 outcome = {
                     "status": record.status,
                     "reason": record.reason,
@@ -319,6 +343,10 @@ def run_claim(
                     "provenance": record.provenance,
                     "started_at": record.started_at,
                     "ended_at": record.ended_at,
+                    "artifacts": {
+                        name: getattr(record, name, None)
+                        for name in ("checkpoint_dir", "weights_path", "weights_sha256")
+                    },
                 }
             except KeyboardInterrupt:
                 raise
@@ -336,6 +364,9 @@ def run_claim(
                 }
             written = (not beat.lost) and store.finish(ctx.db, claim, config=config.to_dict(), **outcome)
     except KeyboardInterrupt:
+        # The trial has checkpointed (when it was training): hand it back, and let no second
+        # signal (a forwarded copy of the same one) interrupt that.
+        _ignore_interrupts()
         if store.release(ctx.db, claim, "interrupted"):
             for events in ctx.events:
                 events.released(ctx, claim)
@@ -467,9 +498,8 @@ def interrupt_signals() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        _ignore_interrupts()
+        raise Interrupted(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
     try:
@@ -482,7 +512,8 @@ def interrupt_signals() -> Iterator[None]:
 def run_worker(
     ctx: WorkerContext, kind: StudyKind, *, stop_requested: Callable[[], bool] | None = None
 ) -> int:
-    """One worker's whole life: 0 when the study has nothing left for it, 130 after an interrupt.
+    """One worker's whole life: 0 when the study has nothing left for it, 128 + the signal after an
+    interrupt (130 after Ctrl-C, 143 after SIGTERM).
     ``stop_requested``: whether an interrupt arrived while this process was starting (a spawned
     worker ignores signals until its handlers are in place; its parent raises this flag too)."""
     with interrupt_signals():
@@ -490,15 +521,29 @@ def run_worker(
             if stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt
             worker_loop(ctx, kind.source(ctx))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             ctx.tally.interrupted = True
             ctx.echo("interrupted: stopping (trials left pending run on the next `harness run`)")
-            return 130
+            return interrupt_exit_code(interrupt)
     return 0
+
+
+def interrupt_exit_code(interrupt: BaseException) -> int:
+    """128 + the signal that interrupted (a plain KeyboardInterrupt counts as SIGINT)."""
+    return 128 + int(getattr(interrupt, "signum", signal.SIGINT))
+
+
+def _ignore_interrupts() -> None:
+    """From now on SIGINT and SIGTERM do nothing (main thread only; ``interrupt_signals``
+    restores the handlers when the worker ends)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in INTERRUPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
+    "INTERRUPT_EXIT_CODES",
     "INTERRUPT_SIGNALS",
     "SKIPPED",
     "Finished",
@@ -514,6 +559,7 @@ __all__ = [
     "WorkerEvents",
     "claim_runnable",
     "describe_outcome",
+    "interrupt_exit_code",
     "run_claim",
     "run_job",
     "run_worker",
