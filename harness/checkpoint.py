@@ -491,4 +491,7 @@ def read_encoder(
         info["backbone"], int(info["in_channels"]), int(info["image_size"]), fused_stem=False
     )
     module.load_state_dict(load(data))
-    return Encoder(module.to(device).eval(), info)
+    module = module.to(device)
+    if info.get("config", {}).get("channels_last"):  # as the trial evaluated it: the same kernels
+        module = module.to(memory_format=torch.channels_last)
+    return Encoder(module.eval(), info)

@@ -189,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"a running trial without a heartbeat for this long is taken over and rerun (default: {DEFAULT_HEARTBEAT_TIMEOUT:g})",
     )
+    run.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        default=None,
+        help="where trials keep checkpoints and weights, a folder per study and trial (default: the "
+        "checkpoint_dir knob, else beside the database: results/harness-checkpoints/ for results/harness.db)",
+    )
     progress = run.add_mutually_exclusive_group()
     progress.add_argument(
         "--progress", dest="progress", action="store_true", default=None, help="show progress bars"
@@ -346,6 +353,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force_workers=args.force_workers,
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
+        checkpoint_dir=args.checkpoint_dir,
     )
     try:
         return run_study(study, options).exit_code

@@ -1,0 +1,210 @@
+"""Acceptance of checkpoints through `harness run`: kill -9 and SIGTERM mid-trial, then rerun; the
+result equals an uninterrupted run's. And the weights of a finished trial reproduce its k-NN."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from harness.db import Database, TrialRow
+from harness.spec import load_study
+from harness.study import RunOptions, run_study
+
+RESULTS = (
+    "final_loss",
+    "knn_top1",
+    "linear_top1",
+    "linear_top5",
+    "alignment",
+    "uniformity",
+    "effective_rank",
+)
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study_file(folder: Path, method: str) -> Path:
+    extra = {"moco": {"queue_size": 64}}.get(method, {})
+    text = {
+        "study": f"resume-{method}",
+        "dataset": "synthetic",
+        "fixed": {
+            "train_size": 320,
+            "test_size": 40,
+            "batch_size": 32,  # 10 steps per epoch
+            "epochs": 4,
+            "knn_k": 5,
+            "linear_epochs": 3,
+            "log_every": 1,
+            "proj_hidden_dim": 32,
+            "proj_dim": 16,
+            "checkpoint_epochs": 1,
+            "device": "cpu",
+            **extra,
+        },
+        "grid": {"method": [method]},
+        "seeds": [0],
+    }
+    path = folder / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(text, sort_keys=False))
+    return path
+
+
+def harness(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def only_trial(db_path: Path) -> TrialRow:
+    db = Database(db_path)
+    try:
+        rows = db.run(lambda s: list(s.scalars(select(TrialRow))))
+    finally:
+        db.dispose()
+    assert len(rows) == 1
+    return rows[0]
+
+
+def reference(tmp_path: Path, method: str) -> TrialRow:
+    """The same study run without interruption, in this process."""
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    result = run_study(
+        load_study(study_file(folder, method)),
+        RunOptions(db=str(folder / "h.db"), progress=False),
+        echo=lambda _: None,
+    )
+    assert result.exit_code == 0
+    return only_trial(folder / "h.db")
+
+
+def wait_for(path_glob: tuple[Path, str], runner: subprocess.Popen[str], limit: float = 300.0) -> Path:
+    folder, pattern = path_glob
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert runner.poll() is None, "the run ended before its first checkpoint:\n" + (
+            runner.stdout.read() if runner.stdout else ""
+        )
+        found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if found:
+            return found[0]
+        time.sleep(0.02)
+    runner.kill()
+    raise AssertionError(f"no {pattern} in {folder} in time")
+
+
+def assert_same_result(reference_row: TrialRow, row: TrialRow) -> None:
+    assert row.status == reference_row.status == "complete", (row.reason, reference_row.reason)
+    assert {k: getattr(row, k) for k in RESULTS} == {k: getattr(reference_row, k) for k in RESULTS}
+    assert row.weights_sha256 == reference_row.weights_sha256
+    assert Path(row.weights_path).read_bytes() == Path(reference_row.weights_path).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_harness_run__sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(
+    method: str, tmp_path: Path
+) -> None:
+    expected = reference(tmp_path, method)
+    work = tmp_path / "killed"
+    work.mkdir()
+    path = study_file(work, method)
+    trial_folder = work / "results" / "harness-checkpoints" / f"resume-{method}" / "trial-1"
+    runner = harness("run", str(path), "--no-progress", cwd=work)
+    wait_for((trial_folder, "step-*.ckpt"), runner)
+    time.sleep(random.uniform(0.0, 0.3))  # at a random step after the first checkpoint
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=60)
+    killed = only_trial(work / "results" / "harness.db")
+    assert killed.status == "running" and not (trial_folder / "final.ckpt").exists()
+    rerun = harness("run", str(path), "--no-progress", cwd=work)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output
+    assert "taking over" in output and "resuming from checkpoint" in output, output
+    row = only_trial(work / "results" / "harness.db")
+    assert row.attempts == 2 and row.checkpoint_dir == str(trial_folder.absolute())
+    assert_same_result(expected, row)
+
+
+@pytest.mark.slow
+def test_harness_run__sigterm_checkpoints_sets_pending_exits_143_and_the_rerun_resumes(
+    tmp_path: Path,
+) -> None:
+    expected = reference(tmp_path, "moco")
+    work = tmp_path / "stopped"
+    work.mkdir()
+    path = study_file(work, "moco")
+    trial_folder = work / "results" / "harness-checkpoints" / "resume-moco" / "trial-1"
+    runner = harness("run", str(path), "--no-progress", cwd=work)
+    wait_for((trial_folder, "step-*.ckpt"), runner)
+    runner.send_signal(signal.SIGTERM)
+    output, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 143, output
+    assert "interrupted; set back to pending" in output, output
+    stopped = only_trial(work / "results" / "harness.db")
+    assert stopped.status == "pending" and stopped.reason == "interrupted"
+    newest = max(trial_folder.glob("step-*.ckpt"))
+    step = int(newest.stem.split("-")[1])
+    rerun = harness("run", str(path), "--no-progress", cwd=work)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output
+    assert f"resuming from checkpoint {newest.absolute()} (step {step}" in output, output
+    assert_same_result(expected, only_trial(work / "results" / "harness.db"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.exists(), reason="needs Debian's dataset-fashion-mnist")
+def test_load_encoder__a_quickstart_trial_reproduces_its_knn(tmp_path: Path) -> None:
+    import torch
+
+    from harness import evaluation
+    from harness.data import load_dataset
+    from harness.results import load_encoder
+    from harness.train import SUBSET_SEED
+
+    db_path = tmp_path / "h.db"
+    options = RunOptions(db=str(db_path), progress=False, max_trials=1)  # the first: simclr
+    run_study(load_study(REPO / "studies" / "quickstart.yaml"), options, echo=lambda _: None)
+    row = Database(db_path).run(
+        lambda s: s.scalars(select(TrialRow).where(TrialRow.status == "complete")).one()
+    )
+    config = row.config
+    encoder = load_encoder(db_path, row.id)
+    assert not encoder.training
+    train = load_dataset("fashion-mnist", "train", size=config["train_size"], seed=SUBSET_SEED)
+    test = load_dataset("fashion-mnist", "test", size=config["test_size"], seed=SUBSET_SEED)
+    features = [
+        evaluation.extract_features(encoder, split.images, mean=split.mean, std=split.std, device="cpu")
+        for split in (train, test)
+    ]
+    knn = evaluation.knn_top1(
+        features[0],
+        train.labels,
+        features[1],
+        test.labels,
+        k=config["knn_k"],
+        t=config["knn_t"],
+        num_classes=train.num_classes,
+    )
+    assert knn == row.knn_top1
+    assert torch.is_tensor(features[0]) and features[0].shape[1] == 256
