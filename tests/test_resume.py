@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from harness.db import Database, TrialRow
 from harness.spec import load_study
@@ -208,3 +208,63 @@ def test_load_encoder__a_quickstart_trial_reproduces_its_knn(tmp_path: Path) -> 
     )
     assert knn == row.knn_top1
     assert torch.is_tensor(features[0]) and features[0].shape[1] == 256
+
+
+# -- the study layer's side, without training ------------------------------------------------------
+
+
+def test_heartbeat__carries_live_curves_and_status_shows_progress_and_disk(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from harness.db import MetricRow, utcnow
+    from harness.study import status_lines, store
+
+    path = study_file(tmp_path, "simclr")
+    study = load_study(path)
+    db = Database(tmp_path / "h.db")
+    report = store.sync_study(db, study)
+    claim = store.claim_next(db, report.study_id, "me:1", stale_before=utcnow() - timedelta(seconds=90))
+    assert claim is not None
+    folder = tmp_path / "ckpt" / "trial-1"
+    folder.mkdir(parents=True)
+    (folder / "step-000000010.ckpt").write_bytes(b"x" * 3 * 1024 * 1024)
+    assert store.set_checkpoint_dir(db, claim, str(folder))
+    stale = [(0.5, 5, "loss", 9.0), (1.0, 10, "knn_top1", 0.1)]  # an earlier attempt's
+    assert store.heartbeat(db, claim, points=stale)
+    now = [(0.5, 5, "loss", 7.25), (1.0, 10, "loss", 6.5), (1.0, 10, "knn_top1", 0.4), (1.2, 12, "lr", 0.1)]
+    assert store.heartbeat(db, claim, points=now, replace_points=True)
+    stored = db.run(
+        lambda s: [(m.step, m.name, m.value) for m in s.scalars(select(MetricRow).order_by(MetricRow.id))]
+    )
+    assert stored == [(5, "loss", 7.25), (10, "loss", 6.5), (10, "knn_top1", 0.4), (12, "lr", 0.1)]
+    text = "\n".join(status_lines(db, "resume-simclr"))
+    assert "checkpoints and weights: 3.0 MiB on disk" in text
+    assert "epoch 1.2/4, loss 6.5, k-NN 40.0% (epoch 1), me:1, heartbeat" in text
+    lost = store.Claim(**{**claim.__dict__, "attempts": claim.attempts + 1})
+    assert not store.heartbeat(db, lost, points=[(2.0, 20, "loss", 1.0)])  # not the owner: nothing
+    assert db.run(lambda s: s.scalar(select(func.count(MetricRow.id)))) == 4
+    db.dispose()
+
+
+def test_checkpoint_root__beside_sqlite_else_under_results_and_an_override_wins(tmp_path: Path) -> None:
+    from harness.study.artifacts import checkpoint_root, trial_folder
+
+    assert (
+        checkpoint_root(tmp_path / "runs" / "mine.db") == (tmp_path / "runs" / "mine-checkpoints").absolute()
+    )
+    assert checkpoint_root("postgresql://u@h/db") == (Path("results") / "harness-checkpoints").absolute()
+    assert checkpoint_root(None, tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    assert trial_folder(tmp_path, "s", 7) == tmp_path / "s" / "trial-7"
+
+
+def test_with_current_keeping_knobs__the_file_as_it_is_now_decides_how_a_trial_is_kept(
+    tmp_path: Path,
+) -> None:
+    from harness.spec import resolve
+    from harness.study.artifacts import with_current_keeping_knobs
+
+    stored = resolve({"method": "simclr", "checkpoint_minutes": 1.0, "save_weights": False})
+    study = load_study(study_file(tmp_path, "simclr"))  # sets checkpoint_epochs: 1, not the others
+    now = with_current_keeping_knobs(stored, study)
+    assert (now.checkpoint_epochs, now.checkpoint_minutes, now.save_weights) == (1, 5.0, True)
+    assert now.config_hash == stored.config_hash
