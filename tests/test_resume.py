@@ -60,9 +60,12 @@ def study_file(folder: Path, method: str) -> Path:
 
 
 def harness(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    # One thread, like this process's reference run (tests/conftest.py): a float sum split over
+    # another number of threads rounds differently, which is not what these tests are about.
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     return subprocess.Popen(
