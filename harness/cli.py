@@ -1,4 +1,4 @@
-"""The ``harness`` command: run, status, report, bench, export, data.
+"""The ``harness`` command: run, status, report, evaluate, bench, export, data.
 
 ``report`` and ``bench`` live in their own packages and are imported only when used, so that
 ``harness --help`` and ``harness status`` stay fast and work even if one of them is broken.
@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 DESCRIPTION = (
     "Benchmark and ablation harness for self-supervised representation learning. A study file "
@@ -34,6 +35,19 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "the trained encoders of a study: list them, print one's path, or copy it",
         "List the trials of a study that have weights (encoder.safetensors + encoder.json), or "
         "print the path of one (--trial N, or --best METRIC), or copy it (--copy DEST).",
+    ),
+    "evaluate": (
+        "harness.study.evaluate",
+        "run evaluation protocols (fine-tune, label fractions, few-shot, transfer) on saved encoders",
+        "Run the evaluate: section of a study (or of --file) on the saved encoders of its complete "
+        "trials, without retraining; each result is stored with its protocol.",
+    ),
+    "db": (
+        "harness.db.cli",
+        "the database's schema version; upgrade an older database in place",
+        "Show a results database's schema version, or upgrade one written by an older harness in "
+        "place (docs/DATABASE.md). `harness run` upgrades automatically; status, report and export "
+        "only read, and ask for this step.",
     ),
     "bench": (
         "harness.bench.cli",
@@ -287,6 +301,7 @@ def _delegate(command: str, rest: list[str]) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from harness.db import SCHEMA_VERSION, DatabaseProblem, NoHarnessTables, NotPersistent, require_persistent
     from harness.overrides import load_study_with_overrides
     from harness.spec import SpecError
     from harness.study import (
@@ -317,8 +332,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"running them as study {study.name} (the file's own study is not touched)",
             flush=True,
         )
+    from harness.runtime import device_problem
     from harness.spec import DEFAULTS
-    from harness.train import device_problem
 
     wanted_device = args.device or study.fixed.get("device", DEFAULTS.device)
     problem = device_problem(wanted_device)
@@ -328,10 +343,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         existing = None
         try:
-            db = open_existing(args.db)
-        except Exception:  # no database, or not one of ours yet: every trial is new
+            db = open_existing(args.db, allow_older=True)
+        except (FileNotFoundError, NoHarnessTables, NotPersistent):  # nothing yet: every trial is new
             db = None
+        except Exception as error:  # what the real run would refuse (another program's tables, ...)
+            return _database_error("run", error)
         if db is not None:
+            if db.state.pending:
+                print(
+                    f"note: the run will upgrade the database from schema version {db.state.version} "
+                    f"to {SCHEMA_VERSION} (docs/DATABASE.md)"
+                )
             try:
                 check_kind(db, study)  # what the real run would refuse, the dry run refuses too
                 existing = existing_rows(db, study.name)
@@ -344,6 +366,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(study, existing):
             print(line)
         return 0
+    try:
+        require_persistent(args.db, "`harness run`")
+    except DatabaseProblem as error:
+        return _database_error("run", error)
     options = RunOptions(
         db=args.db,
         device=args.device,
@@ -356,37 +382,56 @@ def _cmd_run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
     )
     try:
-        return run_study(study, options).exit_code
+        code = run_study(study, options).exit_code
+        if study.evaluate is not None and args.max_trials is None:
+            code = max(code, _evaluate_after_run(study, args))
+        return code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
-    except (SQLAlchemyError, ImportError) as error:  # unreachable server, not a database, no driver
-        return _error("run", _database_problem(error), 1)
+    except (DatabaseProblem, SQLAlchemyError, ImportError) as error:  # not ours, unreachable, no driver
+        return _database_error("run", error)
 
 
-def _database_problem(error: BaseException) -> str:
-    if isinstance(error, ImportError):
-        return (
-            f"the database driver is not installed ({error}); for PostgreSQL: pip install -e '.[postgres]' "
-            "(psycopg 3); for another database, the driver SQLAlchemy names for its URL"
-        )
-    detail = error.args[0] if error.args else error
-    return f"cannot use the database: {type(error).__name__}: {detail}"
+def _evaluate_after_run(study: Any, args: argparse.Namespace) -> int:
+    """The study's evaluate: section on its complete trials' saved encoders (what `harness evaluate
+    STUDY` does); results already stored are not computed again."""
+    from harness.study import open_existing
+    from harness.study.evaluate import run_evaluations
+
+    db = open_existing(args.db)
+    try:
+        device = args.device or study.fixed.get("device", "auto")
+        report = run_evaluations(db, study.name, study.evaluate, device=device)
+    finally:
+        db.dispose()
+    for trial_id, reason in report.unavailable:
+        print(f"harness run: trial {trial_id} cannot be evaluated: {reason}", file=sys.stderr)
+    return report.exit_code
+
+
+def _database_error(command: str, error: BaseException) -> int:
+    """One line and the exit status every command gives for the same database problem."""
+    from harness.db import describe
+
+    described = describe(error)
+    if described is None:
+        raise error
+    return _error(command, *described)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from harness.db import DatabaseProblem
     from harness.study import UnknownStudy, open_existing, status_lines
 
     try:
         db = open_existing(args.db)
         lines = status_lines(db, args.study, top=args.top)
-    except FileNotFoundError as error:
-        return _error("status", str(error), 2)
     except UnknownStudy as error:
         return _error("status", str(error), 2)
-    except (SQLAlchemyError, ImportError) as error:
-        return _error("status", _database_problem(error), 1)
+    except (FileNotFoundError, DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("status", error)
     print("\n".join(lines))
     db.dispose()
     return 0
@@ -396,8 +441,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
-    from harness.db import StudyRow
+    from harness.db import DatabaseProblem, StudyRow
     from harness.results import trials_frame
+    from harness.runtime import output_problem, write_atomically
     from harness.study import open_existing
 
     suffix = Path(args.out).suffix.lower() if args.out else ""
@@ -405,26 +451,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if suffix == other:
         return _error("export", f"--out {args.out}: a {args.format} file would get a {suffix} name; "
                       f"expected --format {other[1:]} or another file name", 2)
+    out = Path(args.out) if args.out else Path("results") / f"{args.study}.{args.format}"
+    problem = output_problem(out, folder=False)
+    if problem is not None:
+        where = "--out" if args.out else "the study name is the file name (give --out PATH):"
+        return _error("export", f"{where} {problem[0]}", problem[1])
     try:
         db = open_existing(args.db)
         known = db.run(lambda s: list(s.scalars(select(StudyRow.name).order_by(StudyRow.name))))
-    except FileNotFoundError as error:
-        return _error("export", str(error), 2)
-    except (SQLAlchemyError, ImportError) as error:
-        return _error("export", _database_problem(error), 1)
-    if args.study not in known:
-        return _error(
-            "export",
-            f"no study named {args.study!r}" + (f" (studies: {', '.join(known)})" if known else ""),
-            2,
-        )
-    frame = trials_frame(db, args.study)
-    out = Path(args.out) if args.out else Path("results") / f"{args.study}.{args.format}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.format == "parquet":
-        frame.to_parquet(out, index=False)
-    else:
-        frame.to_csv(out, index=False)
+        if args.study not in known:
+            return _error(
+                "export",
+                f"no study named {args.study!r}" + (f" (studies: {', '.join(known)})" if known else ""),
+                2,
+            )
+        frame = trials_frame(db, args.study)
+    except (DatabaseProblem, SQLAlchemyError, ImportError, FileNotFoundError) as error:
+        return _database_error("export", error)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.format == "parquet":
+            write_atomically(out, lambda path: frame.to_parquet(path, index=False))
+        else:
+            write_atomically(out, lambda path: frame.to_csv(path, index=False))
+    except OSError as error:
+        return _error("export", f"{out}: cannot write it ({error.strerror or error})", 1)
     print(f"wrote {len(frame)} trial(s) of {args.study} to {out}")
     db.dispose()
     return 0

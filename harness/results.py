@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from harness.db import (
     PROVENANCE_FIELDS,
     SUMMARY_METRICS,
     BenchRow,
     Database,
+    EvaluationRow,
     MetricRow,
     StudyRow,
     TrialRow,
@@ -100,6 +101,66 @@ def bench_frame(db: Database | str | Path | None = None) -> pd.DataFrame:
     rows = database.run(query)
     columns = [c.name for c in BenchRow.__table__.columns]
     return pd.DataFrame.from_records([{c: getattr(r, c) for c in columns} for r in rows], columns=columns)
+
+
+EVALUATION_COLUMNS: tuple[str, ...] = (
+    "evaluation_id",
+    "trial_id",
+    "study",
+    "protocol",
+    "dataset",
+    "transfer",
+    "fraction",
+    "shots",
+    "label_seed",
+    "epochs",
+    "lr",
+    "status",
+    "reason",
+    "top1",
+    "top5",
+    "spread",
+    "n_train",
+    "n_test",
+    "seconds",
+    "created_at",
+    "task_hash",
+    "task",
+    "details",
+)
+
+
+def evaluations_frame(db: Database | str | Path | None = None, study: str | None = None) -> pd.DataFrame:
+    """One row per evaluation of a saved encoder (``harness evaluate``; docs/REPORTS.md, "Evaluation
+    protocols"): the trial, the protocol and its typed settings (``protocol``: knn, linear,
+    finetune, few_shot_knn or embedding; ``dataset`` evaluated on, ``transfer`` when it is not the
+    trial's own; ``fraction`` of the labeled training split, ``shots`` per class, ``label_seed``,
+    ``epochs``, ``lr``), ``status`` and ``reason``, the result (``top1``, ``top5`` as fractions;
+    ``spread``: the sample std over few-shot draws; ``n_train`` labeled images, ``n_test``), and
+    ``task`` (every setting) and ``details`` (adaptation, per-draw values, embedding points) as
+    dicts. A database from before evaluations existed gives an empty frame."""
+    database = as_database(db)
+
+    def query(session: object) -> list[tuple[EvaluationRow, str]]:
+        statement = (
+            select(EvaluationRow, StudyRow.name)
+            .join(TrialRow, EvaluationRow.trial_id == TrialRow.id)
+            .join(StudyRow, TrialRow.study_id == StudyRow.id)
+            .order_by(EvaluationRow.trial_id, EvaluationRow.id)
+        )
+        if study is not None:
+            statement = statement.where(StudyRow.name == study)
+        return [tuple(row) for row in session.execute(statement)]  # type: ignore[attr-defined]
+
+    if not inspect(database.engine).has_table(EvaluationRow.__tablename__):
+        return pd.DataFrame(columns=list(EVALUATION_COLUMNS))
+    records = []
+    for row, study_name in database.run(query):
+        record = {c: getattr(row, c) for c in EVALUATION_COLUMNS if c not in ("evaluation_id", "study")}
+        record["evaluation_id"] = row.id
+        record["study"] = study_name
+        records.append(record)
+    return pd.DataFrame.from_records(records, columns=list(EVALUATION_COLUMNS))
 
 
 def load_encoder(db: Database | str | Path | None, trial_id: int, *, device: str = "cpu") -> Any:

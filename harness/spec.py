@@ -29,6 +29,7 @@ from typing import Any, get_args, get_type_hints
 import yaml
 
 from harness.metrics import OBJECTIVE_METRICS
+from harness.protocol_spec import EvaluationPlan, parse_evaluate
 
 # ----------------------------------------------------------------------------------------------
 # Knob declarations
@@ -802,6 +803,9 @@ class Study:
     text: str
     path: str
     notes: tuple[str, ...] = field(default=())
+    # The evaluations run on the saved encoders after training (harness.protocol_spec); they are
+    # not knobs: they change no trial's configuration or hash.
+    evaluate: EvaluationPlan | None = None
 
     @property
     def text_hash(self) -> str:
@@ -852,6 +856,7 @@ _TOP_KEYS: dict[str, str] = {
     "ablate": "a mapping of knob: [values]",
     "search": "a mapping with n_trials, sampler, pruner, objective, space",
     "seeds": "a list of integers",
+    "evaluate": "a mapping of evaluation protocols (linear, finetune, few_shot, transfer, embedding)",
 }
 _SEARCH_KEYS: tuple[str, ...] = ("n_trials", "sampler", "pruner", "objective", "space", "enqueue")
 
@@ -1011,6 +1016,9 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         search = _validate_search(data["search"], fixed, problems)
         points = [{}]
 
+    evaluate, evaluate_problems = parse_evaluate(data.get("evaluate"), datasets=DATASET_NAMES)
+    for path, message in evaluate_problems:
+        problems.add(path, message)
     notes: list[str] = []
     # Knobs no method reads are reported with the other problems; resolving the points waits for a
     # file without them (a bad value would come back once per point).
@@ -1029,6 +1037,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         text=text,
         path=source,
         notes=tuple(notes),
+        evaluate=evaluate,
     )
 
 

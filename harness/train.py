@@ -17,11 +17,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import os
 import sys
-import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -48,6 +45,7 @@ from harness.db.models import SUMMARY_METRICS, utcnow
 from harness.methods import METHODS
 from harness.methods.base import Method
 from harness.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from harness.runtime import PeakMemory, failure_reason, resolve_device, synchronize
 from harness.spec import TrialConfig
 from harness.tracking import MetricSink
 from harness.trial_api import TrialPruned
@@ -78,6 +76,9 @@ class TrialRecord:
     provenance: dict[str, Any]
     started_at: datetime
     ended_at: datetime = field(default_factory=utcnow)
+    data: dict[str, Any] = field(default_factory=dict)
+    """What was trained and evaluated on (:func:`describe_data`): splits, image counts, class names
+    and counts, resident or streamed, the shard's fingerprint. Not yet stored by the runner."""
     # With a checkpoint policy: the trial's folder, the encoder written there (complete trials
     # with save_weights) and the step this attempt resumed from (None: from the start).
     checkpoint_dir: str | None = None
@@ -85,28 +86,6 @@ class TrialRecord:
     weights_sha256: str | None = None
     resumed_from_step: int | None = None
     checkpoint_seconds: float = 0.0  # spent writing checkpoints and weights (not in train_seconds)
-
-
-def device_problem(name: str) -> str | None:
-    """Why trials cannot run on device ``name`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) on this
-    machine, or None; ``harness run`` asks before it claims anything."""
-    if name in ("auto", "cpu"):
-        return None
-    if not torch.cuda.is_available():
-        return f"device: {name!r} was asked for, but CUDA is not available on this machine"
-    index = torch.device(name).index
-    count = torch.cuda.device_count()
-    if index is not None and index >= count:
-        return f"device: {name!r} was asked for, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})"
-    return None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} was asked for, but CUDA is not available on this machine")
-    return torch.device(name)
 
 
 def _autocast_dtype(config: TrialConfig, device: torch.device) -> torch.dtype | None:
@@ -154,95 +133,6 @@ def _pretraining_dataset(config: TrialConfig, train: ImageDataset, device: torch
     )
 
 
-class _PeakMemory:
-    """Peak memory of the training phase: CUDA max allocated, or on the CPU the peak growth of
-    the process's resident memory. On Linux the kernel's own high-water mark (``VmHWM``) is reset
-    at the start and read at the end, which is exact and costs nothing during training; elsewhere a
-    background thread samples the resident size every few milliseconds."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self._baseline = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._high_water_mark = False
-
-    def __enter__(self) -> _PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        import psutil
-
-        process = psutil.Process(os.getpid())
-        _release_freed_memory()
-        self._baseline = process.memory_info().rss
-        self._high_water_mark = _reset_high_water_mark()
-        if self._high_water_mark:
-            return self
-
-        def sample() -> None:
-            while not self._stop.wait(0.005):
-                self.peak = max(self.peak, process.memory_info().rss - self._baseline)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
-        elif self._high_water_mark:
-            self.peak = max(0, _read_high_water_mark() - self._baseline)
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-
-
-_PROC_STATUS = "/proc/self/status"
-
-
-def _release_freed_memory() -> None:
-    """Hand memory that earlier trials freed back to the OS (glibc's ``malloc_trim``). Without it the
-    allocator serves the next trial from pages that are still resident, its resident size does not
-    grow, and its peak reads as ~0 (measured: byol, swav, supervised at 0.0-0.2 MiB after simclr,
-    simsiam and barlow_twins in one process; 115-125 MiB with the trim)."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure may under-count, as documented
-        pass
-
-
-def _reset_high_water_mark() -> bool:
-    """Reset the kernel's peak resident size of this process (Linux >= 4.0); False where it can't."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return _read_high_water_mark() > 0
-    except OSError:
-        return False
-
-
-def _read_high_water_mark() -> int:
-    """``VmHWM`` of this process in bytes, or 0 where there is none."""
-    try:
-        with open(_PROC_STATUS) as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _progress(total: int, desc: str, enabled: bool | None, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
@@ -269,17 +159,18 @@ class _Context:
     generator: torch.Generator
     curves: list[tuple[float, int, str, float]] = field(default_factory=list)
     sink: MetricSink | None = None
+    on_curves: Callable[[list[tuple[float, int, str, float]]], None] | None = None
+    published: int = 0
 
     def record(self, epoch: float, step: int, name: str, value: float) -> None:
         """One point of a curve: kept for the database, and handed to the trial's tracker."""
         self.curves.append((epoch, step, name, value))
         if self.sink is not None:
             self.sink.on_metric(name, value, step=step, epoch=epoch)
-    # Live curves: receives the points not yet handed over, at each log point and evaluation.
-    on_curves: Callable[[list[tuple[float, int, str, float]]], None] | None = None
-    published: int = 0
 
     def publish(self) -> None:
+        """Hand the points not yet handed over to ``on_curves`` (live curves), at each log point
+        and evaluation."""
         if self.on_curves is not None and self.published < len(self.curves):
             points = self.curves[self.published :]
             self.published = len(self.curves)
@@ -344,12 +235,14 @@ def run_trial(
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     curves: list[tuple[float, int, str, float]] = []
     device_label = config.device
+    data: dict[str, Any] = {}
     checkpoints: _Checkpoints | None = None
     weights: tuple[Path, str] | None = None
     try:
         device = resolve_device(config.device)
         device_label = str(device)
         context = _build(config, device)
+        data = describe_data(context.pretrain, context.train, context.test)
         context.sink = sink
         context.on_curves = on_curves
         curves = context.curves
@@ -371,9 +264,7 @@ def run_trial(
     except KeyboardInterrupt:
         raise
     except Exception as error:  # a failed trial is a result with a reason, never a crashed study
-        frame = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-        where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
-        status, reason = "failed", f"{type(error).__name__}: {error}{where}"
+        status, reason = "failed", failure_reason(error)
     finally:
         context = None
         gc.collect()
@@ -392,12 +283,38 @@ def run_trial(
         curves=curves,
         provenance=provenance.collect(device_label),
         started_at=started,
+        data=data,
         checkpoint_dir=str(checkpoint.directory) if checkpoint is not None else None,
         weights_path=str(weights[0]) if weights else None,
         weights_sha256=weights[1] if weights else None,
         resumed_from_step=checkpoints.resumed_from_step if checkpoints is not None else None,
         checkpoint_seconds=checkpoints.seconds if checkpoints is not None else 0.0,
     )
+
+
+def describe_data(pretrain: ImageDataset, train: ImageDataset, test: ImageDataset) -> dict[str, Any]:
+    """The protocol's data: which split pretrained the encoder and which ones k-NN and the probe
+    used, with image counts, class counts, residency and, for prepared folders, the shard."""
+
+    def split(ds: ImageDataset) -> dict[str, Any]:
+        labels = ds.labels[ds.labels >= 0].cpu()
+        out: dict[str, Any] = {
+            "dataset": ds.name,
+            "split": ds.split,
+            "images": len(ds),
+            "shape": list(ds.images.shape[1:]),
+            "streamed": ds.streamed,
+            "labeled": int(labels.numel()),
+        }
+        if ds.class_names and labels.numel():
+            counts = torch.bincount(labels, minlength=len(ds.class_names)).tolist()
+            out["class_counts"] = dict(zip(ds.class_names, counts))
+        if ds.source is not None:
+            out["shard"] = {"source": ds.source.source, "fingerprint": ds.source.fingerprint,
+                            "skipped": len(ds.source.skipped), "converted": ds.source.converted}
+        return out
+
+    return {"pretrain": split(pretrain), "knn_probe_train": split(train), "knn_probe_test": split(test)}
 
 
 def _build(config: TrialConfig, device: torch.device) -> _Context:
@@ -593,14 +510,14 @@ def _train(
 
     stop = checkpoints.stop if checkpoints is not None else contextlib.nullcontext()
     with stop:
-        with _PeakMemory(device) as memory:
+        with PeakMemory(device) as memory:
             while position.epoch < config.epochs:
                 epoch = position.epoch
                 method.train()
                 if position.batch == 0:
                     order = torch.randperm(n, device=device, generator=context.generator)
                 assert order is not None
-                _sync(device)
+                synchronize(device)
                 epoch_start = time.perf_counter()
                 timed_start, timed_images = None, 0
                 bar = _progress(
@@ -621,7 +538,7 @@ def _train(
                 for batch, batch_images in enumerate(batches, start=position.batch):
                     step = position.step
                     if step == first_step + WARMUP_STEPS or (batch == 0 and step > first_step + WARMUP_STEPS):
-                        _sync(device)
+                        synchronize(device)
                         timed_start, timed_images = time.perf_counter(), 0
                     index = order[batch * size : (batch + 1) * size]
                     views = make_views(
@@ -656,7 +573,7 @@ def _train(
                         context.publish()
                     bar.update(1)
                     if checkpoints is not None and checkpoints.due(epoch_end=False, epoch=epoch):
-                        _sync(device)
+                        synchronize(device)
                         now = time.perf_counter()
                         timed = now - timed_start if timed_start is not None else 0.0
                         pause = checkpoints.save(
@@ -669,7 +586,7 @@ def _train(
                         if timed_start is not None:
                             timed_start += pause
                 bar.close()
-                _sync(device)
+                synchronize(device)
                 now = time.perf_counter()
                 position.train_seconds += now - epoch_start
                 if timed_start is not None:
@@ -685,10 +602,10 @@ def _train(
                 ):
                     checkpoints.save(state(), position.step)
                     checkpoints.stop_if_requested()
-        peak = float(memory.peak)
+        peak = None if memory.peak is None else float(memory.peak)  # None: not measurable here
         if checkpoints is not None:
             if checkpoints.resumed_peak is not None:  # the attempt that trained to the end measured it
-                peak = max(peak, float(checkpoints.resumed_peak))
+                peak = max(peak or 0.0, float(checkpoints.resumed_peak))
             if not checkpoints.has_final:
                 checkpoints.save({**state(), "peak_mem_bytes": peak}, position.step, final=True)
             checkpoints.stop_if_requested()

@@ -180,10 +180,10 @@ def test_cli__a_device_this_machine_lacks_exits_2_before_writing(
     path.write_text(STUDY)
     assert cli.main(["run", str(path), "--db", str(tmp_path / "h.db"), "--device", "cuda:99"]) == 2
     err = capsys.readouterr().err
-    assert "--device: device: 'cuda:99' was asked for" in err and "nothing was run or written" in err
+    assert "--device: 'cuda:99' was asked for" in err and "nothing was run or written" in err
     path.write_text(STUDY.replace("knn_k: 5", "knn_k: 5\n  device: cuda:99"))
     assert cli.main(["run", str(path), "--db", str(tmp_path / "h.db")]) == 2
-    assert f"{path}: fixed.device: device: 'cuda:99'" in capsys.readouterr().err
+    assert f"{path}: fixed.device: 'cuda:99'" in capsys.readouterr().err
     assert not (tmp_path / "h.db").exists()
 
 
@@ -271,7 +271,7 @@ def test_cli__unusable_database_is_a_message_not_a_traceback(
     assert cli.main(["export", "cli-tiny", "--db", str(garbage)]) == 1
     assert cli.main(["run", str(path), "--db", str(garbage)]) == 1
     err = capsys.readouterr().err
-    assert err.count("cannot use the database") == 3
+    assert err.count("garbage.db: not a readable database (file is not a database)") == 3
 
 
 def test_cli__status_imports_neither_torch_nor_optuna(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats as scipy_stats
 
 from harness.reports import build_report
 from harness.results import metrics_frame, trials_frame
@@ -66,10 +67,12 @@ def test_report__real_study_table_equals_the_database(real_study: tuple[Path, Pa
     for method, group in trials.groupby("method"):
         cells = _row_cells(markdown, method)
         assert cells[1] == str(len(group))
+        # mean ± the half-width of the 95% Student t-interval over the seeds
+        t = scipy_stats.t.ppf(0.975, len(group) - 1)
         knn = 100 * group["knn_top1"]
-        assert cells[2] == f"{knn.mean():.1f} ± {knn.std(ddof=1):.1f}"
+        assert cells[2] == f"{knn.mean():.1f} ± {t * knn.std(ddof=1) / len(group) ** 0.5:.1f}"
         linear = 100 * group["linear_top1"]
-        assert cells[3] == f"{linear.mean():.1f} ± {linear.std(ddof=1):.1f}"
+        assert cells[3] == f"{linear.mean():.1f} ± {t * linear.std(ddof=1) / len(group) ** 0.5:.1f}"
 
 
 @pytest.mark.slow

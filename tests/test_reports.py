@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from scipy import stats as scipy_stats
 from sqlalchemy import select
 
 from harness.db import Database, StudyRow, TrialRow
@@ -56,7 +57,7 @@ def _html(reports: Path, study: str) -> str:
 
 def _md_rows(markdown: str) -> dict[str, list[str]]:
     """The first comparison-table row of each configuration label: its cells, markup removed."""
-    section = markdown.split("## Comparison", 1)[1].split("\n## ", 1)[0]
+    section = markdown.split("## Comparison", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     rows: dict[str, list[str]] = {}
     for line in section.splitlines():
         if line.startswith("| ") and not line.startswith("| ---") and not line.startswith("| configuration"):
@@ -116,8 +117,9 @@ def test_comparison_table__values_match_database(database: Database, reports: Pa
         assert cells[0] == str(len(trials))
         knn = [100 * t.knn_top1 for t in trials]
         expected = f"{statistics.mean(knn):.1f}"
-        if len(knn) > 1:
-            expected += f" ± {statistics.stdev(knn):.1f}"
+        if len(knn) > 1:  # the half-width of the 95% t-interval
+            half = scipy_stats.t.ppf(0.975, len(knn) - 1) * statistics.stdev(knn) / math.sqrt(len(knn))
+            expected += f" ± {half:.1f}"
         assert cells[1] == expected
         throughput = [t.train_img_per_s for t in trials if t.train_img_per_s is not None]
         if throughput:
@@ -146,22 +148,34 @@ def _group(trials: list[TrialRow]) -> dict[str, list[TrialRow]]:
     return groups
 
 
-def test_comparison_table__best_value_bold_in_each_column(reports: Path) -> None:
+def test_comparison_table__best_and_ties_bold_in_each_column(database: Database, reports: Path) -> None:
+    """Bold: the best mean and the configurations a paired t-test over shared seeds cannot tell from
+    it (p >= 0.05), checked against scipy on the database's own per-seed values."""
     markdown = _markdown(reports, "method-grid")
-    section = markdown.split("## Comparison", 1)[1].split("\n## ", 1)[0]
+    section = markdown.split("## Comparison", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = lines[0], lines[1:]
-    regular = [line for line in body if not line.startswith("| *")]
-    knn = [float(line.split(" | ")[2].strip("*").split(" ")[0]) for line in regular]
-    best = [line for line in regular if line.split(" | ")[2].startswith("**")]
     assert "k-NN top-1 (%)" in header
-    assert best and all(float(line.split(" | ")[2].strip("*").split(" ")[0]) == max(knn) for line in best)
-    loss = [line.split(" | ")[5] for line in regular]
-    bold_loss = [cell for cell in loss if cell.startswith("**")]
-    assert len(bold_loss) == 1
-    assert float(bold_loss[0].strip("*").split(" ")[0]) == min(
-        float(c.strip("*").split(" ")[0]) for c in loss if c != "nan"
-    )
+    regular = [line for line in body if not line.startswith("| *")]
+    bold = {line.split(" | ")[0].strip("| ") for line in regular if line.split(" | ")[2].startswith("**")}
+    groups = _group(_db_trials(database, "method-grid"))
+    data = load(database, "method-grid")
+    labels = data.complete.drop_duplicates("group").set_index("group")["label"]
+    knn = {
+        str(labels[digest]): {t.seed: 100 * t.knn_top1 for t in trials}
+        for digest, trials in groups.items()
+        if trials[0].config["method"] not in ("random_init", "supervised")
+    }
+    means = {label: statistics.mean(v.values()) for label, v in knn.items()}
+    best = max(means, key=means.__getitem__)
+    expected = {best}
+    for label, values in knn.items():
+        shared = sorted(set(values) & set(knn[best]))
+        if label != best and len(shared) >= 2:
+            p = scipy_stats.ttest_rel([values[s] for s in shared], [knn[best][s] for s in shared]).pvalue
+            if p >= 0.05 or f"{means[label]:.1f}" == f"{means[best]:.1f}":
+                expected.add(label)
+    assert bold == expected and len(bold) < len(regular)
 
 
 def test_comparison_table__baselines_are_reference_rows(reports: Path) -> None:
@@ -353,6 +367,8 @@ def test_search__history_importances_and_best_trials(database: Database, reports
     assert (reports / "lr-search" / "figures" / "search_importance.svg").is_file()
     importances = markdown.split("### Parameter importances", 1)[1].split("###", 1)[0]
     assert all(f"| {p} |" in importances for p in ("lr", "temperature", "method"))
+    # 5 complete trials: shown, with the caveat below statistics.RELIABLE_IMPORTANCE_TRIALS (20).
+    assert "Caveat: these importances come from 5 complete trials, fewer than 20" in importances
     best = markdown.split("### Best trials", 1)[1].split("\n## ", 1)[0]
     first = next(line for line in best.splitlines() if line.startswith("| 1 |")).split(" | ")
     complete = [t for t in _db_trials(database, "lr-search") if t.status == "complete"]
@@ -438,7 +454,7 @@ def test_cli__database_without_harness_tables_exits_2(
     path = tmp_path / "other.db"
     sqlite3.connect(path).execute("CREATE TABLE unrelated (x INTEGER)").connection.close()
     assert report_cli.main(_parse(["--all", "--db", str(path)])) == 2
-    assert "cannot read the harness tables" in capsys.readouterr().err
+    assert "holds no harness tables" in capsys.readouterr().err
     tables = sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     assert tables == [("unrelated",)], "a report creates nothing in the database"
 

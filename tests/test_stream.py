@@ -127,6 +127,10 @@ def test_run_trial__pretrains_on_stl10_unlabeled_and_evaluates_on_labeled(tmp_pa
     assert record.status == "complete", record.reason
     loss_steps = [step for _, step, name, _ in record.curves if name == "loss"]
     assert loss_steps[-1] == (40 + 60) // 20  # trained on both splits
+    pretrain, evaluated = record.data["pretrain"], record.data["knn_probe_train"]
+    assert pretrain["split"] == "train+unlabeled" and pretrain["images"] == 100 and pretrain["labeled"] == 40
+    assert evaluated["split"] == "train" and sum(evaluated["class_counts"].values()) == 40
+    assert record.data["knn_probe_test"]["class_counts"]["airplane"] == 2
     supervised = train.run_trial(resolve({**base, "method": "supervised", "pretrain_split": "unlabeled"}), progress=False)
     assert supervised.status == "failed" and "pretrain_split='unlabeled'" in supervised.reason
 

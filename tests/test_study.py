@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from harness.db import SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.db import SUMMARY_METRICS, Database, DatabaseProblem, MetricRow, StudyRow, TrialRow, utcnow
 from harness.reports import build_report
 from harness.results import trials_frame
 from harness.spec import SpecError, TrialConfig, load_study
@@ -575,7 +575,7 @@ def _wait_for_running_trial(url: str, runner: subprocess.Popen[str], limit: floa
             # create=False: the runner creates the tables; until then there is nothing to find.
             db = db or Database(url, create=False)
             found = db.run(lambda s: s.scalar(select(TrialRow.id).where(TrialRow.status == "running").limit(1)))
-        except (OperationalError, ProgrammingError):  # no database file or tables yet
+        except (OperationalError, ProgrammingError, DatabaseProblem):  # no database file or tables yet
             found = None
         if found:
             return int(found)

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 from harness.bench.cases import DIRECTIONS, kernel_names, parse_kernels, select_cases
 from harness.bench.compare import compare, format_table, parse_threshold
-from harness.bench.runner import DTYPES, FULL, QUICK, Result, resolve_device, run_cases
+from harness.bench.runner import DTYPES, FULL, QUICK, Result, run_cases
 from harness.bench.storage import is_json_path, load_baseline, new_run_id, store, write_json
+from harness.runtime import resolve_device
 
 DEFAULT_MAX_SLOWDOWN = "10%"
 T = TypeVar("T")
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K,...",
         help=f"comma-separated kernels (default all): {', '.join(kernel_names())}",
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument(
         "--dtype", default="float32", choices=sorted(DTYPES), help="input dtype (default float32)"
     )
@@ -171,18 +172,28 @@ def main(args: argparse.Namespace) -> int:
     try:
         kernels = parse_kernels(args.kernels)
         max_slowdown = parse_threshold(args.max_slowdown)
-        device = resolve_device(args.device)
     except ValueError as error:
         return _error(str(error))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        return _error(f"--device {args.device}: {error}; nothing was run or written")
     if args.rounds is not None and args.rounds < 1:
         return _error("--rounds must be at least 1")
     if args.threads is not None and args.threads < 1:
         return _error("--threads must be at least 1")
 
-    from harness.db import Database
+    from harness.db import Database, describe
     from harness.provenance import collect
 
-    db = Database(args.db)
+    try:
+        db = Database(args.db)
+    except Exception as error:  # not a harness database, a newer one, unreachable: one line
+        described = describe(error)
+        if described is None:
+            raise
+        print(f"harness bench: error: {described[0]}", file=sys.stderr)
+        return described[1]
     baseline: list[dict[str, Any]] | None = None
     if args.compare is not None:
         # Read before this run is stored, so that --save NAME --compare NAME compares with the old one.

@@ -55,18 +55,6 @@ class Result:
         return asdict(self)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    if device.type not in {"cpu", "cuda"}:
-        raise ValueError(f"unsupported device {name!r} (auto, cpu or cuda)")
-    return device
-
-
 def make_call(case: Case, impl: str, inputs: Inputs, direction: str) -> Callable[[], object]:
     """The timed callable. ``forward`` builds the autograd graph (as in training) and drops it;
     ``forward+backward`` also takes the gradients of the inputs that need them."""

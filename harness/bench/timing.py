@@ -8,35 +8,37 @@ reference is the median of the per-round ratios (:func:`paired_ratio`): a slow p
 machine hits both sides of a round's ratio alike. On the CPU, glibc's allocator is first put in its
 converged state (:func:`steady_allocator`) so that results do not depend on the order of the cases.
 
-Peak memory is the extra memory one call needs on top of what was allocated before it:
-
-- CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the bytes
-  allocated before the call (the caching allocator's view of live tensors; exact).
-- CPU (Linux): the process's peak resident set size. The kernel's high-water mark is reset by
-  writing ``5`` to ``/proc/self/clear_refs``, free heap pages are handed back with ``malloc_trim``
-  first, then ``VmHWM`` after the call minus ``VmRSS`` before it. PyTorch's CPU allocator has no
-  statistics of its own; tensors above glibc's mmap threshold (all the large ones) are mapped and
-  unmapped directly, so the RSS follows them. Small allocations recycled from the heap are not
-  seen, so this is a lower bound that is accurate for the ``(N, N)``-sized temporaries that matter.
-  Elsewhere (macOS, Windows, a kernel without ``clear_refs``) the CPU peak is not measured (None).
+Peak memory is the extra memory one call needs on top of what was allocated before it, measured
+by :class:`harness.runtime.PeakMemory` (CUDA: the caching allocator's peak, exact; Linux CPU: the
+kernel's resettable high-water mark of the resident size, a lower bound accurate for the
+``(N, N)``-sized temporaries that matter; elsewhere the CPU peak is not measured: None).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
+from harness.runtime import PeakMemory, cpu_peak_supported, libc, synchronize
+
+__all__ = [
+    "Timing",
+    "calibrate",
+    "cpu_peak_supported",
+    "paired_ratio",
+    "peak_extra_bytes",
+    "steady_allocator",
+    "summarize",
+    "synchronize",
+    "time_calls",
+    "time_interleaved",
+]
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,6 @@ def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     if not pairs:
         return numerator.median_s / denominator.median_s
     return statistics.median(pairs)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, calls: int) -> float:
@@ -134,21 +131,6 @@ def time_interleaved(
     return {name: summarize(samples[name], calls[name]) for name in names}
 
 
-@functools.lru_cache(maxsize=1)
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    return getattr(_libc(), "malloc_trim", None)
-
-
 # glibc's mallopt parameters; the mmap threshold its dynamic rule converges to on 64-bit Linux.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -171,7 +153,7 @@ def steady_allocator() -> bool:
     smaller temporaries are reused without page faults from the second call on, like the caching
     allocator on a GPU. Returns whether it applied (glibc only).
     """
-    mallopt = getattr(_libc(), "mallopt", None)
+    mallopt = getattr(libc(), "mallopt", None)
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
@@ -179,42 +161,9 @@ def steady_allocator() -> bool:
     )
 
 
-def _status_kib(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_peak_supported() -> bool:
-    """Whether this process can reset and read its peak RSS (Linux ≥ 4.0 with ``clear_refs``)."""
-    try:
-        _CLEAR_REFS.write_text("5")
-        _status_kib("VmHWM")
-        _status_kib("VmRSS")
-    except (OSError, KeyError, ValueError):
-        return False
-    return True
-
-
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float | None:
     """Extra memory at the peak of one call of ``fn`` (see the module docstring), or None."""
     gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    with PeakMemory(device, above_allocated=True, sample=False) as memory:
         fn()
-        synchronize(device)
-        return float(torch.cuda.max_memory_allocated(device) - before)
-    if not cpu_peak_supported():
-        return None
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-    before = _status_kib("VmRSS")
-    _CLEAR_REFS.write_text("5")
-    fn()
-    peak = _status_kib("VmHWM")
-    return float(max(peak - before, 0) * 1024)
+    return None if memory.peak is None else float(memory.peak)

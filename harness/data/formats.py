@@ -10,8 +10,8 @@
   resolution (shorter side resized, centre crop) is :func:`decode_image`.
 
 Every function returns numpy arrays (uint8 ``(N, C, H, W)``, int64 labels, ``-1`` = no label) and
-names the file and what was expected when a file is malformed. No torch import: the preparation
-workers use this module alone.
+names the file and what was expected when a file is malformed. The module itself uses numpy and
+PIL only (the preparation workers call nothing else), though importing it loads the package's torch.
 """
 
 from __future__ import annotations

@@ -43,6 +43,17 @@ class Base(DeclarativeBase):
     pass
 
 
+class Provenance:
+    """The columns of ``PROVENANCE_FIELDS``, shared by trials and benchmark rows."""
+
+    git_commit: Mapped[str | None] = mapped_column(String(64))
+    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
+    torch_version: Mapped[str | None] = mapped_column(String(64))
+    cuda_version: Mapped[str | None] = mapped_column(String(64))
+    device_name: Mapped[str | None] = mapped_column(String(200))
+    host: Mapped[str | None] = mapped_column(String(200))
+
+
 class StudyRow(Base):
     __tablename__ = "harness_study"
 
@@ -58,7 +69,7 @@ class StudyRow(Base):
     trials: Mapped[list[TrialRow]] = relationship(back_populates="study", cascade="all, delete-orphan")
 
 
-class TrialRow(Base):
+class TrialRow(Provenance, Base):
     __tablename__ = "harness_trial"
     __table_args__ = (
         UniqueConstraint("study_id", "config_hash", "seed", name="uq_trial_study_config_seed"),
@@ -79,13 +90,6 @@ class TrialRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
-
-    git_commit: Mapped[str | None] = mapped_column(String(64))
-    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
-    torch_version: Mapped[str | None] = mapped_column(String(64))
-    cuda_version: Mapped[str | None] = mapped_column(String(64))
-    device_name: Mapped[str | None] = mapped_column(String(200))
-    host: Mapped[str | None] = mapped_column(String(200))
 
     # One typed Float column per summary metric (harness.metrics), in its order.
     locals().update({name: mapped_column(name, Float) for name in SUMMARY_METRICS})
@@ -114,7 +118,7 @@ class MetricRow(Base):
     trial: Mapped[TrialRow] = relationship(back_populates="metrics")
 
 
-class BenchRow(Base):
+class BenchRow(Provenance, Base):
     """One kernel case of one ``harness bench`` run."""
 
     __tablename__ = "harness_bench"
@@ -138,9 +142,49 @@ class BenchRow(Base):
     peak_mem_bytes: Mapped[float | None] = mapped_column(Float)
     ratio_to_reference: Mapped[float | None] = mapped_column(Float)
 
-    git_commit: Mapped[str | None] = mapped_column(String(64))
-    git_dirty: Mapped[bool | None] = mapped_column(Boolean)
-    torch_version: Mapped[str | None] = mapped_column(String(64))
-    cuda_version: Mapped[str | None] = mapped_column(String(64))
-    device_name: Mapped[str | None] = mapped_column(String(200))
-    host: Mapped[str | None] = mapped_column(String(200))
+
+class EvaluationRow(Provenance, Base):
+    """One evaluation of a finished trial's saved encoder (``harness evaluate``): the protocol it
+    ran with, typed where it is a headline number, the result, and where it ran. Unique per trial
+    and task (``task_hash``: SHA-256 of the canonical protocol, ``protocol_spec.Task.key``), so an
+    evaluation is computed once; a failed one is a row with ``status`` failed and the reason."""
+
+    __tablename__ = "harness_evaluation"
+    __table_args__ = (
+        UniqueConstraint("trial_id", "task_hash", name="uq_evaluation_trial_task"),
+        Index("ix_evaluation_trial", "trial_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey("harness_trial.id"), nullable=False)
+    task_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    task: Mapped[dict] = mapped_column(JSON, nullable=False)  # the whole protocol, settings included
+    protocol: Mapped[str] = mapped_column(String(30), nullable=False)  # knn, linear, finetune, ...
+    dataset: Mapped[str] = mapped_column(String(100), nullable=False)  # the data it was evaluated on
+    transfer: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    fraction: Mapped[float | None] = mapped_column(Float)  # of the labeled training split
+    shots: Mapped[int | None] = mapped_column(Integer)  # labeled images per class (few-shot)
+    label_seed: Mapped[int | None] = mapped_column(Integer)  # draws the labeled images
+    epochs: Mapped[int | None] = mapped_column(Integer)
+    lr: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(20), nullable=False)  # complete or failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    top1: Mapped[float | None] = mapped_column(Float)
+    top5: Mapped[float | None] = mapped_column(Float)
+    spread: Mapped[float | None] = mapped_column(Float)  # sample std over draws (few-shot)
+    n_train: Mapped[int | None] = mapped_column(Integer)  # labeled images used
+    n_test: Mapped[int | None] = mapped_column(Integer)
+    details: Mapped[dict | None] = mapped_column(JSON)  # adaptation, per-draw values, embedding points
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class SchemaVersionRow(Base):
+    """One row per schema version the database went through (harness/db/schema.py); the largest
+    is its version. Wave-1 databases have no such table: they are version 1."""
+
+    __tablename__ = "harness_schema_version"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    summary: Mapped[str] = mapped_column(Text, nullable=False)
+    applied_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, default=utcnow)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from harness.distributed import gather
 from harness.losses import barlow_twins
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -39,6 +40,7 @@ class BarlowTwins(Method):
         return self.projector(self.backbone(x))
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
-        z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
+        # The cross-correlation of the global batch on several processes.
+        z1, z2 = gather(*encode_views(self.embed, views[:2]))  # (N, proj_dim) each
         with fp32_loss(z1):
             return barlow_twins(z1, z2, lambd=self.config.barlow_lambda, impl=self.config.loss_impl)

@@ -192,6 +192,18 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         torch._foreach_lerp_(targets, onlines, 1.0 - momentum)
 
 
+@torch.no_grad()
+def ring_write(buffer: Tensor, pointer: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows`` ``(M, D)`` written into the ring buffer ``buffer`` ``(K, D)`` at ``pointer``, wrapping
+    around (the oldest rows are overwritten; of more than K rows the last K are kept): the new buffer
+    and pointer. Out of place, since the loss of the step that enqueues still refers to the old
+    buffer (MoCo's queue, NNCLR's support set)."""
+    size = buffer.shape[0]
+    rows = rows[-size:].to(buffer.dtype)
+    index = (pointer + torch.arange(rows.shape[0], device=rows.device)) % size
+    return buffer.index_copy(0, index, rows), (pointer + rows.shape[0]) % size
+
+
 def encode_views(encoder: Callable[[Tensor], Tensor], views: Iterable[Tensor]) -> list[Tensor]:
     """``encoder`` applied to each view, with consecutive views of the same resolution batched
     into one forward pass (the multi-crop forward of Caron et al. 2020/2021): one pass for the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.losses import byol
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -51,6 +52,7 @@ class BYOL(Method):
         p1, p2 = (self.predictor(z) for z in encode_views(self.embed, views[:2]))  # (N, proj_dim)
         with torch.no_grad():
             t1, t2 = encode_views(self._target, views[:2])
+        p1, p2, t1, t2 = gather(p1, p2, t1, t2)
         impl = self.config.loss_impl
         # Grill et al. 2020, eq. 2: the sum of the two directions.
         with fp32_loss(p1):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.losses import dino
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -101,6 +102,8 @@ class DINO(Method):
         student = encode_views(self._student, views)  # (B, dino_out_dim) per crop
         with torch.no_grad():
             teacher = encode_views(self._teacher, views[:N_GLOBAL])
+        # The center follows the global batch on several processes.
+        student, teacher = list(gather(*student)), list(gather(*teacher))
         kwargs = {
             "student_temp": config.dino_student_temp,
             "teacher_temp": self.teacher_temperature(),
@@ -121,7 +124,7 @@ class DINO(Method):
     @torch.no_grad()
     def _update_center(self, teacher: list[Tensor]) -> None:
         """``c <- m c + (1 - m) mean(teacher outputs)`` (Caron et al. 2021, eq. 4); out of place."""
-        batch_center = torch.cat(teacher).float().mean(dim=0)
+        batch_center = torch.cat(teacher).to(self.center.dtype).mean(dim=0)
         momentum = self.config.dino_center_momentum
         self.center = self.center * momentum + batch_center * (1.0 - momentum)
 

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.losses import infonce
-from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp, ring_write
 from harness.spec import MethodSpec, Rule, TrialConfig
 
 SPEC = MethodSpec(
@@ -78,23 +79,14 @@ class MoCo(Method):
                 F.normalize(k, dim=1)
                 for k in encode_views(self._keys, views[1::-1] if symmetric else views[1:2])
             ]
+        queries, keys = list(gather(*queries)), list(gather(*keys))  # the global batch
         # The negatives are the queue before this batch's keys enter it (He et al. 2020, Alg. 1).
         kwargs = {"temperature": self.config.temperature, "impl": self.config.loss_impl}
         with fp32_loss(self.queue):
             losses = [infonce(q, k, self.queue, **kwargs) for q, k in zip(queries, keys)]
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        self._enqueue(torch.cat(keys))
+        self.queue, self.queue_ptr = ring_write(self.queue, self.queue_ptr, torch.cat(keys))
         return loss
-
-    @torch.no_grad()
-    def _enqueue(self, keys: Tensor) -> None:
-        """Write ``keys`` ``(M, D)`` at ``queue_ptr``, wrapping around (a ring buffer). Out of place,
-        since the loss of this step still refers to the old queue."""
-        size = self.queue.shape[0]
-        keys = keys[-size:].to(self.queue.dtype)
-        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue = self.queue.index_copy(0, rows, keys)
-        self.queue_ptr = (self.queue_ptr + keys.shape[0]) % size
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """The key encoder follows the query encoder with constant momentum (He et al. 2020, eq. 2)."""

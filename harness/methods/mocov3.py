@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.losses import inbatch_infonce
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -53,6 +54,7 @@ class MoCoV3(Method):
         q1, q2 = (self.predictor(z) for z in encode_views(self.embed, views[:2]))  # (N, proj_dim)
         with torch.no_grad():
             k1, k2 = encode_views(self._keys, views[:2])
+        q1, q2, k1, k2 = gather(q1, q2, k1, k2)  # in-batch negatives of the global batch
         tau, impl = self.config.temperature, self.config.loss_impl
         with fp32_loss(q1):
             # Algorithm 1: ctr(q, k) = CrossEntropyLoss(q kᵀ / τ, arange(N)) * 2τ.

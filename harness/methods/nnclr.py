@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from harness.distributed import gather
 from harness.losses import inbatch_infonce
-from harness.methods.base import Method, encode_views, fp32_loss, mlp
+from harness.methods.base import Method, encode_views, fp32_loss, mlp, ring_write
 from harness.spec import MethodSpec, Rule, TrialConfig
 
 SPEC = MethodSpec(
@@ -55,27 +56,19 @@ class NNCLR(Method):
     @torch.no_grad()
     def nearest_neighbours(self, z: Tensor) -> Tensor:
         """The support-set row closest (cosine) to each row of ``z`` ``(N, D)``: ``(N, D)``."""
-        index = (F.normalize(z.float(), dim=1) @ self.support.T).argmax(dim=1)
+        index = (F.normalize(z.to(self.support.dtype), dim=1) @ self.support.T).argmax(dim=1)
         return self.support[index]
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
         p1, p2 = self.predictor(z1), self.predictor(z2)
+        z1, z2, p1, p2 = gather(z1, z2, p1, p2)  # support set and negatives of the global batch
         # The neighbours come from the support set before this batch enters it; no gradient flows
         # through them (Dwibedi et al. 2021, sec. 3.1).
         nn1, nn2 = self.nearest_neighbours(z1), self.nearest_neighbours(z2)
         tau, impl = self.config.temperature, self.config.loss_impl
         with fp32_loss(p1):
             loss = (inbatch_infonce(nn1, p2, tau, impl=impl) + inbatch_infonce(nn2, p1, tau, impl=impl)) / 2
-        self._enqueue(F.normalize(z1.detach().float(), dim=1))
+        new_rows = F.normalize(z1.detach().to(self.support.dtype), dim=1)
+        self.support, self.support_ptr = ring_write(self.support, self.support_ptr, new_rows)
         return loss
-
-    @torch.no_grad()
-    def _enqueue(self, rows: Tensor) -> None:
-        """Write ``rows`` ``(M, D)`` at ``support_ptr``, wrapping around; out of place, since this
-        step's loss still refers to the old support set."""
-        size = self.support.shape[0]
-        rows = rows[-size:].to(self.support.dtype)
-        index = (self.support_ptr + torch.arange(rows.shape[0], device=rows.device)) % size
-        self.support = self.support.index_copy(0, index, rows)
-        self.support_ptr = (self.support_ptr + rows.shape[0]) % size

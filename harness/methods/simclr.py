@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from harness.distributed import gather
 from harness.losses import nt_xent
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -31,7 +32,8 @@ class SimCLR(Method):
         self.projector = mlp([self.feature_dim, config.proj_hidden_dim, config.proj_dim])
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
-        z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
+        # The negatives of the global batch when the trial runs on several processes.
+        z1, z2 = gather(*encode_views(self.embed, views[:2]))  # (N, proj_dim) each
         with fp32_loss(z1):
             return nt_xent(z1, z2, temperature=self.config.temperature, impl=self.config.loss_impl)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from harness.distributed import gather
 from harness.losses import byol
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -42,6 +43,7 @@ class SimSiam(Method):
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
         p1, p2 = self.predictor(z1), self.predictor(z2)
+        z1, z2, p1, p2 = gather(z1, z2, p1, p2)
         impl = self.config.loss_impl
         # byol(p, z) is the mean of 2 - 2 cos(p, z), so -cos = byol / 2 - 1.
         with fp32_loss(p1):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from harness.distributed import gather
 from harness.losses import supcon
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -40,5 +41,6 @@ class SupCon(Method):
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         # The loss normalizes the projections itself (Khosla et al. 2020, sec. 3.2).
         z = torch.stack(encode_views(self.embed, views[:2]), dim=1)  # (N, 2, proj_dim)
+        z, labels = gather(z, labels)  # positives and negatives of the global batch
         with fp32_loss(z):
             return supcon(z, labels, temperature=self.config.temperature, impl=self.config.loss_impl)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.methods.base import Method, encode_views
 from harness.spec import MethodSpec, TrialConfig
 
@@ -35,5 +36,6 @@ class Supervised(Method):
         return self.classifier(self.backbone(x))
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
-        logits = encode_views(self._logits, views[:2])  # (N, num_classes) each
+        logits = list(gather(*encode_views(self._logits, views[:2])))  # (N, num_classes) each
+        (labels,) = gather(labels)
         return F.cross_entropy(torch.cat(logits), labels.repeat(len(logits)))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from harness.distributed import gather
 from harness.losses import sinkhorn, swav
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, Rule, TrialConfig
@@ -87,10 +88,11 @@ class SwAV(Method):
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         config = self.config
-        projections = encode_views(self.embed, views)  # (B, proj_dim) per crop
+        # Sinkhorn's codes over the global batch on several processes.
+        projections = list(gather(*encode_views(self.embed, views)))  # (B, proj_dim) per crop
         # Scores, codes and loss in float32, like the queue's scores (see fp32_loss).
         with fp32_loss(projections[0]):
-            embeddings = [F.normalize(z.float(), dim=1) for z in projections]
+            embeddings = [F.normalize(z.to(self.prototypes.weight.dtype), dim=1) for z in projections]
             scores = [self.prototypes(z) for z in embeddings]  # (B, swav_prototypes) per crop
             if len(views) == N_GLOBAL and config.queue_size == 0:
                 return swav(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from harness.distributed import gather
 from harness.losses import vicreg
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, TrialConfig
@@ -47,7 +48,8 @@ class VICReg(Method):
         return self.projector(self.backbone(x))
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
-        z1, z2 = encode_views(self.embed, views[:2])  # (N, proj_dim) each
+        # Variance and covariance of the global batch on several processes.
+        z1, z2 = gather(*encode_views(self.embed, views[:2]))  # (N, proj_dim) each
         config = self.config
         with fp32_loss(z1):
             return vicreg(

@@ -9,9 +9,10 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from harness.db import DEFAULT_DB_PATH, open_existing
+from harness.db import DEFAULT_DB_PATH, Database, DatabaseProblem, describe, open_existing
 from harness.reports.data import UnknownStudyError, study_names
 from harness.reports.render import DEFAULT_OUT_ROOT, HTML_NAME, build_all, build_report
+from harness.runtime import output_problem
 
 EXIT_USAGE = 2
 
@@ -34,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _error(message: str) -> int:
+def _error(message: str, code: int = EXIT_USAGE) -> int:
     print(f"harness report: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return code
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,28 +45,32 @@ def main(args: argparse.Namespace) -> int:
         return _error("give a study name or --all, not both")
     if not args.all and not args.study:
         return _error("give a study name or --all")
+    out = args.out if args.out is not None else (DEFAULT_OUT_ROOT if args.all else DEFAULT_OUT_ROOT / args.study)
+    # Checked before the database is read: a report that cannot be written writes nothing.
+    problem = output_problem(out, folder=True)
+    if problem is not None:
+        where = "--out" if args.out is not None else "the study name is the folder name (give --out DIR):"
+        return _error(f"{where} {problem[0]}", problem[1])
     # A report only reads: no database, and no table in a database that lacks them, is created.
-    try:
-        database = open_existing(args.db)
-    except FileNotFoundError as error:
-        return _error(str(error))
+    database: Database | None = None
     started = time.perf_counter()
     try:
-        try:
-            known = study_names(database)
-        except SQLAlchemyError as error:
-            return _error(
-                f"cannot read the harness tables of {database.url} ({type(error).__name__}: {error.args[0] if error.args else error})"
-            )
+        database = open_existing(args.db)
+        known = study_names(database)
         if args.all:
-            index = build_all(database, out_root=args.out if args.out is not None else DEFAULT_OUT_ROOT)
+            index = build_all(database, out_root=out)
             print(f"wrote {len(known)} report(s) and {index} in {time.perf_counter() - started:.1f} s")
             return 0
-        try:
-            out = build_report(database, args.study, args.out)
-        except UnknownStudyError as error:
-            return _error(str(error))
-        print(f"wrote {out / HTML_NAME} and {out / 'report.md'} in {time.perf_counter() - started:.1f} s")
+        written = build_report(database, args.study, out)
+        print(f"wrote {written / HTML_NAME} and {written / 'report.md'} in {time.perf_counter() - started:.1f} s")
         return 0
+    except UnknownStudyError as error:
+        return _error(str(error))
+    except (DatabaseProblem, SQLAlchemyError, FileNotFoundError, ImportError) as error:
+        message, code = describe(error) or (str(error), EXIT_USAGE)
+        return _error(message, code)
+    except OSError as error:
+        return _error(f"{error.filename or out}: cannot write the report ({error.strerror or error})", 1)
     finally:
-        database.dispose()
+        if database is not None:
+            database.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +15,7 @@ from sqlalchemy import select
 from harness.db import Database, StudyRow
 from harness.metrics import ACCURACY_METRICS
 from harness.reports.style import format_knob_value, is_finite, method_rank
-from harness.results import bench_frame, metrics_frame, trials_frame
+from harness.results import bench_frame, evaluations_frame, metrics_frame, trials_frame
 from harness.spec import (
     KNOB_NAMES,
     TRAINING_KNOBS,
@@ -69,6 +69,9 @@ class ReportData:
     metrics: pd.DataFrame
     bench: pd.DataFrame
     accuracy_factor: float  # 100 when the database stores accuracies as fractions, else 1
+    # ``results.evaluations_frame`` of the study's complete trials, with the trial's ``group``,
+    # ``label``, ``method``, ``seed`` and ``is_reference``; accuracies (top1, top5, spread) in %.
+    evaluations: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def complete(self) -> pd.DataFrame:
@@ -147,7 +150,25 @@ def load(db: Database, name: str, bench: pd.DataFrame | None = None) -> ReportDa
         metrics=metrics,
         bench=bench,
         accuracy_factor=factor,
+        evaluations=annotate_evaluations(evaluations_frame(db, name), trials),
     )
+
+
+EVALUATION_ACCURACIES: tuple[str, ...] = ("top1", "top5", "spread")
+
+
+def annotate_evaluations(evaluations: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """The evaluations of complete trials, with each trial's configuration identity and label.
+    Evaluations are always written as fractions (this harness's evaluate step), so they are shown
+    times 100 whatever the trials' unit."""
+    columns = ["group", "label", "method", "seed", "is_reference", "order"]
+    if evaluations.empty or trials.empty:
+        return pd.DataFrame(columns=[*evaluations.columns, *columns])
+    complete = trials[trials["status"] == "complete"][["trial_id", *columns]]
+    merged = evaluations.merge(complete, on="trial_id", how="inner")
+    for column in EVALUATION_ACCURACIES:
+        merged[column] = pd.to_numeric(merged[column], errors="coerce") * 100.0
+    return merged.reset_index(drop=True)
 
 
 def accuracy_factor(trials: pd.DataFrame, metrics: pd.DataFrame) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from harness.db import Database
-from harness.reports import plots, search, tables
+from harness.reports import evaluation_plots, plots, search, tables
 from harness.reports.data import ReportData, ablation_base, load, reads_knob, study_names
 from harness.reports.document import (
     Bullets,
@@ -154,6 +154,7 @@ def _document(db: Database, data: ReportData, figures_dir: Path) -> Document:
     _overview(document, data)
     comparison = tables.comparison_frame(data)
     _comparison(document, data, comparison)
+    _evaluations(document, data, figures)
     summary = (
         search.summarize(db, data) if data.info.kind == "search" or (data.spec and data.spec.search) else None
     )
@@ -203,7 +204,7 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
     limit = tables.SEARCH_TABLE_ROWS if objective is not None else None
     table, missing = tables.comparison_table(comparison, limit=limit)
     document.add(table)
-    notes = []
+    notes = [tables.statistics_note(comparison)]
     n_regular = int((~comparison["is_reference"]).sum())
     if objective is not None and n_regular > tables.SEARCH_TABLE_ROWS:
         notes.append(
@@ -225,7 +226,7 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
     )
     if missing:
         notes.append(
-            f"No finite value in any trial (not recorded, or diverged): {', '.join(m.short for m in missing)}."
+            f"No value in any trial (not recorded, or diverged to NaN): {', '.join(m.short for m in missing)}."
         )
     if any(cell.text == MISSING for row in table.rows for cell in row):
         notes.append(
@@ -233,6 +234,70 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
             "throughput or memory) or not finite in any of its seeds."
         )
     document.add(Paragraph(" ".join(notes)))
+    shown, _ = tables.shown_metrics(comparison)
+    significance = tables.significance_table(comparison, [m for m in shown if m.kind == "accuracy"])
+    if significance is not None:
+        document.add(Heading("Is the best distinguishable from the rest?", level=3), significance)
+
+
+def _evaluations(document: Document, data: ReportData, figures: _Figures) -> None:
+    """The evaluations of the saved encoders: label efficiency (linear beside fine-tune, and the
+    figure), few-shot k-NN, transfer, the embedding pictures and failed evaluations."""
+    if data.evaluations.empty:
+        return
+    document.add(Heading("Evaluations of the saved encoders"))
+    protocol = tables.evaluation_protocol_text(data)
+    if protocol:
+        document.add(Paragraph(protocol))
+    groups = plots.curve_groups(data, "knn_top1") if not data.complete.empty else {}
+    several = data.complete.groupby("method")["group"].nunique().max() > 1 if not data.complete.empty else False
+    chosen = (
+        f" For each method its best configuration by k-NN top-1: {'; '.join(sorted(str(data.complete.loc[data.complete['group'] == g, 'label'].iloc[0]) for g in groups.values()))}."
+        if several
+        else ""
+    )
+    titles = {
+        "label_efficiency": "Label efficiency",
+        "few_shot": "Few-shot k-NN",
+        "transfer": "Transfer",
+    }
+    for kind, title in titles.items():
+        result = tables.evaluation_table(data, kind)
+        if result is None:
+            continue
+        table, frame, columns = result
+        document.add(Heading(title, level=3), table, Paragraph(tables.statistics_note(frame, short=True)))
+        if kind == "label_efficiency":
+            figure = evaluation_plots.label_efficiency_plot(data, groups)
+            if figure is not None:
+                document.add(
+                    figures.add(
+                        figure,
+                        "label_efficiency",
+                        "top-1 against the fraction of labels",
+                        "Top-1 against the fraction of labeled training images (log axis): linear probe solid, "
+                        "fine-tuning dashed; random_init fine-tuned is training from scratch on the same labels. "
+                        "Means over seeds, error bars the 95% t-interval." + chosen,
+                    )
+                )
+        significance = tables.significance_table(frame, [c.metric for c in columns])
+        if significance is not None:
+            document.add(significance)
+    embedding = evaluation_plots.embedding_plot(data, groups)
+    if embedding is not None:
+        document.add(Heading("Embeddings", level=3))
+        document.add(
+            figures.add(
+                embedding,
+                "embeddings",
+                "t-SNE maps of the test features per method",
+                "t-SNE of each method's test features (class-balanced subset), coloured by class: separated colour "
+                "groups mean an encoder that separates the classes without labels." + chosen,
+            )
+        )
+    failures = tables.evaluation_failures_table(data)
+    if failures is not None:
+        document.add(Heading("Failed evaluations", level=3), failures)
 
 
 def _ablations(document: Document, data: ReportData, figures: _Figures) -> None:

@@ -14,6 +14,7 @@ import pandas as pd
 from harness.db import Database
 from harness.reports.data import ACCURACY_COLUMNS, ReportData, plain_value
 from harness.reports.document import Cell, Table
+from harness.reports.statistics import RELIABLE_IMPORTANCE_TRIALS
 from harness.reports.style import METRICS, format_knob_value, format_number, is_finite, metric_decimals
 from harness.reports.tables import metric_label
 
@@ -131,7 +132,14 @@ def _importances(study: Any, complete: list[Any]) -> tuple[dict[str, float], str
         )
     if not importances:
         return {}, "Parameter importances: no parameter varied among the complete trials."
-    return dict(sorted(importances.items(), key=lambda kv: (-kv[1], kv[0]))), None
+    ordered = dict(sorted(importances.items(), key=lambda kv: (-kv[1], kv[0])))
+    if len(complete) < RELIABLE_IMPORTANCE_TRIALS:
+        return ordered, (
+            f"Caveat: these importances come from {len(complete)} complete trials, fewer than "
+            f"{RELIABLE_IMPORTANCE_TRIALS}; a random forest fitted to so few points can rank the parameters by "
+            "noise. Read them as a hint, not a finding."
+        )
+    return ordered, None
 
 
 def _from_trials(data: ReportData, metric: str, maximize: bool, params: list[str]) -> SearchSummary:

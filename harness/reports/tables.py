@@ -1,5 +1,7 @@
-"""The report's tables, computed from ``ReportData``: the comparison table (mean ± std over seeds),
-the evaluation protocol, failed and pruned trials, provenance and the kernel benchmarks."""
+"""The report's tables, computed from ``ReportData``: the comparison table (mean and 95% interval over
+seeds, paired tests against the best), the evaluation protocol, the evaluations of saved encoders
+(label efficiency, few-shot, transfer), failed and pruned trials, provenance and the kernel
+benchmarks."""
 
 from __future__ import annotations
 
@@ -13,6 +15,18 @@ import pandas as pd
 
 from harness.reports.data import ReportData, group_order, plain_value
 from harness.reports.document import Cell, Table
+from harness.reports.statistics import (
+    ALPHA,
+    CONFIDENCE,
+    INTERVAL_METHOD,
+    TEST_METHOD,
+    Interval,
+    Verdict,
+    compare_with_best,
+    interval_text,
+    p_value_text,
+    t_interval,
+)
 from harness.reports.style import (
     METRICS,
     MIB,
@@ -31,48 +45,22 @@ REASON_CHARS = 300
 
 
 def display_values(metric: Metric, values: pd.Series) -> list[float]:
-    """A metric's values in the unit the report shows (MiB for bytes; accuracies are already in %)."""
+    """A metric's values in the unit the report shows (MiB for bytes; accuracies are already in
+    %); ±inf stay infinite (a loss that overflowed is a result), only missing values are NaN."""
     scale = 1.0 / MIB if metric.kind == "bytes" else 1.0
-    return [float(v) * scale if is_finite(v) else math.nan for v in pd.to_numeric(values, errors="coerce")]
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean and sample standard deviation over the finite values of a configuration's seeds."""
-
-    mean: float
-    std: float
-    n_finite: int
-    n_nonfinite: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Stat:
-        finite = [v for v in values if math.isfinite(v)]
-        mean = float(np.mean(finite)) if finite else math.nan
-        std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
-        return cls(mean, std, len(finite), len(values) - len(finite))
-
-
-def stat_text(mean: float, std: float, n_nonfinite: int, decimals: int) -> str:
-    """'mean ± std', the mean alone for a single seed, '(k nan)' for diverged seeds, MISSING ("—")
-    when no seed has a finite value."""
-    if not math.isfinite(mean):
-        return MISSING
-    text = format_number(mean, decimals)
-    if math.isfinite(std):
-        text += f" ± {format_number(std, decimals)}"
-    if n_nonfinite:
-        text += f" ({n_nonfinite} nan)"
-    return text
+    return [float(v) * scale if not math.isnan(v) else math.nan for v in pd.to_numeric(values, errors="coerce")]
 
 
 def comparison_frame(data: ReportData) -> pd.DataFrame:
     """One row per configuration of the complete trials: ``label``, ``method``, ``n`` (seeds),
-    ``is_reference`` and, per table metric, ``<metric>_mean``, ``<metric>_std``,
-    ``<metric>_nonfinite`` in the report's units. Ordered by method then the varied knobs; a search
+    ``is_reference`` and, per table metric, ``<metric>_mean``, ``<metric>_std``, ``<metric>_low`` and
+    ``<metric>_high`` (the 95% t-interval; NaN with one finite seed), ``<metric>_n`` (finite seeds),
+    ``<metric>_nonfinite``, ``<metric>_verdict`` (best, tie, worse, untested; empty for baselines)
+    and ``<metric>_p`` (the paired test against the best) in the report's units. Ordered by method then the varied knobs; a search
     is ordered by its objective, best first."""
     complete = data.complete
     records: list[dict[str, Any]] = []
+    samples: dict[str, dict[str, dict[int, float]]] = {}  # metric -> group -> seed -> value
     if complete.empty:
         return pd.DataFrame(columns=["group", "label", "method", "n", "is_reference"])
     for group in group_order(complete):
@@ -90,12 +78,20 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
         for metric in TABLE_METRICS:
             if metric.column not in rows.columns:
                 continue
-            stat = Stat.of(display_values(metric, rows[metric.column]))
-            record[f"{metric.column}_mean"] = stat.mean
-            record[f"{metric.column}_std"] = stat.std
-            record[f"{metric.column}_nonfinite"] = stat.n_nonfinite
+            values = display_values(metric, rows[metric.column])
+            interval = t_interval(values)
+            record[f"{metric.column}_mean"] = interval.mean
+            record[f"{metric.column}_std"] = interval.std
+            record[f"{metric.column}_low"] = interval.low
+            record[f"{metric.column}_high"] = interval.high
+            record[f"{metric.column}_n"] = interval.n
+            record[f"{metric.column}_nonfinite"] = interval.n_nonfinite
+            record[f"{metric.column}_inf"] = interval.n_inf
+            record[f"{metric.column}_neg_inf"] = interval.n_neg_inf
+            samples.setdefault(metric.column, {})[group] = dict(zip((int(s) for s in rows["seed"]), values))
         records.append(record)
     frame = pd.DataFrame.from_records(records)
+    add_verdicts(frame, samples, [m for m in TABLE_METRICS if m.column in samples])
     objective = search_objective(data)
     if objective is not None:
         column, maximize = objective
@@ -116,6 +112,31 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
     return frame
 
 
+def add_verdicts(frame: pd.DataFrame, samples: dict[str, dict[str, dict[int, float]]], metrics: list[Metric]) -> None:
+    """Per metric, ``<metric>_verdict`` and ``<metric>_p`` of each row against the best non-baseline
+    row (a paired t-test over the seeds both have; ``statistics.compare_with_best``)."""
+    if frame.empty:
+        return
+    candidates = [g for g, ref in zip(frame["group"], frame["is_reference"]) if not ref]
+    for metric in metrics:
+        verdicts = compare_with_best(
+            samples[metric.column], higher_is_better=metric.higher_is_better, candidates=candidates
+        )
+        frame[f"{metric.column}_verdict"] = [verdicts.get(g, Verdict("")).status for g in frame["group"]]
+        frame[f"{metric.column}_p"] = [
+            verdicts[g].test.p_value if g in verdicts and verdicts[g].test is not None else math.nan  # type: ignore[union-attr]
+            for g in frame["group"]
+        ]
+        frame[f"{metric.column}_shared"] = [
+            verdicts[g].test.n if g in verdicts and verdicts[g].test is not None else 0  # type: ignore[union-attr]
+            for g in frame["group"]
+        ]
+        frame[f"{metric.column}_difference"] = [
+            verdicts[g].test.mean_difference if g in verdicts and verdicts[g].test is not None else math.nan  # type: ignore[union-attr]
+            for g in frame["group"]
+        ]
+
+
 def search_objective(data: ReportData) -> tuple[str, bool] | None:
     """(metric column, maximize) of a search study; None for grids and ablations."""
     if data.spec is None or data.spec.search is None:
@@ -124,13 +145,13 @@ def search_objective(data: ReportData) -> tuple[str, bool] | None:
 
 
 def shown_metrics(frame: pd.DataFrame) -> tuple[list[Metric], list[Metric]]:
-    """(metrics with a finite value somewhere, metrics without any). SQLite stores NaN as NULL,
-    so a column with no finite value is one no trial recorded (or one where every trial
-    diverged); the report names it rather than showing a column of 'nan'."""
+    """(metrics with a value somewhere, finite or infinite; metrics without any). SQLite stores
+    NaN as NULL, so a column with no value is one no trial recorded (or one where every trial
+    diverged to NaN); the report names it rather than showing a column of 'nan'."""
     shown, missing = [], []
     for metric in TABLE_METRICS:
         key = f"{metric.column}_mean"
-        has = key in frame.columns and any(math.isfinite(v) for v in frame[key])
+        has = key in frame.columns and any(not math.isnan(v) for v in frame[key])
         (shown if has else missing).append(metric)
     return shown, missing
 
@@ -146,41 +167,130 @@ def best_values(frame: pd.DataFrame, metric: Metric) -> float:
     return max(candidates) if metric.higher_is_better else min(candidates)
 
 
+def _interval_of(record: pd.Series, column: str) -> Interval:
+    return Interval(
+        mean=float(record[f"{column}_mean"]),
+        low=float(record.get(f"{column}_low", math.nan)),
+        high=float(record.get(f"{column}_high", math.nan)),
+        std=float(record.get(f"{column}_std", math.nan)),
+        n=int(record.get(f"{column}_n", 0)),
+        n_nonfinite=int(record.get(f"{column}_nonfinite", 0)),
+        n_inf=int(record.get(f"{column}_inf", 0)),
+        n_neg_inf=int(record.get(f"{column}_neg_inf", 0)),
+    )
+
+
+def _marked(record: pd.Series, column: str, best: float, digits: int) -> bool:
+    """Bold: the best mean, a configuration the paired test cannot tell from it (a tie, not a
+    loser), and a mean equal to the best at the precision shown (the reader cannot tell them apart)."""
+    if record["is_reference"]:
+        return False
+    mean = float(record[f"{column}_mean"])
+    if not (math.isfinite(best) and math.isfinite(mean)):
+        return False
+    verdict = str(record.get(f"{column}_verdict", "") or "")
+    return verdict in ("best", "tie") or format_number(mean, digits) == format_number(best, digits)
+
+
 def comparison_table(frame: pd.DataFrame, limit: int | None = None) -> tuple[Table, list[Metric]]:
     """The comparison table and the metrics it leaves out because nothing recorded them."""
     shown, missing = shown_metrics(frame)
     if limit is not None:
         regular = frame[~frame["is_reference"]].head(limit)
         frame = pd.concat([regular, frame[frame["is_reference"]]], ignore_index=True)
-    columns = ("configuration", "n", *(m.label for m in shown))
-    decimals = {m.column: metric_decimals(m, list(frame[f"{m.column}_mean"])) for m in shown}
-    best = {m.column: best_values(frame, m) for m in shown}
+    return metric_table(frame, shown), missing
+
+
+def metric_table(frame: pd.DataFrame, metrics: list[Metric], caption: str = "", spread: bool = False) -> Table:
+    """Rows of ``frame`` (label, n, is_reference and per metric the columns of
+    :func:`interval_columns`) as 'mean ± half-width' cells, the best and its ties in bold, baselines
+    below the rule. ``spread``: add '(draws sd x)' from ``<metric>_spread`` (few-shot draws)."""
+    columns = ("configuration", "n", *(m.label for m in metrics))
+    decimals = {m.column: metric_decimals(m, list(frame[f"{m.column}_mean"])) for m in metrics}
+    best = {m.column: best_values(frame, m) for m in metrics}
     rows: list[tuple[Cell, ...]] = []
     for _, record in frame.iterrows():
         cells = [Cell(str(record["label"])), Cell(str(int(record["n"])))]
-        for metric in shown:
-            mean = float(record[f"{metric.column}_mean"])
-            std = float(record[f"{metric.column}_std"])
+        for metric in metrics:
             digits = decimals[metric.column]
-            # Ties at the shown precision are all marked: the reader cannot tell them apart.
-            is_best = (
-                not record["is_reference"]
-                and math.isfinite(best[metric.column])
-                and math.isfinite(mean)
-                and format_number(mean, digits) == format_number(best[metric.column], digits)
-            )
-            text = stat_text(mean, std, int(record[f"{metric.column}_nonfinite"]), digits)
-            cells.append(Cell(text, bold=is_best))
+            text = interval_text(_interval_of(record, metric.column), digits)
+            draws = float(record.get(f"{metric.column}_spread", math.nan))
+            if spread and math.isfinite(draws) and text != MISSING:
+                text += f" (draws sd {format_number(draws, digits)})"
+            cells.append(Cell(text, bold=_marked(record, metric.column, best[metric.column], digits)))
         rows.append(tuple(cells))
     n_regular = int((~frame["is_reference"]).sum())
     reference_from = n_regular if n_regular < len(frame) else None
-    table = Table(
+    return Table(
         columns=columns,
         rows=tuple(rows),
         numeric=(False, *([True] * (len(columns) - 1))),
         reference_from=reference_from,
+        caption=caption,
     )
-    return table, missing
+
+
+def statistics_note(frame: pd.DataFrame, short: bool = False) -> str:
+    """What the ± and the bold cells mean, and, with one seed per configuration, that no interval
+    exists; ``short`` refers to the comparison table's note instead of repeating it."""
+    seeds = [int(n) for n in frame["n"]] if not frame.empty else []
+    percent = round(100 * CONFIDENCE)
+    if short and seeds and max(seeds) >= 2:
+        text = f"Cells as in the comparison table: mean ± half-width of the {percent}% t-interval over seeds; bold: the best and its ties."
+        return text + (" A configuration with one seed has no interval." if min(seeds) < 2 else "")
+    if seeds and max(seeds) < 2:
+        return (
+            "Each configuration has one seed (n = 1): no confidence interval exists and no paired test can be "
+            "made, so a cell is that seed's value and bold marks the best value only."
+        )
+    text = (
+        f"Each cell is the mean over the seeds of one configuration ± the half-width of its {percent}% "
+        f"confidence interval ({INTERVAL_METHOD}, n - 1 degrees of freedom; n = seeds with a finite value). "
+        f"Bold: the best mean of the column and every configuration not distinguishable from it by a "
+        f"{TEST_METHOD} over the seeds both share (p ≥ {ALPHA:.2f}): ties, not losers."
+    )
+    if seeds and min(seeds) < 2:
+        text += " A configuration with one seed shows its value alone: no interval exists for it."
+    return text
+
+
+def significance_table(frame: pd.DataFrame, metrics: list[Metric]) -> Table | None:
+    """For each metric, each non-baseline configuration against the column's best: shared seeds,
+    mean difference, p of the paired test and the verdict. None when nothing could be tested."""
+    rows: list[tuple[Cell, ...]] = []
+    for metric in metrics:
+        key = f"{metric.column}_verdict"
+        if key not in frame.columns:
+            continue
+        column_rows = frame[frame[key].isin(["tie", "worse", "untested"])]
+        if column_rows.empty or not (frame[key] == "best").any():
+            continue
+        best_labels = ", ".join(str(v) for v in frame.loc[frame[key] == "best", "label"])
+        decimals = metric_decimals(metric, list(frame[f"{metric.column}_mean"]))
+        for _, record in column_rows.iterrows():
+            verdict = str(record[key])
+            shared = int(record.get(f"{metric.column}_shared", 0))
+            difference = float(record.get(f"{metric.column}_difference", math.nan))
+            rows.append(
+                (
+                    Cell(metric.short),
+                    Cell(str(record["label"])),
+                    Cell(best_labels),
+                    Cell(str(shared) if shared else "< 2"),
+                    Cell(format_number(difference, decimals) if math.isfinite(difference) else "–"),
+                    Cell(p_value_text(float(record.get(f"{metric.column}_p", math.nan)))),
+                    Cell({"tie": "tie", "worse": "worse", "untested": "no test (< 2 shared seeds)"}[verdict], bold=verdict == "tie"),
+                )
+            )
+    if not rows:
+        return None
+    return Table(
+        columns=("metric", "configuration", "best", "shared seeds", "difference to best", "p", "verdict"),
+        rows=tuple(rows),
+        numeric=(False, False, False, True, True, True, False),
+        caption=f"{TEST_METHOD} of each configuration against the best of the column over the seeds both "
+        f"completed; tie: p ≥ {ALPHA:.2f}. Differences are in the column's unit (configuration − best).",
+    )
 
 
 def _values(trials: pd.DataFrame, column: str) -> list[Any]:
@@ -233,9 +343,7 @@ def protocol_text(data: ReportData) -> str:
         f"Evaluation protocol: k-NN top-1 with k = {_listing(k)} neighbours and temperature T = {_listing(t)} "
         f"(cosine similarity, weighted vote); linear probe trained for {_listing(probe)} epochs on frozen, cached "
         f"features; {subset(train, 'training')} and {subset(test, 'test')}; dataset {_listing(dataset)}, backbone "
-        f"{_listing(backbone)}, {_listing(epochs)} training epochs. Each cell is the mean ± sample standard "
-        "deviation over the seeds of one configuration (n = seeds that completed; a single seed shows no ±); "
-        "the best value of each column is in bold."
+        f"{_listing(backbone)}, {_listing(epochs)} training epochs."
     )
 
 
@@ -468,3 +576,213 @@ def bench_trend_table(trend: pd.DataFrame) -> Table | None:
 
 def metric_label(column: str) -> str:
     return METRICS[column].label if column in METRICS else column
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluations of the saved encoders (harness evaluate): label efficiency, few-shot, transfer
+
+PROTOCOL_LABELS: dict[str, str] = {
+    "knn": "k-NN",
+    "linear": "linear",
+    "finetune": "fine-tune",
+    "few_shot_knn": "k-NN",
+    "embedding": "embedding",
+}
+_PROTOCOL_ORDER: tuple[str, ...] = ("knn", "linear", "finetune", "few_shot_knn", "embedding")
+EVALUATION_KINDS: tuple[str, ...] = ("label_efficiency", "few_shot", "transfer")
+
+
+@dataclass(frozen=True)
+class EvaluationColumn:
+    """One evaluation task as a table column (``metric.column`` is its key in the frame)."""
+
+    task_hash: str
+    protocol: str
+    dataset: str
+    fraction: float | None
+    shots: int | None
+    metric: Metric
+
+
+def percent_text(fraction: float) -> str:
+    """0.01 -> '1%', 0.001 -> '0.1%', 1 -> '100%'."""
+    return f"{100 * fraction:.6g}%"
+
+
+def evaluation_columns(evaluations: pd.DataFrame, kind: str) -> list[EvaluationColumn]:
+    """The columns of one evaluation table: ``label_efficiency`` (linear and fine-tune on the
+    study's dataset, per label fraction, linear beside fine-tune), ``few_shot`` (per shots) or
+    ``transfer`` (per target dataset and protocol)."""
+    if kind not in EVALUATION_KINDS:
+        raise ValueError(f"unknown evaluation table {kind!r}; expected one of {', '.join(EVALUATION_KINDS)}")
+    if evaluations.empty:
+        return []
+    evaluations = evaluations[evaluations["status"] == "complete"]
+    own = ~evaluations["transfer"].astype(bool)
+    if kind == "label_efficiency":
+        rows = evaluations[own & evaluations["protocol"].isin(["linear", "finetune"])]
+    elif kind == "few_shot":
+        rows = evaluations[own & (evaluations["protocol"] == "few_shot_knn")]
+    else:
+        rows = evaluations[~own & evaluations["protocol"].isin(["knn", "linear", "finetune"])]
+    tasks = rows.drop_duplicates("task_hash")
+
+    def sort_key(row: pd.Series) -> tuple[Any, ...]:
+        fraction = float(row["fraction"]) if is_finite(row["fraction"]) else math.inf
+        shots = int(row["shots"]) if is_finite(row["shots"]) else 0
+        return (str(row["dataset"]) if kind == "transfer" else "", fraction, shots,
+                _PROTOCOL_ORDER.index(str(row["protocol"])), str(row["task_hash"]))
+
+    ordered = sorted((row for _, row in tasks.iterrows()), key=sort_key)
+    headers: list[str] = []
+    for row in ordered:
+        protocol = PROTOCOL_LABELS[str(row["protocol"])]
+        if kind == "label_efficiency":
+            headers.append(f"{protocol} · {percent_text(float(row['fraction']))} labels (%)")
+        elif kind == "few_shot":
+            headers.append(f"{int(row['shots'])}-shot k-NN (%)")
+        else:
+            headers.append(f"{row['dataset']} · {protocol} (%)")
+    columns = []
+    for index, (row, header) in enumerate(zip(ordered, headers)):
+        # The same header twice: one task ran with other settings (the evaluate section changed).
+        if headers.count(header) > 1:
+            header = f"{header[:-4]} [{str(row['task_hash'])[:6]}] (%)"
+        columns.append(
+            EvaluationColumn(
+                task_hash=str(row["task_hash"]),
+                protocol=str(row["protocol"]),
+                dataset=str(row["dataset"]),
+                fraction=float(row["fraction"]) if is_finite(row["fraction"]) else None,
+                shots=int(row["shots"]) if is_finite(row["shots"]) else None,
+                metric=Metric(f"e{index}", header, True, "accuracy"),
+            )
+        )
+    return columns
+
+
+def evaluation_frame(data: ReportData, columns: list[EvaluationColumn]) -> pd.DataFrame:
+    """One row per configuration with a complete evaluation in ``columns``: ``group``, ``label``,
+    ``method``, ``n`` (seeds evaluated), ``is_reference`` and per column the interval, the verdict
+    against the best (as :func:`comparison_frame`) and ``<key>_spread`` (mean std over draws)."""
+    evaluations = data.evaluations
+    if evaluations.empty or not columns:
+        return pd.DataFrame(columns=["group", "label", "method", "n", "is_reference"])
+    hashes = {c.task_hash for c in columns}
+    done = evaluations[(evaluations["status"] == "complete") & evaluations["task_hash"].isin(hashes)]
+    if done.empty:
+        return pd.DataFrame(columns=["group", "label", "method", "n", "is_reference"])
+    records: list[dict[str, Any]] = []
+    samples: dict[str, dict[str, dict[int, float]]] = {}
+    for group in group_order(done):
+        rows = done[done["group"] == group]
+        first = rows.iloc[0]
+        record: dict[str, Any] = {
+            "group": group,
+            "label": str(first["label"]),
+            "method": str(first["method"]),
+            "n": int(rows["seed"].nunique()),
+            "is_reference": bool(first["is_reference"]),
+        }
+        for column in columns:
+            part = rows[rows["task_hash"] == column.task_hash]
+            values = [float(v) if is_finite(v) else math.nan for v in part["top1"]]
+            interval = t_interval(values)
+            key = column.metric.column
+            record.update(
+                {
+                    f"{key}_mean": interval.mean,
+                    f"{key}_std": interval.std,
+                    f"{key}_low": interval.low,
+                    f"{key}_high": interval.high,
+                    f"{key}_n": interval.n,
+                    f"{key}_nonfinite": interval.n_nonfinite,
+                }
+            )
+            spreads = [float(v) for v in part["spread"] if is_finite(v)]
+            record[f"{key}_spread"] = float(np.mean(spreads)) if spreads else math.nan
+            samples.setdefault(key, {})[group] = dict(zip((int(s) for s in part["seed"]), values))
+        records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    frame = frame.sort_values("is_reference", kind="stable").reset_index(drop=True)
+    add_verdicts(frame, samples, [c.metric for c in columns])
+    return frame
+
+
+def evaluation_table(data: ReportData, kind: str) -> tuple[Table, pd.DataFrame, list[EvaluationColumn]] | None:
+    """The table of one kind of evaluation (see :func:`evaluation_columns`), its frame and
+    columns; None when the study has no such evaluation."""
+    columns = evaluation_columns(data.evaluations, kind)
+    frame = evaluation_frame(data, columns)
+    if frame.empty:
+        return None
+    columns = [c for c in columns if f"{c.metric.column}_mean" in frame.columns]
+    return metric_table(frame, [c.metric for c in columns], spread=kind == "few_shot"), frame, columns
+
+
+def evaluation_protocol_text(data: ReportData) -> str:
+    """How the evaluations ran, from the tasks stored with them."""
+    evaluations = data.evaluations
+    if evaluations.empty:
+        return ""
+    parts: list[str] = []
+    tasks = [t for t in evaluations.drop_duplicates("task_hash")["task"] if isinstance(t, dict)]
+    seeds = sorted({int(t["label_seed"]) for t in tasks if t.get("label_seed") is not None})
+    fine = [dict(t.get("settings", {})) for t in tasks if t.get("protocol") == "finetune"]
+    if any(t.get("fraction") is not None for t in tasks):
+        parts.append(
+            "Label fractions are class-balanced draws from the whole labeled training split (independent of the "
+            f"subset a trial pre-trained on), label seed {_listing(seeds)}; the same images for every configuration"
+        )
+    if fine:
+        epochs = sorted({f.get("epochs") for f in fine if f.get("epochs") is not None})
+        lrs = sorted({f.get("lr") for f in fine if f.get("lr") is not None})
+        scales = sorted({f.get("backbone_lr_scale") for f in fine if f.get("backbone_lr_scale") is not None})
+        parts.append(
+            f"fine-tuning trains the whole encoder and a linear head for {_listing(epochs)} epochs (SGD, Nesterov "
+            f"momentum 0.9, cosine decay, lr {_listing(lrs)} per 256 images for the head and {_listing(scales)} times "
+            "that for the pre-trained layers; random_init is trained from scratch at the full rate)"
+        )
+    if (evaluations["protocol"] == "linear").any():
+        parts.append("the linear probe is the trial's own (Adam on frozen, cached, standardized features)")
+    if (evaluations["protocol"] == "few_shot_knn").any():
+        parts.append(
+            "n-shot k-NN uses n labeled images per class as the only neighbours (every one votes, weighted by "
+            "exp(cos / T)), averaged over independent draws; '(draws sd x)' is the mean standard deviation over draws"
+        )
+    adaptations = sorted(
+        {f"{row['dataset']}: {row['details'].get('adaptation')}" for _, row in evaluations.iterrows()
+         if bool(row["transfer"]) and isinstance(row["details"], dict) and row["details"].get("adaptation")}
+    )
+    if adaptations:
+        parts.append("transfer inputs adapted as recorded (" + "; ".join(adaptations) + ")")
+    return ("Evaluation protocols: " + "; ".join(parts) + ".") if parts else ""
+
+
+def evaluation_failures_table(data: ReportData) -> Table | None:
+    """Evaluations that failed, each with its trial, protocol and reason."""
+    evaluations = data.evaluations
+    if evaluations.empty:
+        return None
+    failed = evaluations[evaluations["status"] != "complete"]
+    if failed.empty:
+        return None
+    rows = []
+    for _, row in failed.sort_values(["trial_id", "evaluation_id"]).iterrows():
+        reason = " ".join(str(row["reason"] or "(no reason recorded)").split())
+        if len(reason) > REASON_CHARS:
+            reason = reason[: REASON_CHARS - 1] + "…"
+        rows.append(
+            (
+                Cell(str(int(row["trial_id"]))),
+                Cell(str(row["label"])),
+                Cell(str(int(row["seed"]))),
+                Cell(f"{PROTOCOL_LABELS.get(str(row['protocol']), row['protocol'])} on {row['dataset']}"),
+                Cell(reason),
+            )
+        )
+    return Table(
+        columns=("trial", "configuration", "seed", "evaluation", "reason"),
+        rows=tuple(rows),
+        numeric=(True, False, True, False, False),
+    )

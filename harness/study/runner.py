@@ -55,8 +55,9 @@ class RunResult:
 
 
 def describe_sync(study: Study, report: SyncReport, limit: int = 10) -> list[str]:
-    """What registering the file changed, for the terminal."""
-    return kind_of(study).sync_lines(report, limit)
+    """What registering the file changed, for the terminal (first, any results an earlier run
+    kept while the database did not answer, written now)."""
+    return [*report.kept_results, *kind_of(study).sync_lines(report, limit)]
 
 
 def run_study(
@@ -77,7 +78,7 @@ def run_study(
     store.check_kind(db, study)
     kind.prepare(db)
     report = store.sync_study(db, study)
-    for line in kind.sync_lines(report):
+    for line in describe_sync(study, report):
         say(line)
     for note in study.notes:
         say(f"note: {note}")

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import math
-import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from harness.db import Database, sqlite_file
+from harness.runtime import retry
 from harness.spec import SearchParam, SearchSpec, SpecError, Study, config_hash, resolve
 from harness.study import store
 from harness.study.store import Claim, SyncReport
@@ -121,14 +121,7 @@ def _is_transient(error: BaseException) -> bool:
 
 def _retry(work: Callable[[], T]) -> T:
     """Optuna storage calls, retried when SQLite is busy or two processes create the tables at once."""
-    for attempt in range(_STORAGE_RETRIES):
-        try:
-            return work()
-        except Exception as error:
-            if not _is_transient(error) or attempt == _STORAGE_RETRIES - 1:
-                raise
-            time.sleep(min(2.0, 0.05 * 2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+    return retry(work, attempts=_STORAGE_RETRIES, transient=_is_transient)
 
 
 def make_sampler(spec: SearchSpec) -> Any:

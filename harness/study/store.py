@@ -10,18 +10,35 @@ still alive, can neither heartbeat nor write its result.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 import socket
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from harness.db import PROVENANCE_FIELDS, SUMMARY_METRICS, Database, MetricRow, StudyRow, TrialRow, utcnow
+from harness.db import (
+    PROVENANCE_FIELDS,
+    SUMMARY_METRICS,
+    Database,
+    DatabaseProblem,
+    MetricRow,
+    StudyRow,
+    TrialRow,
+    sqlite_file,
+    utcnow,
+)
+from harness.runtime import retry, write_atomically
 from harness.spec import KNOB_NAMES, Study, TrialConfig
 
 # The trial columns of checkpoints and weights that a result sets.
@@ -47,6 +64,8 @@ class SyncReport:
     kept_finished: int  # ... of which have a result (complete, failed or pruned)
     gone: tuple[str, ...]  # labels of trials in the database that the file no longer has
     row_ids: tuple[int, ...] | None  # the rows the file asks for; None for a search (all rows)
+    # Results an earlier run kept in files while the database did not answer, written now.
+    kept_results: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,20 +128,21 @@ def _conflict_message(study: Study, stored_kind: str) -> str:
 
 
 def sync_study(db: Database, study: Study) -> SyncReport:
-    """Create or update the study's row and insert its missing trials as pending.
+    """Create or update the study's row and insert its missing trials as pending, then write the
+    results an earlier run kept in files while the database did not answer (``kept_results``).
 
     Existing trials keep their rows and results; trials the file no longer has stay in the
     database (reported in ``gone``) and are not run. Raises StudyConflict when the name belongs to
     a study of the other family (search vs grid/ablation).
     """
     planned = study.trials() if study.search is None else []
-    for attempt in range(_INTEGRITY_RETRIES):
-        try:
-            return db.run(lambda session: _sync(session, study, planned))
-        except IntegrityError:
-            if attempt == _INTEGRITY_RETRIES - 1:
-                raise
-    raise AssertionError("unreachable")
+    report = retry(
+        lambda: db.run(lambda session: _sync(session, study, planned)),
+        attempts=_INTEGRITY_RETRIES,
+        transient=lambda error: isinstance(error, IntegrityError),
+    )
+    kept = write_kept_results(db)
+    return replace(report, kept_results=tuple(kept)) if kept else report
 
 
 def _sync(session: Session, study: Study, planned: Sequence[TrialConfig]) -> SyncReport:
@@ -609,16 +629,17 @@ def finish(
     started_at: datetime | None,
     ended_at: datetime | None,
     config: Mapping[str, Any] | None = None,
+    say: Callable[[str], None] | None = None,
     artifacts: Mapping[str, str | None] | None = None,
 ) -> bool:
     """Write a trial's result and curves in one transaction, only if this worker still owns the
-    claim; False (nothing written) if it was reclaimed meanwhile. ``artifacts``: the trial's
-    ``checkpoint_dir``, ``weights_path`` and ``weights_sha256`` (None clears a stale one)."""
+    claim; False (nothing written) if it was reclaimed meanwhile. A database that does not answer
+    is waited for (:func:`write_result`), the result kept in a file meanwhile. ``artifacts``: the
+    trial's ``checkpoint_dir``, ``weights_path`` and ``weights_sha256`` (None clears a stale one)."""
     values: dict[str, Any] = {
         "status": status,
         "reason": reason,
         "ended_at": naive_utc(ended_at) or utcnow(),
-        "heartbeat": utcnow(),
     }
     if started_at is not None:  # else the claim's start time stays
         values["started_at"] = naive_utc(started_at)
@@ -628,16 +649,212 @@ def finish(
         values["config"] = dict(config)
     if artifacts is not None:
         values.update({name: artifacts.get(name) for name in ARTIFACT_COLUMNS if name in artifacts})
-    points = _metric_rows(claim.row_id, curves)
+    points = [
+        {"epoch": float(epoch), "step": int(step), "name": str(name), "value": _as_float(value)}
+        for epoch, step, name, value in curves
+    ]
+    return write_result(db, KeptResult(claim, values, points), say=say or _stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# A database outage at the end of a trial
+
+# How long a finished trial's result waits for a database that does not answer (a PostgreSQL
+# server restarting, a network file system away) before the runner gives up: long enough for a
+# server restart or a failover, short enough that a dead server is reported within a coffee break.
+RESULT_PATIENCE_S = 600.0
+# The waits between attempts grow from 1 s to at most this, so a database that comes back is
+# used within seconds (before another worker's heartbeat timeout can take the trial over).
+RESULT_RETRY_CAP_S = 10.0
+
+
+class ResultNotWritten(DatabaseProblem):
+    """A finished trial's result could not be written before the patience ran out."""
+
+
+@dataclass(frozen=True)
+class KeptResult:
+    """A trial's result as it will be written: the claim that owns the row, the row's new values
+    and its curve points (without the trial id, which the claim gives)."""
+
+    claim: Claim
+    values: Mapping[str, Any]
+    points: Sequence[Mapping[str, Any]]
+
+    def to_json(self) -> str:
+        def encode(value: Any) -> Any:
+            return {"$datetime": value.isoformat()} if isinstance(value, datetime) else value
+
+        claim = {f.name: getattr(self.claim, f.name) for f in fields(Claim)}
+        body = {"claim": claim, "values": {k: encode(v) for k, v in self.values.items()}, "points": list(self.points)}
+        return json.dumps(body, indent=1)  # NaN and ±inf are written as NaN/Infinity, as Python reads them
+
+    @staticmethod
+    def from_json(text: str) -> KeptResult:
+        def decode(value: Any) -> Any:
+            if isinstance(value, dict) and set(value) == {"$datetime"}:
+                return datetime.fromisoformat(value["$datetime"])
+            return value
+
+        body = json.loads(text)
+        values = {k: decode(v) for k, v in body["values"].items()}
+        return KeptResult(Claim(**body["claim"]), values, body["points"])
+
+
+def _unreachable(error: BaseException) -> bool:
+    """The database did not answer (connection refused or lost, an I/O error), as opposed to a
+    statement it refused (a missing table, a constraint), which waiting does not mend."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    if not isinstance(error, (OperationalError, InterfaceError)):
+        return False
+    if type(error.orig).__module__.startswith("sqlite3"):
+        text = str(error.orig).lower()
+        return any(word in text for word in ("disk i/o", "unable to open", "locked", "busy", "disk is full"))
+    return True  # a server's OperationalError: connection refused, closed, terminated, timed out
+
+
+def kept_results_dir(db: Database) -> Path:
+    """Where results wait for the database: beside a SQLite file (``NAME.unwritten/``); for a
+    server, ``results/unwritten/<server and database>/`` under the current folder."""
+    path = sqlite_file(db.url)
+    if path is not None:
+        return path.with_name(path.name + ".unwritten")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", db.where.split("://", 1)[-1])[:100]
+    return Path("results") / "unwritten" / slug
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _write(db: Database, kept: KeptResult) -> bool:
+    claim = kept.claim
 
     def work(session: Session) -> bool:
+        values = {**kept.values, "heartbeat": utcnow()}
         result = session.execute(update(TrialRow).where(*_owned(claim)).values(**values))
         if result.rowcount != 1:
             return False
         # Curves of an earlier attempt (a failed trial rerun with --retry-failed) are replaced.
         session.execute(delete(MetricRow).where(MetricRow.trial_id == claim.row_id))
-        if points:
-            session.execute(insert(MetricRow), points)
+        if kept.points:
+            session.execute(insert(MetricRow), [{**p, "trial_id": claim.row_id} for p in kept.points])
         return True
 
     return db.run(work)
+
+
+def write_result(
+    db: Database, kept: KeptResult, *, say: Callable[[str], None], patience_s: float | None = None
+) -> bool:
+    """Write ``kept``; while the database does not answer, keep it in a file (see
+    :func:`kept_results_dir`) and retry for ``patience_s`` (default :data:`RESULT_PATIENCE_S`),
+    then raise :class:`ResultNotWritten` saying where it is (the next ``harness run`` on this
+    database writes it: :func:`write_kept_results`)."""
+    try:
+        return _write(db, kept)
+    except Exception as error:
+        if not _unreachable(error):
+            raise
+        first = error
+    patience = RESULT_PATIENCE_S if patience_s is None else patience_s
+    row = kept.claim.row_id
+    path = kept_results_dir(db) / f"trial-{row}-attempt-{kept.claim.attempts}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda p: p.write_text(kept.to_json(), encoding="utf-8"))
+        where = f"kept in {path}"
+    except OSError as error:
+        path, where = None, f"kept in memory only (writing {path} failed: {error.strerror or error})"
+    say(
+        f"trial #{row}: the database does not answer ({_first_line(first)}); its result is {where}; "
+        f"retrying for up to {patience:g} s"
+    )
+    started = time.monotonic()
+    try:
+        written = retry(
+            lambda: _write(db, kept), transient=_unreachable, patience_s=patience, base_s=1.0, cap_s=RESULT_RETRY_CAP_S
+        )
+    except Exception as error:
+        if not _unreachable(error):
+            raise
+        if path is None:
+            raise ResultNotWritten(
+                f"trial #{row}: the database did not answer for {patience:g} s ({_first_line(error)}) and the "
+                "result could not be kept in a file; it is lost, and the trial runs again on the next `harness run`"
+            ) from error
+        raise ResultNotWritten(
+            f"trial #{row}: the database did not answer for {patience:g} s ({_first_line(error)}); the result "
+            f"is kept in {path}, and the next `harness run` on this database writes it (nothing is rerun)"
+        ) from error
+    if path is not None:
+        path.unlink(missing_ok=True)
+    say(f"trial #{row}: the database answered again after {time.monotonic() - started:.0f} s; result written")
+    return written
+
+
+def _first_line(error: BaseException) -> str:
+    orig = getattr(error, "orig", None)
+    text = str(orig if orig is not None else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def write_kept_results(db: Database) -> list[str]:
+    """Write the results that an earlier run kept in files while the database did not answer;
+    one line per file for the terminal. A result whose trial was taken over meanwhile (another
+    worker reran it) is dropped: the row has a newer attempt."""
+    folder = kept_results_dir(db)
+    if not folder.is_dir():
+        return []
+    lines: list[str] = []
+    for path in sorted(folder.glob("trial-*.json")):
+        try:
+            kept = KeptResult.from_json(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            lines.append(f"{path}: not a kept result ({error}); left alone")
+            continue
+        row = kept.claim.row_id
+        if _write(db, kept):
+            _tell_optuna(db, kept)
+            lines.append(f"trial #{row}: wrote the result kept in {path} while the database did not answer")
+        else:
+            lines.append(f"trial #{row}: another worker took the trial over meanwhile; dropped the result kept in {path}")
+        path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return lines
+
+
+def _tell_optuna(db: Database, kept: KeptResult) -> None:
+    """A search's Optuna trial still runs in Optuna's tables (its worker gave up): finish it
+    with the written result, so that the sampler sees it."""
+    number = kept.claim.optuna_number
+    if number is None:
+        return
+    study = db.run(
+        lambda s: s.execute(
+            select(StudyRow.name, StudyRow.file_text).join(TrialRow).where(TrialRow.id == kept.claim.row_id)
+        ).one()
+    )
+    import optuna
+    import yaml
+
+    metric = ((yaml.safe_load(study.file_text) or {}).get("search") or {}).get("objective", {}).get("metric")
+    storage = optuna.storages.RDBStorage(db.url)
+    states = optuna.trial.TrialState
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.name), number)
+        if storage.get_trial(trial_id).state != states.RUNNING:
+            return
+        value = _as_float(kept.values.get(metric)) if metric else None
+        if kept.values.get("status") == "complete" and value is not None and math.isfinite(value):
+            storage.set_trial_state_values(trial_id, states.COMPLETE, [value])
+        elif kept.values.get("status") == "pruned":
+            storage.set_trial_state_values(trial_id, states.PRUNED)
+        else:
+            storage.set_trial_state_values(trial_id, states.FAIL)
+    except (KeyError, RuntimeError):  # gone, or finished by someone else meanwhile
+        return
+    finally:
+        storage.engine.dispose()

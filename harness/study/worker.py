@@ -19,11 +19,9 @@ an interrupt.
 from __future__ import annotations
 
 import enum
-import os
 import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from harness.db import Database, utcnow
+from harness.runtime import failure_reason
 from harness.spec import Study
 from harness.study import artifacts, liveness, store
 from harness.study.store import Claim, SyncReport
@@ -351,18 +350,18 @@ def run_claim(
             except KeyboardInterrupt:
                 raise
             except Exception as error:  # the trial API should not raise; if it does, that is a failed result
-                where = traceback.extract_tb(error.__traceback__)[-1] if error.__traceback__ else None
-                place = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
                 outcome = {
                     "status": "failed",
-                    "reason": f"{type(error).__name__}: {error}{place}",
+                    "reason": failure_reason(error),
                     "summary": {},
                     "curves": [],
                     "provenance": {},
                     "started_at": None,
                     "ended_at": None,
                 }
-            written = (not beat.lost) and store.finish(ctx.db, claim, config=config.to_dict(), **outcome)
+            written = (not beat.lost) and store.finish(
+                ctx.db, claim, config=config.to_dict(), say=ctx.echo, **outcome
+            )
     except KeyboardInterrupt:
         # The trial has checkpointed (when it was training): hand it back, and let no second
         # signal (a forwarded copy of the same one) interrupt that.
