@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import sys
 from collections.abc import Mapping
@@ -143,12 +144,14 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
-def copy_weights(trial: TrialWeights, destination: Path) -> tuple[Path, Path]:
+def copy_weights(trial: TrialWeights, destination: str | Path) -> tuple[Path, Path]:
     """Copy the trial's weights and JSON to ``destination``: into it when it is a folder (or ends
     with a slash), else to that file name with the JSON beside it (``NAME.json``)."""
     source = trial.check()
     info = source.with_name(WEIGHTS_INFO_NAME)
-    into_folder = destination.is_dir() or str(destination).endswith(("/", "\\"))
+    into_folder = str(destination).endswith(("/", os.sep))
+    destination = Path(destination)
+    into_folder = into_folder or destination.is_dir()
     target = destination / source.name if into_folder else destination
     info_target = target.with_name(WEIGHTS_INFO_NAME) if into_folder else target.with_suffix(".json")
     if target.resolve() == source.resolve():
@@ -180,7 +183,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--copy",
-        type=Path,
         metavar="DEST",
         help="copy the weights (and encoder.json) to DEST, a file name or a folder",
     )

@@ -271,3 +271,59 @@ def test_with_current_keeping_knobs__the_file_as_it_is_now_decides_how_a_trial_i
     now = with_current_keeping_knobs(stored, study)
     assert (now.checkpoint_epochs, now.checkpoint_minutes, now.save_weights) == (1, 5.0, True)
     assert now.config_hash == stored.config_hash
+
+
+def test_harness_weights__lists_prints_copies_and_checks_the_sha256(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datetime import timedelta
+
+    import torch
+
+    from harness import checkpoint, cli
+    from harness.backbones import build_backbone
+    from harness.db import utcnow
+    from harness.study import store
+
+    db_path = tmp_path / "h.db"
+    db = Database(db_path)
+    report = store.sync_study(db, load_study(study_file(tmp_path, "simclr")))
+    claim = store.claim_next(db, report.study_id, "me:1", stale_before=utcnow() - timedelta(seconds=90))
+    assert claim is not None
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("small_cnn", 1, 28)
+    folder = tmp_path / "trial-1"
+    path, sha256 = checkpoint.write_encoder(
+        folder, "small_cnn", backbone, {"backbone": "small_cnn", "in_channels": 1, "image_size": 28}
+    )
+    summary = {"knn_top1": 0.625, "linear_top1": 0.5}
+    artifacts = {"checkpoint_dir": str(folder), "weights_path": str(path), "weights_sha256": sha256}
+    assert store.finish(
+        db,
+        claim,
+        status="complete",
+        reason=None,
+        summary=summary,
+        curves=[],
+        provenance={},
+        started_at=None,
+        ended_at=None,
+        artifacts=artifacts,
+    )
+    db.dispose()
+    base = ["weights", "resume-simclr", "--db", str(db_path)]
+    assert cli.main(base) == 0
+    assert f"#1 simclr seed 0: knn_top1 0.6250  {path}" in capsys.readouterr().out
+    assert cli.main([*base, "--best", "knn_top1"]) == 0
+    assert capsys.readouterr().out.strip() == str(path)
+    assert cli.main([*base, "--trial", "1", "--copy", str(tmp_path / "out") + "/"]) == 0
+    assert (tmp_path / "out" / "encoder.safetensors").read_bytes() == path.read_bytes()
+    assert (tmp_path / "out" / "encoder.json").is_file()
+    assert cli.main([*base, "--trial", "9"]) == 2
+    assert "--trial 9: no such trial in study resume-simclr" in capsys.readouterr().err
+    assert cli.main(["weights", "nope", "--db", str(db_path)]) == 2
+    assert "no study named 'nope' (studies: resume-simclr)" in capsys.readouterr().err
+    assert cli.main([*base, "--copy", str(tmp_path / "x")]) == 2
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    assert cli.main([*base, "--trial", "1"]) == 1
+    assert "changed since the trial recorded it" in capsys.readouterr().err
