@@ -370,7 +370,7 @@ class Record:
         self.summary["knn_top1"] = value
         self.started_at = self.ended_at = utcnow()
 
-def trainer(config, *, on_eval=None, progress=None):
+def trainer(config, *, on_eval=None, progress=None, **_):
     try:
         on_eval(1, 0.5)
     except TrialPruned as pruned:
@@ -403,7 +403,7 @@ class Record:
         self.summary["knn_top1"] = value
         self.started_at = self.ended_at = utcnow()
 
-def trainer(config, *, on_eval=None, progress=None):
+def trainer(config, *, on_eval=None, progress=None, **_):
     time.sleep(0.05)
     return Record(config.lr)
 
