@@ -102,6 +102,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
+    return value
+
+
+def _slurm_time(text: str) -> str:
+    from harness.study.slurm import time_minutes
+
+    try:
+        time_minutes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -133,7 +153,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.spec import DEFAULT_TRIAL_LIMIT
+    from harness.spec import DEFAULT_TRIAL_LIMIT, TRACKERS
     from harness.study.runner import DEFAULT_HEARTBEAT_TIMEOUT
 
     parser = argparse.ArgumentParser(prog="harness", description=DESCRIPTION)
@@ -192,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse a study file that expands to more than N trials, counted before expanding (default: {DEFAULT_TRIAL_LIMIT:,})",
     )
     run.add_argument(
+        "--mlflow",
+        nargs="?",
+        const=TRACKERS["mlflow"],
+        metavar="URI",
+        help="mirror each trial to MLflow (a run per trial: params, curves, summary): a tracking URI, or "
+        "a folder for a local store (default: mlruns/, as sqlite:///mlruns/mlflow.db); needs the "
+        "tracking extra",
+    )
+    run.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const=TRACKERS["tensorboard"],
+        metavar="DIR",
+        help="write TensorBoard events, one directory per trial under DIR/STUDY/ (default: runs/); "
+        "needs the tracking extra",
+    )
+    run.add_argument(
         "--retry-failed",
         action="store_true",
         help="rerun trials that failed (by default a failure is a result)",
@@ -215,6 +252,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--progress", dest="progress", action="store_true", default=None, help="show progress bars"
     )
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    launch = run.add_argument_group(
+        "Slurm", "--launcher slurm: submit the workers as a Slurm job array (docs/SCALING.md; needs PostgreSQL)"
+    )
+    launch.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: run the workers here (default); slurm: submit --jobs Slurm jobs, each one worker",
+    )
+    launch.add_argument("--jobs", type=_positive_int, default=1, metavar="K", help="Slurm jobs (one array; default 1)")
+    launch.add_argument("--partition", metavar="P", help="Slurm partition (default: the cluster's)")
+    launch.add_argument(
+        "--gpus-per-job", type=_non_negative_int, default=0, metavar="G", help="GPUs per job (default 0)"
+    )
+    launch.add_argument("--cpus-per-job", type=_positive_int, metavar="C", help="CPUs per job (default: the cluster's)")
+    launch.add_argument(
+        "--time",
+        type=_slurm_time,
+        default=None,
+        metavar="T",
+        help="time limit per job, in Slurm's format (MINUTES, HH:MM:SS, D-HH:MM:SS; default 4:00:00); "
+        "a job near its limit hands its trial back and is requeued",
+    )
+    launch.add_argument("--mem", metavar="M", help="memory per job, in Slurm's format (16G, 4000M)")
+    launch.add_argument(
+        "--slurm-folder", metavar="DIR", help="where submitit keeps job logs and pickles (default results/slurm/STUDY)"
+    )
     run.set_defaults(handler=_cmd_run)
 
     status = commands.add_parser(
@@ -233,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="best trials shown per study (default: 5 for one study, 3 each for every study)",
     )
     status.set_defaults(handler=_cmd_status)
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel a study's Slurm jobs (their running trials are handed back)",
+        description="scancel the Slurm jobs that `harness run --launcher slurm` submitted for STUDY and "
+        "that are still queued or running; each running job hands its trial back as pending.",
+    )
+    cancel.add_argument("study", metavar="STUDY", help="the study name")
+    _add_db(cancel)
+    cancel.set_defaults(handler=_cmd_cancel)
 
     for name, (_, help_text, description) in _DELEGATED.items():
         # Their own arguments are added when the command runs (see _delegate): importing them
@@ -332,14 +406,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"running them as study {study.name} (the file's own study is not touched)",
             flush=True,
         )
-    from harness.runtime import device_problem
     from harness.spec import DEFAULTS
 
     wanted_device = args.device or study.fixed.get("device", DEFAULTS.device)
+    if not args.dry_run:
+        # Importing torch and probing the device take seconds: say so rather than sit silent.
+        print(f"study {study.name}: loading torch and checking device {wanted_device} ...", flush=True)
+    from harness.runtime import device_problem
+
     problem = device_problem(wanted_device)
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"
         return _error("run", f"{where}: {problem}; nothing was run or written", 2)
+    launcher_problem = _launcher_problem(args)
+    if launcher_problem:
+        return _error("run", launcher_problem, 2)
     if args.dry_run:
         existing = None
         try:
@@ -365,12 +446,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 db.dispose()
         for line in dry_run_lines(study, existing):
             print(line)
+        if args.launcher == "slurm":
+            from harness.study.slurm import sbatch_lines
+
+            for line in sbatch_lines(study, _slurm_options(args)):
+                print(line)
         return 0
     try:
         require_persistent(args.db, "`harness run`")
     except DatabaseProblem as error:
         return _database_error("run", error)
+
+    from harness.tracking import TrackingSettings, missing_packages
+
+    tracking = TrackingSettings(**dict(study.tracking)).merged(
+        TrackingSettings(mlflow=args.mlflow, tensorboard=args.tensorboard)
+    )
+    for missing in missing_packages(tracking):
+        print(f"warning: tracking is on but {missing} is not installed; trials run without it", flush=True)
     options = RunOptions(
+        tracking=tracking if tracking.enabled else None,
         db=args.db,
         device=args.device,
         workers=args.workers,
@@ -381,15 +476,98 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=args.progress,
         checkpoint_dir=args.checkpoint_dir,
     )
+    if args.launcher == "slurm":
+        return _submit_slurm(study, options, args)
     try:
-        code = run_study(study, options).exit_code
-        if study.evaluate is not None and args.max_trials is None:
+        from harness.study.progress import StudyProgress
+
+        result = run_study(study, options, events=(StudyProgress(options.workers),))
+        code = result.exit_code
+        # After an interrupted run (Ctrl-C, SIGTERM) the user asked to stop: no evaluations then.
+        if study.evaluate is not None and args.max_trials is None and not result.tally.interrupted:
             code = max(code, _evaluate_after_run(study, args))
         return code
     except (StudyConflict, SearchSetupError) as error:
         return _error("run", str(error), 2)
     except (DatabaseProblem, SQLAlchemyError, ImportError) as error:  # not ours, unreachable, no driver
         return _database_error("run", error)
+
+
+def _slurm_options(args: argparse.Namespace) -> Any:
+    from harness.study.slurm import DEFAULT_TIME, SlurmOptions
+
+    return SlurmOptions(
+        jobs=args.jobs,
+        partition=args.partition,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        time=args.time or DEFAULT_TIME,
+        mem=args.mem,
+        folder=Path(args.slurm_folder) if args.slurm_folder else None,
+    )
+
+
+_SLURM_ONLY = {
+    "jobs": 1,
+    "partition": None,
+    "gpus_per_job": 0,
+    "cpus_per_job": None,
+    "time": None,
+    "mem": None,
+    "slurm_folder": None,
+}
+
+
+def _launcher_problem(args: argparse.Namespace) -> str | None:
+    """Arguments that do not go together with the chosen launcher (nothing is written then)."""
+    if args.launcher == "local":
+        given = [f"--{name.replace('_', '-')}" for name, unset in _SLURM_ONLY.items() if getattr(args, name) != unset]
+        return f"{', '.join(given)}: only with --launcher slurm" if given else None
+    from harness.study.slurm import sqlite_refusal
+
+    if args.workers != 1:
+        return "--workers: with --launcher slurm each job is one worker; use --jobs K"
+    if args.max_trials is not None:
+        return "--max-trials cannot be shared by Slurm jobs; leave it out with --launcher slurm"
+    return sqlite_refusal(args.db)
+
+
+def _submit_slurm(study: Any, options: Any, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.db import DatabaseProblem
+    from harness.study import SearchSetupError, StudyConflict
+    from harness.study.slurm import SlurmSetupError, submit
+
+    try:
+        submit(study, options, _slurm_options(args), echo=lambda line: print(line, flush=True))
+    except (SlurmSetupError, StudyConflict, SearchSetupError) as error:
+        return _error("run", str(error), 2)
+    except (DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("run", error)
+    except Exception as error:  # sbatch refused the job (submitit raises a plain error with its output)
+        return _error("run", f"submitting to Slurm failed: {type(error).__name__}: {error}", 1)
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from harness.db import DatabaseProblem
+    from harness.study import open_existing
+    from harness.study.slurm import SlurmSetupError, cancel
+
+    try:
+        db = open_existing(args.db)
+        try:
+            cancel(db, args.study)
+        finally:
+            db.dispose()
+    except (LookupError, SlurmSetupError) as error:
+        return _error("cancel", str(error), 2)
+    except (FileNotFoundError, DatabaseProblem, SQLAlchemyError, ImportError) as error:
+        return _database_error("cancel", error)
+    return 0
 
 
 def _evaluate_after_run(study: Any, args: argparse.Namespace) -> int:

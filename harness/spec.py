@@ -59,7 +59,12 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 LOSS_IMPLS: tuple[str, ...] = ("reference", "fast")
 STUDY_KINDS: tuple[str, ...] = ("grid", "ablate", "search")
-SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes")
+SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "cmaes", "nsga2")
+# Samplers that handle several objectives (Optuna's CMA-ES is single-objective).
+MULTI_OBJECTIVE_SAMPLERS: tuple[str, ...] = ("tpe", "random", "grid", "nsga2")
+# The trackers a study file (or harness run --mlflow/--tensorboard) can switch on, and where each
+# writes when given `true` instead of a location (harness.tracking reads this).
+TRACKERS: dict[str, str] = {"mlflow": "mlruns", "tensorboard": "runs"}
 PRUNERS: tuple[str, ...] = ("none", "median", "hyperband")
 DIRECTIONS: tuple[str, ...] = ("maximize", "minimize")
 # Largest integer a knob may take: the databases store 64-bit signed integers.
@@ -350,6 +355,24 @@ class TrialConfig:
     dino_center_momentum: float = knob(
         0.9, "momentum of the teacher's center", group="method", check=within(0, 1)
     )
+    dino_head_bn: bool = knob(
+        False,
+        "batch norm after the DINO head's hidden layers (the official `use_bn_in_head`)",
+        group="method",
+        legacy=False,
+    )
+    simsiam_stop_gradient: bool = knob(
+        True,
+        "stop-gradient on SimSiam's target branch; false is the collapse ablation of Chen & He 2021, sec. 4.1",
+        group="method",
+        legacy=True,
+    )
+    simsiam_predictor: bool = knob(
+        True,
+        "SimSiam's predictor MLP; false regresses the other view's projection directly (Chen & He 2021, sec. 4.2)",
+        group="method",
+        legacy=True,
+    )
     # execution
     device: str = knob(
         "auto",
@@ -443,6 +466,15 @@ class TrialConfig:
     )
     linear_epochs: int = knob(
         50, "epochs of the linear probe on cached features", group="evaluation", check=within(1, 100_000), label="linear probe epochs"
+    )
+    eval_features: str = knob(
+        "backbone",
+        "what the k-NN, the linear probe, effective rank and feature std read: `backbone` features "
+        "or `projector` outputs (the method's projection, `embed`; the backbone for the baselines)",
+        group="evaluation",
+        choices=("backbone", "projector"),
+        label="evaluated features",
+        legacy="backbone",
     )
     eval_every: int = knob(
         1,
@@ -781,10 +813,20 @@ class SearchSpec:
     n_trials: int
     sampler: str = "tpe"
     pruner: str = "median"
-    metric: str = "knn_top1"
+    metric: str = "knn_top1"  # the first objective (the one pruning and "best" use)
     direction: str = "maximize"
     space: tuple[SearchParam, ...] = ()
     enqueue: tuple[Mapping[str, Any], ...] = ()
+    # Every objective, in file order, as (metric, direction); one entry for a single objective.
+    objectives: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def all_objectives(self) -> tuple[tuple[str, str], ...]:
+        return self.objectives or ((self.metric, self.direction),)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.all_objectives) > 1
 
 
 @dataclass(frozen=True)
@@ -806,6 +848,8 @@ class Study:
     # The evaluations run on the saved encoders after training (harness.protocol_spec); they are
     # not knobs: they change no trial's configuration or hash.
     evaluate: EvaluationPlan | None = None
+    # tracker name (TRACKERS) -> location, from the file's `tracking:`; empty = none switched on.
+    tracking: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def text_hash(self) -> str:
@@ -857,6 +901,7 @@ _TOP_KEYS: dict[str, str] = {
     "search": "a mapping with n_trials, sampler, pruner, objective, space",
     "seeds": "a list of integers",
     "evaluate": "a mapping of evaluation protocols (linear, finetune, few_shot, transfer, embedding)",
+    "tracking": "a mapping of tracker: location or true (mlflow, tensorboard)",
 }
 _SEARCH_KEYS: tuple[str, ...] = ("n_trials", "sampler", "pruner", "objective", "space", "enqueue")
 
@@ -1010,8 +1055,9 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
             points = [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))] if keys else [{}]
         else:
             points = [{}]
+            base = _ablation_base(fixed)
             for knob, values in sweep.items():
-                points.extend({knob: value} for value in values if fixed.get(knob, getattr(DEFAULTS, knob)) != value)
+                points.extend({knob: value} for value in values if base.get(knob, getattr(DEFAULTS, knob)) != value)
     elif kind == "search" and "search" in data:
         search = _validate_search(data["search"], fixed, problems)
         points = [{}]
@@ -1019,6 +1065,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
     evaluate, evaluate_problems = parse_evaluate(data.get("evaluate"), datasets=DATASET_NAMES)
     for path, message in evaluate_problems:
         problems.add(path, message)
+    tracking = _validate_tracking(data["tracking"], problems) if "tracking" in data else {}
     notes: list[str] = []
     # Knobs no method reads are reported with the other problems; resolving the points waits for a
     # file without them (a bad value would come back once per point).
@@ -1038,7 +1085,19 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         path=source,
         notes=tuple(notes),
         evaluate=evaluate,
+        tracking=tracking,
     )
+
+
+def _ablation_base(fixed: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The base point of an ablation as it resolves (the method's own defaults included), so that
+    a listed value equal to the base method's default is the base point, and one equal only to the
+    global default (``dino_head_bn: false`` for DINO) is an alternative. ``fixed`` when it does not
+    resolve (its problems are reported elsewhere)."""
+    try:
+        return resolve(fixed).to_dict()
+    except SpecError:
+        return fixed
 
 
 def _within_trial_limit(kind: str, data: Mapping[str, Any], seeds: Sequence[int], limit: int, problems: _Problems) -> bool:
@@ -1162,19 +1221,15 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
     if pruner not in PRUNERS:
         problems.add("search.pruner", f"found {_describe(pruner)}, expected one of {', '.join(PRUNERS)}{_suggest(str(pruner), PRUNERS)}")
     objective = raw.get("objective", {"metric": "knn_top1", "direction": "maximize"})
-    metric, direction = "knn_top1", "maximize"
-    if not isinstance(objective, Mapping):
-        problems.add("search.objective", f"found {_describe(objective)}, expected a mapping {{metric: ..., direction: ...}}")
-    else:
-        for key in objective:
-            if key not in ("metric", "direction"):
-                problems.add(f"search.objective.{key}", "unknown key; expected metric or direction")
-        metric = objective.get("metric", metric)
-        direction = objective.get("direction", direction)
-        if metric not in OBJECTIVE_METRICS:
-            problems.add("search.objective.metric", f"found {_describe(metric)}, expected one of {', '.join(OBJECTIVE_METRICS)}{_suggest(str(metric), OBJECTIVE_METRICS)}")
-        if direction not in DIRECTIONS:
-            problems.add("search.objective.direction", f"found {_describe(direction)}, expected maximize or minimize")
+    objectives = _validate_objectives(objective, problems)
+    metric, direction = objectives[0] if objectives else ("knn_top1", "maximize")
+    if len(objectives) > 1:
+        if "pruner" not in raw:
+            pruner = "none"
+        elif pruner != "none":
+            problems.add("search.pruner", f"found {_describe(pruner)}, expected none with several objectives (Optuna prunes single-objective searches only)")
+        if sampler not in MULTI_OBJECTIVE_SAMPLERS:
+            problems.add("search.sampler", f"found {_describe(sampler)} with several objectives, expected one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
     space_raw = raw.get("space")
     space: list[SearchParam] = []
     if not isinstance(space_raw, Mapping) or not space_raw:
@@ -1221,7 +1276,62 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
         direction=str(direction),
         space=tuple(space),
         enqueue=tuple(enqueue),
+        objectives=tuple(objectives) if len(objectives) > 1 else (),
     )
+
+
+def _validate_objectives(raw: Any, problems: _Problems) -> list[tuple[str, str]]:
+    """``objective:`` as a mapping {metric, direction}, or a list of them (a multi-objective search,
+    e.g. accuracy and throughput); the valid ones as (metric, direction)."""
+    entries = [("search.objective", raw)] if isinstance(raw, Mapping) else None
+    if isinstance(raw, list) and raw:
+        entries = [(f"search.objective[{i}]", item) for i, item in enumerate(raw)]
+    if entries is None:
+        problems.add("search.objective", f"found {_describe(raw)}, expected a mapping {{metric: ..., direction: ...}} or a non-empty list of them")
+        return []
+    objectives: list[tuple[str, str]] = []
+    for path, entry in entries:
+        if not isinstance(entry, Mapping):
+            problems.add(path, f"found {_describe(entry)}, expected a mapping {{metric: ..., direction: ...}}")
+            continue
+        for key in entry:
+            if key not in ("metric", "direction"):
+                problems.add(f"{path}.{key}", "unknown key; expected metric or direction")
+        metric = entry.get("metric", "knn_top1")
+        direction = entry.get("direction", "maximize")
+        ok = True
+        if metric not in OBJECTIVE_METRICS:
+            problems.add(f"{path}.metric", f"found {_describe(metric)}, expected one of {', '.join(OBJECTIVE_METRICS)}{_suggest(str(metric), OBJECTIVE_METRICS)}")
+            ok = False
+        elif any(metric == m for m, _ in objectives):
+            problems.add(f"{path}.metric", f"found {metric!r} twice, expected distinct objectives")
+            ok = False
+        if direction not in DIRECTIONS:
+            problems.add(f"{path}.direction", f"found {_describe(direction)}, expected maximize or minimize")
+            ok = False
+        if ok:
+            objectives.append((str(metric), str(direction)))
+    return objectives
+
+
+def _validate_tracking(raw: Any, problems: _Problems) -> dict[str, str]:
+    """``tracking: {mlflow: URI-or-folder | true, tensorboard: folder | true}``; false/null = off."""
+    if not isinstance(raw, Mapping):
+        problems.add("tracking", f"found {_describe(raw)}, expected {_TOP_KEYS['tracking']}")
+        return {}
+    settings: dict[str, str] = {}
+    for key, value in raw.items():
+        if key not in TRACKERS:
+            problems.add(f"tracking.{key}", f"unknown tracker{_suggest(str(key), TRACKERS)}; expected one of {', '.join(TRACKERS)}")
+        elif value is True:
+            settings[str(key)] = TRACKERS[str(key)]
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, str) and value.strip():
+            settings[str(key)] = value.strip()
+        else:
+            problems.add(f"tracking.{key}", f"found {_describe(value)}, expected a location (a URI or a folder), true or false")
+    return settings
 
 
 def _outside_space(param: SearchParam, value: Any) -> str | None:

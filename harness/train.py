@@ -185,8 +185,11 @@ class _Context:
                 yield
 
     def features(self, dataset: ImageDataset) -> torch.Tensor:
+        # eval_features: the backbone's features (the protocol of the papers) or the projection
+        # head's output (the seed's claim that discarding the head helps is measured against it).
+        encoder = self.method.backbone if self.config.eval_features == "backbone" else _Projection(self.method)
         return evaluation.extract_features(
-            self.method.backbone,
+            encoder,
             dataset.images,
             mean=dataset.mean,
             std=dataset.std,
@@ -204,6 +207,18 @@ class _Context:
             t=self.config.knn_t,
             num_classes=self.train.num_classes,
         )
+
+
+class _Projection(torch.nn.Module):
+    """``method.embed`` as a module, so feature extraction can run the projection head too."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+        self.train(method.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(x)
 
 
 def run_trial(

@@ -2,8 +2,8 @@
 # Sets everything up (Debian's Fashion-MNIST, a virtual environment, the project) and runs one of:
 #   quickstart   the quickstart study, then its report
 #   test         the whole test suite (with a throwaway PostgreSQL server for the PostgreSQL tests,
-#                unless HARNESS_TEST_POSTGRES_URL names one, and Debian's chromium for the report's
-#                browser test), then the loss-kernel speed gate
+#                unless HARNESS_TEST_POSTGRES_URL names one, Debian's chromium for the report's
+#                browser test, slurm-wlm and munge for the one-node Slurm test), then the loss-kernel speed gate
 #   setup        only the set-up
 # Idempotent: a second call reuses the environment (re-installing only when pyproject.toml changed).
 set -euo pipefail
@@ -73,6 +73,11 @@ case "$what" in
     ;;
   test)
     start_test_postgres
+    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+      echo "== installing Debian's slurm-wlm and munge (tests/test_slurm.py runs a one-node Slurm cluster)"
+      as_root apt-get update -q
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge
+    fi
     if ! command -v chromium >/dev/null; then
       echo "== installing Debian's chromium (for the report's browser test)"
       as_root apt-get update -q

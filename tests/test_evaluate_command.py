@@ -107,3 +107,28 @@ def test_main__errors_name_the_problem(database: Database, tmp_path: Path, capsy
     assert run("eval-digits", "--file", str(good), "--dry-run") == 0
     out = capsys.readouterr().out
     assert "(simclr, seed 0): linear 5% labels, finetune 5% labels, few_shot_knn 1-shot, knn on mnist" in out
+
+
+def test_main__a_study_from_before_weights_names_each_trial_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The wave-1 database (tests/fixtures/wave1): upgraded in place as `harness run` would, every
+    complete trial named with why it cannot be evaluated, exit status 1, no evaluation row."""
+    import shutil
+
+    db_path = tmp_path / "harness.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / "wave1" / "harness.db", db_path)
+    plan_file = tmp_path / "evaluate.yaml"
+    plan_file.write_text(EVALUATE_TEXT)
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    code = evaluate.main(parser.parse_args(["quickstart", "--db", str(db_path), "--file", str(plan_file), "--device", "cpu"]))
+    captured = capsys.readouterr()
+    assert code == 1
+    complete = trials_frame(str(db_path), "quickstart")
+    complete = complete[complete["status"] == "complete"]
+    assert len(complete) == 3
+    for trial_id in complete["trial_id"]:
+        assert f"trial {trial_id} cannot be evaluated: " in captured.err
+    assert "0 evaluation(s) stored, 0 failed, 0 already stored, 3 trial(s) without usable weights" in captured.out
+    assert evaluations_frame(str(db_path), "quickstart").empty

@@ -54,7 +54,7 @@ class Throwaway(Method):
 
 THROWAWAY_KNOB = (
     '    throwaway_weight: float = knob(1.0, "weight of the throwaway loss", group="method", '
-    'check=above(0), legacy=1.0)\n'
+    "check=above(0), legacy=1.0)\n"
 )
 
 
@@ -139,3 +139,42 @@ def test_extending__throwaway_method_runs_the_contract_tests(extended_copy: Path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = int(result.stdout.strip().splitlines()[-1].split(" passed")[0].split()[-1])
     assert passed >= 6, result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_extending__wave1_database_resumes_with_zero_reruns_after_a_knob_is_added(
+    extended_copy: Path, tmp_path: Path
+) -> None:
+    """Issue 10's acceptance: the database the first release wrote, run again by a harness that has
+    one more knob (at its legacy value), reruns nothing and its report rebuilds."""
+    fixture = REPO / "tests" / "fixtures" / "wave1"
+    database = tmp_path / "wave1.db"
+    shutil.copyfile(fixture / "harness.db", database)
+    run_result = run(
+        extended_copy,
+        sys.executable,
+        "-m",
+        "harness",
+        "run",
+        str(fixture / "quickstart.yaml"),
+        "--db",
+        str(database),
+        "--no-progress",
+    )
+    assert run_result.returncode == 0, run_result.stderr[-3000:]
+    assert "quickstart (grid): 3 trial(s), 3 with results" in run_result.stdout, run_result.stdout
+    assert "running on" not in run_result.stdout, "a finished wave-1 trial was rerun"
+    report = run(
+        extended_copy,
+        sys.executable,
+        "-m",
+        "harness",
+        "report",
+        "quickstart",
+        "--db",
+        str(database),
+        "--out",
+        str(tmp_path / "report"),
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "random_init" in (tmp_path / "report" / "report.md").read_text()

@@ -18,7 +18,6 @@ from torch import nn
 from harness.data import make_views
 from harness.methods import METHODS, Method
 from harness.methods.base import encode_views
-from harness.methods.swav import swapped_prediction
 from harness.spec import METHOD_NAMES, TrialConfig, resolve
 
 BATCH = 8
@@ -402,7 +401,7 @@ def test_swav__queue_fills_then_joins_the_codes() -> None:
 
 
 def test_swav__two_crops_equal_swapped_prediction() -> None:
-    from harness.losses import sinkhorn
+    from harness.losses import swav
 
     config = tiny_config("swav", local_crops=0)
     method = build(config)
@@ -410,8 +409,7 @@ def test_swav__two_crops_equal_swapped_prediction() -> None:
     loss = method.training_loss(views, LABELS)
     with torch.no_grad():
         scores = [method.prototypes(F.normalize(z, dim=1)) for z in (method.embed(torch.cat(views)).chunk(2))]
-        codes = [sinkhorn(s, config.swav_epsilon, config.swav_iterations) for s in scores]
-        expected = swapped_prediction(codes, scores, config.temperature)
+        expected = swav(*scores, config.temperature, config.swav_epsilon, config.swav_iterations)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -151,6 +151,12 @@ def test_wave1_fixture__run_upgrades_then_resumes_with_zero_reruns_and_reports_r
     assert "simclr" in markdown and "byol" in markdown and "random_init" in markdown
 
 
+def test_wave1_fixture__evaluate_adds_to_it_so_it_upgrades_it(wave1: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["evaluate", STUDY, "--db", str(wave1)]) == 2  # the quickstart has no evaluate: section
+    assert "has no evaluate: section" in capsys.readouterr().err
+    assert open_existing(wave1).state.version == SCHEMA_VERSION
+
+
 def test_wave1_fixture__processes_upgrading_at_once_apply_each_migration_once(wave1: Path) -> None:
     start = time.time() + 2.0
     code = (
@@ -194,6 +200,7 @@ def test_database__a_newer_schema_is_refused_by_every_command_and_left_alone(
         ["export", STUDY, "--out", str(tmp_path / "x.csv")],
         ["report", STUDY, "--out", str(tmp_path / "r")],
         ["db", "upgrade"],
+        ["evaluate", STUDY],
     )
     for command in commands:
         assert cli.main([*command, "--db", str(wave1)]) == 1, command
@@ -219,7 +226,13 @@ def test_database__another_programs_harness_tables_are_refused_without_touching_
     before = digest(path)
     study = tmp_path / "s.yaml"
     shutil.copyfile(FIXTURE / "quickstart.yaml", study)
-    for command in (["run", str(study)], ["status"], ["db", "upgrade"], ["report", STUDY, "--out", str(tmp_path / "r")]):
+    for command in (
+        ["run", str(study)],
+        ["status"],
+        ["db", "upgrade"],
+        ["report", STUDY, "--out", str(tmp_path / "r")],
+        ["evaluate", STUDY],
+    ):
         assert cli.main([*command, "--db", str(path)]) == 2, command
     err = capsys.readouterr().err
     assert "its harness_* tables are not the harness's" in err and "harness_trial lacks" in err

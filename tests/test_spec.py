@@ -843,9 +843,19 @@ WAVE1_HASHES: dict[str, str] = {
 }
 
 
+# Defaults changed since, as documented events: the knobs that give back the first release's
+# configuration, whose stored trials keep their hash. DINO: the head's batch norm (issue 18,
+# docs/DECISIONS.md "Findings").
+CHANGED_DEFAULTS: dict[str, dict[str, Any]] = {"dino": {"dino_head_bn": False}}
+
+
 @pytest.mark.parametrize("method", list(WAVE1_HASHES), ids=list(WAVE1_HASHES))
 def test_config_hash__default_configurations_keep_their_first_release_identity(method: str) -> None:
-    assert resolve({"method": method}).config_hash == WAVE1_HASHES[method]
+    first_release = {"method": method, **CHANGED_DEFAULTS.get(method, {})}
+    assert resolve(first_release).config_hash == WAVE1_HASHES[method]
+    # A changed default is a new identity (its old trials are not silently reused for it).
+    if method in CHANGED_DEFAULTS:
+        assert resolve({"method": method}).config_hash != WAVE1_HASHES[method]
 
 
 def _with_extra_knob(legacy: Any) -> type:
@@ -1056,3 +1066,10 @@ def test_cli_run__hostile_files_exit_2_with_located_lines_and_touch_nothing(
     assert "Traceback" not in stderr.getvalue()
     assert sorted(p.name for p in folder.iterdir()) == before, "a refused file must create nothing"
     assert database.read_bytes() == b""
+
+
+def test_parse_study__ablation_value_equal_to_the_global_default_but_not_the_methods_is_a_point() -> None:
+    # MoCo's own temperature is 0.2; the global default 0.5 is an alternative, 0.2 the base point.
+    study = parse_study("study: a\nfixed: {method: moco}\nablate:\n  temperature: [0.2, 0.5]\n")
+    assert [dict(p) for p in study.points] == [{}, {"temperature": 0.5}]
+    assert sorted(c.temperature for c in study.trials()) == [0.2, 0.5]

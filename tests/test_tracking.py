@@ -169,3 +169,45 @@ def test_tracking__a_tracker_raising_mid_trial_is_switched_off(capsys: pytest.Ca
     tracker.finish("complete")
     assert Broken.calls == 1
     assert capsys.readouterr().err.count("TensorBoard tracking failed (OSError: disk full)") == 1
+
+
+@pytest.mark.slow
+def test_harness_run__file_and_flag_switch_trackers_on_for_every_trial(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    mlflow = pytest.importorskip("mlflow", reason="the tracking extra is not installed")
+    from sqlalchemy import select
+
+    from harness.db import Database, TrialRow
+
+    study = tmp_path / "tracked.yaml"
+    study.write_text(
+        "study: tracked\n"
+        "dataset: synthetic\n"
+        "fixed: {train_size: 64, test_size: 32, batch_size: 32, epochs: 1, knn_k: 5, linear_epochs: 1,"
+        " proj_hidden_dim: 32, proj_dim: 16}\n"
+        "grid:\n  method: [simclr, random_init]\n"
+        f"tracking: {{tensorboard: {tmp_path / 'tb'}}}\n"
+    )
+    db_path = tmp_path / "h.db"
+    run = subprocess.run(
+        [sys.executable, "-m", "harness", "run", str(study), "--db", str(db_path), "--no-progress",
+         "--mlflow", str(tmp_path / "ml")],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "tracking failed" not in run.stdout + run.stderr
+    db = Database(db_path)
+    rows = db.run(lambda s: [(r.id, r.config["method"], r.knn_top1) for r in s.scalars(select(TrialRow))])
+    db.dispose()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_store(str(tmp_path / "ml"))[0])
+    experiment = client.get_experiment_by_name("tracked")
+    runs = {r.data.tags["harness.trial_id"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {str(trial_id) for trial_id, _, _ in rows}
+    for trial_id, method, knn in rows:
+        mirrored = runs[str(trial_id)]
+        assert mirrored.info.status == "FINISHED" and mirrored.data.params["method"] == method
+        assert mirrored.data.metrics["final/knn_top1"] == pytest.approx(knn)
+    folders = sorted(p.name for p in (tmp_path / "tb" / "tracked").iterdir())
+    assert len(folders) == 2 and all(f.startswith("trial-") for f in folders)

@@ -179,6 +179,23 @@ class EvaluationRow(Provenance, Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class SlurmJobRow(Base):
+    """One Slurm job that ``harness run --launcher slurm`` submitted for a study (a task of a job
+    array: ``job_id`` is Slurm's ``ARRAYID_TASK``). Its state is asked of Slurm when shown (it
+    changes without the harness); the row says which jobs belong to the study and where their
+    logs are, for ``harness status`` and ``harness cancel``."""
+
+    __tablename__ = "harness_slurm_job"
+    __table_args__ = (Index("ix_slurm_job_study", "study_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("harness_study.id"), nullable=False)
+    job_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    folder: Mapped[str] = mapped_column(Text, nullable=False)  # submitit's folder: logs, pickles
+    submitted_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    submitted_by: Mapped[str | None] = mapped_column(String(200))  # host of `harness run`
+
+
 class SchemaVersionRow(Base):
     """One row per schema version the database went through (harness/db/schema.py); the largest
     is its version. Wave-1 databases have no such table: they are version 1."""

@@ -57,8 +57,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "wave-1 schema: harness_study, harness_trial, harness_metric, harness_bench"),
     Migration(2, "record the schema version (harness_schema_version)", add_tables=(VERSION_TABLE,)),
     Migration(3, "evaluations of saved encoders (harness_evaluation)", add_tables=("harness_evaluation",)),
+    Migration(4, "Slurm jobs of a study (harness_slurm_job)", add_tables=("harness_slurm_job",)),
     Migration(
-        4,
+        5,
         "checkpoints and weights of a trial (harness_trial.checkpoint_dir, weights_path, weights_sha256)",
         add_columns={"harness_trial": ("checkpoint_dir", "weights_path", "weights_sha256")},
     ),

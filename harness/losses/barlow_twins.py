@@ -11,7 +11,14 @@ from torch import Tensor
 
 from harness.losses._common import (
     autocast_off,
+    blockwise_dot,
     checked_inputs,
+)
+from harness.losses.declaration import (
+    BenchShapes,
+    LossSpec,
+    grid,
+    pair_inputs,
 )
 
 NAME = "barlow_twins"
@@ -38,9 +45,7 @@ def barlow_twins(z1: Tensor, z2: Tensor, lambd: float = 5e-3, *, impl: str = "fa
     Returns:
         A scalar (a sum over D, not a mean: the paper's scale, so λ keeps its meaning).
     """
-    z1, z2 = checked_inputs(
-        NAME, impl, min_batch=2, why="the batch standardization of one sample is undefined", z1=z1, z2=z2
-    )
+    z1, z2 = checked_inputs(NAME, impl, min_batch=SPEC.min_batch, why=SPEC.min_batch_why, z1=z1, z2=z2)
     if impl == "reference":
         return _reference(z1, z2, lambd)
     return _fast(z1, z2, lambd)
@@ -72,9 +77,9 @@ def frobenius_sq_cross(a: Tensor, b: Tensor) -> Tensor:
     if 2 * n < d:
         gram_a = a @ a.T
         gram_b = gram_a if b is a else b @ b.T
-        return torch.dot(gram_a.reshape(-1), gram_b.reshape(-1))
-    c = (a.T @ b).reshape(-1)
-    return torch.dot(c, c)
+        return blockwise_dot(gram_a, gram_b)
+    c = a.T @ b
+    return blockwise_dot(c, c)
 
 
 def _fast(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
@@ -84,3 +89,23 @@ def _fast(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
     diag = (a * b).sum(dim=0) / n
     off_diag = frobenius_sq_cross(a, b) / (n * n) - diag.pow(2).sum()
     return (1 - diag).pow(2).sum() + lambd * off_diag
+
+
+# Barlow Twins and VICReg share their shapes: both build a (D, D) cross-correlation/covariance of an
+# (N, D) batch; the issue's N in {256, 2048, 4096} x D in {2048, 8192} on a GPU.
+CROSS_CORRELATION_SHAPES = BenchShapes(
+    grid(N=[128], D=[1024]),
+    grid(N=[256, 1024], D=[1024, 4096]),
+    grid(N=[256, 2048, 4096], D=[2048, 8192]),
+)
+
+SPEC = LossSpec(
+    NAME,
+    barlow_twins,
+    pair_inputs,
+    min_batch=2,
+    min_batch_why="the batch standardization of one sample is undefined",
+    shapes=CROSS_CORRELATION_SHAPES,
+    symmetric=True,
+)
+SPECS = (SPEC,)

@@ -14,6 +14,15 @@ from harness.losses._common import (
     autocast_off,
     checked_inputs,
 )
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    leaf,
+    randn,
+)
 
 NAME = "byol"
 
@@ -34,7 +43,7 @@ def byol(p: Tensor, z: Tensor, *, impl: str = "fast") -> Tensor:
     Returns:
         A scalar in ``[0, 4]``; float32 for 16-bit inputs, else the input dtype.
     """
-    p, z = checked_inputs(NAME, impl, min_batch=1, why="an empty batch has no mean", p=p, z=z)
+    p, z = checked_inputs(NAME, impl, min_batch=SPEC.min_batch, why=SPEC.min_batch_why, p=p, z=z)
     if impl == "reference":
         p = F.normalize(p, dim=1)
         z = F.normalize(z, dim=1)
@@ -44,3 +53,22 @@ def byol(p: Tensor, z: Tensor, *, impl: str = "fast") -> Tensor:
         eps
     )
     return 2 - 2 * ((p * z).sum(dim=1) / norms).mean()
+
+
+def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    prediction = leaf(randn((p["N"], p["D"]), device, dtype, gen))
+    target = randn((p["N"], p["D"]), device, dtype, gen)  # the target branch is detached
+    return LossInputs((prediction, target), {}, (prediction,))
+
+
+SPEC = LossSpec(
+    NAME,
+    byol,
+    _inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(grid(N=[4096], D=[256]), grid(N=[256, 4096], D=[256]), grid(N=[256, 4096], D=[256])),
+    symmetric=True,
+    scale_invariant=(0, 1),
+)
+SPECS = (SPEC,)

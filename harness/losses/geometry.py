@@ -7,6 +7,7 @@ Uniformity on the Hypersphere" (ICML), section 4.1 and their reference code.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from harness.losses._common import (
     upcast,
 )
 from harness.losses._lse import self_excluded_lse
+from harness.losses.declaration import BenchShapes, LossSpec, grid, pair_inputs, single_inputs
 
 
 @autocast_off
@@ -46,7 +48,9 @@ def alignment(z1: Tensor, z2: Tensor, alpha: float = 2, *, impl: str = "fast") -
     """
     name = "alignment"
     check_positive(name, "alpha", alpha)
-    z1, z2 = checked_inputs(name, impl, min_batch=1, why="an empty batch has no mean", z1=z1, z2=z2)
+    z1, z2 = checked_inputs(
+        name, impl, min_batch=ALIGNMENT.min_batch, why=ALIGNMENT.min_batch_why, z1=z1, z2=z2
+    )
     if impl == "reference":
         x = F.normalize(z1, dim=1)
         y = F.normalize(z2, dim=1)
@@ -84,7 +88,7 @@ def uniformity(z: Tensor, t: float = 2, *, impl: str = "fast") -> Tensor:
     name = "uniformity"
     check_impl(name, impl)
     check_matrix(name, "z", z)
-    check_batch(name, z.shape[0], 2, "uniformity is a mean over pairs")
+    check_batch(name, z.shape[0], UNIFORMITY.min_batch, UNIFORMITY.min_batch_why)
     check_positive(name, "t", t)
     z = upcast(z, compute_dtype(z))
     n = z.shape[0]
@@ -96,3 +100,28 @@ def uniformity(z: Tensor, t: float = 2, *, impl: str = "fast") -> Tensor:
     x = normalize_scaled(z, math.sqrt(2 * t))
     # Every unordered pair appears twice among the N(N-1) ordered ones: same mean.
     return torch.logsumexp(self_excluded_lse(x), dim=0) - 2 * t - math.log(n * (n - 1))
+
+
+ALIGNMENT = LossSpec(
+    "alignment",
+    alignment,
+    pair_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(grid(N=[4096], D=[128]), grid(N=[256, 4096], D=[128]), grid(N=[256, 4096], D=[128])),
+    symmetric=True,
+    scale_invariant=(0, 1),
+)
+UNIFORMITY = LossSpec(
+    "uniformity",
+    uniformity,
+    partial(single_inputs, t=2.0),
+    min_batch=2,
+    min_batch_why="uniformity is a mean over pairs",
+    shapes=BenchShapes(
+        grid(N=[128], D=[128]), grid(N=[256, 1024], D=[128]), grid(N=[256, 1024, 4096], D=[128])
+    ),
+    scale_invariant=(0,),
+    temperature_kw=("t",),
+)
+SPECS = (ALIGNMENT, UNIFORMITY)

@@ -25,6 +25,7 @@ from harness.losses._common import (
     normalize_scaled,
     upcast,
 )
+from harness.losses.declaration import BenchShapes, LossInputs, LossSpec, Params, grid, pair_inputs
 
 NAME = "inbatch_infonce"
 
@@ -51,7 +52,7 @@ def inbatch_infonce(q: Tensor, k: Tensor, temperature: float = 1.0, *, impl: str
     check_matrix(NAME, "q", q)
     check_matrix(NAME, "k", k)
     check_same_shape(NAME, q=q, k=k)
-    check_batch(NAME, q.shape[0], 2, "the other images of the batch are the negatives")
+    check_batch(NAME, q.shape[0], SPEC.min_batch, SPEC.min_batch_why)
     check_positive(NAME, "temperature", temperature)
     dtype = compute_dtype(q, k)
     q, k = upcast(q, dtype), upcast(k, dtype)
@@ -86,3 +87,23 @@ class _InBatchInfoNCE(torch.autograd.Function):
             grad_q = torch.mm(p, k).sub_(k).mul_(scale) if needs[0] else None
             grad_k = torch.mm(p.T, q).sub_(q).mul_(scale) if needs[1] else None
             return grad_q, grad_k
+
+
+def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    return pair_inputs(p, device, dtype, gen, temperature=0.5)
+
+
+SPEC = LossSpec(
+    NAME,
+    inbatch_infonce,
+    _inputs,
+    min_batch=2,
+    min_batch_why="the other images of the batch are the negatives",
+    shapes=BenchShapes(
+        grid(B=[1024], D=[256]), grid(B=[256, 1024, 4096], D=[256]), grid(B=[256, 1024, 4096], D=[256])
+    ),
+    batch_key="B",
+    scale_invariant=(0, 1),
+    temperature_kw=("temperature",),
+)
+SPECS = (SPEC,)

@@ -24,6 +24,16 @@ from harness.losses._common import (
     normalize_scaled,
     upcast,
 )
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    leaf,
+    randn,
+    unit_rows,
+)
 
 NAME = "infonce"
 
@@ -53,7 +63,7 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, i
     check_matrix(NAME, "k", k)
     check_matrix(NAME, "queue", queue)
     check_same_shape(NAME, q=q, k=k)
-    check_batch(NAME, q.shape[0], 1, "an empty batch has no mean")
+    check_batch(NAME, q.shape[0], SPEC.min_batch, SPEC.min_batch_why)
     if queue.shape[0] < 1:
         raise ValueError(f"{NAME}: the queue is empty, need at least one negative")
     if queue.shape[1] != q.shape[1]:
@@ -86,23 +96,51 @@ class _InfoNCE(torch.autograd.Function):
         # One max over the positive and the queue, then the softmax in place: the (N, 1 + K)
         # concatenation of the reference is never written.
         m = torch.maximum(p_neg.amax(dim=1), l_pos)
-        p_neg.sub_(m.unsqueeze(1)).exp_()
+        e_neg = p_neg.sub_(m.unsqueeze(1)).exp_()
         e_pos = (l_pos - m).exp()
-        total = p_neg.sum(dim=1) + e_pos
-        p_neg.div_(total.unsqueeze(1))
-        ctx.save_for_backward(q, k, queue, p_neg, e_pos / total)
+        total = e_neg.sum(dim=1) + e_pos
+        # The softmax is never normalized in place (a full pass over (N, K)): the backward pass
+        # scales the (N, D) products by 1 / total instead.
+        ctx.save_for_backward(q, k, queue, e_neg, total, e_pos / total)
         return (m + total.log() - l_pos).mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        q, k, queue, p_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, queue, e_neg, total, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
         with autocast_disabled(q):
             scale = grad / q.shape[0]
-            # d/d l_pos = p_pos - 1, d/d l_neg = p_neg (per anchor, times the mean's 1/N).
+            # d/d l_pos = p_pos - 1, d/d l_neg = e_neg / total (per anchor, times the mean's 1/N).
             w_pos = ((p_pos - 1) * scale).unsqueeze(1)
+            w_neg = (scale / total).unsqueeze(1)
             needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-            grad_q = torch.mm(p_neg, queue).mul_(scale).add_(k * w_pos) if needs[0] else None
+            grad_q = torch.mm(e_neg, queue).mul_(w_neg).add_(k * w_pos) if needs[0] else None
             grad_k = q * w_pos if needs[1] else None
-            grad_queue = (p_neg.T @ q) * scale if needs[2] else None
+            grad_queue = e_neg.T @ (q * w_neg) if needs[2] else None
             return grad_q, grad_k, grad_queue
+
+
+def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    q = leaf(randn((p["N"], p["D"]), device, dtype, gen))
+    # MoCo detaches the keys and the queue is a buffer: gradients reach the queries only.
+    k = randn((p["N"], p["D"]), device, dtype, gen)
+    queue = unit_rows((p["K"], p["D"]), device, dtype, gen)
+    return LossInputs((q, k, queue), {"temperature": 0.07}, (q,))
+
+
+SPEC = LossSpec(
+    NAME,
+    infonce,
+    _inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(
+        grid(N=[256], K=[16384], D=[128]),
+        grid(N=[256], K=[4096, 65536], D=[128]),
+        grid(N=[256], K=[4096, 65536], D=[128]),
+    ),
+    test_params={"K": 11},
+    scale_invariant=(0, 1),
+    temperature_kw=("temperature",),
+)
+SPECS = (SPEC,)

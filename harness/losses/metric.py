@@ -12,6 +12,16 @@ from harness.losses._common import (
     autocast_off,
     checked_inputs,
 )
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    leaf,
+    pair_inputs,
+    randn,
+)
 
 
 @autocast_off
@@ -37,8 +47,8 @@ def triplet(
     a, p, n = checked_inputs(
         name,
         impl,
-        min_batch=1,
-        why="an empty batch has no mean",
+        min_batch=TRIPLET.min_batch,
+        why=TRIPLET.min_batch_why,
         anchor=anchor,
         positive=positive,
         negative=negative,
@@ -97,8 +107,8 @@ def npair(anchor: Tensor, positive: Tensor, *, impl: str = "fast") -> Tensor:
     a, p = checked_inputs(
         name,
         impl,
-        min_batch=2,
-        why="the negatives of an anchor are the other pairs' positives",
+        min_batch=NPAIR.min_batch,
+        why=NPAIR.min_batch_why,
         anchor=anchor,
         positive=positive,
     )
@@ -111,3 +121,30 @@ def npair(anchor: Tensor, positive: Tensor, *, impl: str = "fast") -> Tensor:
         ones = torch.zeros(n, 1, dtype=a.dtype, device=a.device)  # log(1) = exp(0)
         return torch.logsumexp(torch.cat([ones, others], dim=1), dim=1).mean()
     return F.cross_entropy(logits, torch.arange(n, device=a.device))
+
+
+def _triplet_inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    tensors = tuple(leaf(randn((p["N"], p["D"]), device, dtype, gen)) for _ in range(3))
+    # A margin of D keeps the hinges of random inputs active (the loss smooth where it is tested).
+    return LossInputs(tensors, {"margin": float(p["D"])}, tensors)
+
+
+TRIPLET = LossSpec(
+    "triplet",
+    triplet,
+    _triplet_inputs,
+    min_batch=1,
+    min_batch_why="an empty batch has no mean",
+    shapes=BenchShapes(grid(N=[4096], D=[128]), grid(N=[256, 4096], D=[128]), grid(N=[256, 4096], D=[128])),
+)
+NPAIR = LossSpec(
+    "npair",
+    npair,
+    pair_inputs,
+    min_batch=2,
+    min_batch_why="the negatives of an anchor are the other pairs' positives",
+    shapes=BenchShapes(
+        grid(N=[256], D=[128]), grid(N=[256, 1024], D=[128]), grid(N=[256, 1024, 4096], D=[128])
+    ),
+)
+SPECS = (TRIPLET, NPAIR)

@@ -19,6 +19,14 @@ from harness.losses._common import (
     normalize_scaled,
 )
 from harness.losses._lse import self_excluded_lse
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    pair_inputs,
+)
 
 NAME = "nt_xent"
 NT_XENT_IMPLS: tuple[str, ...] = ("reference", "fast", "chunked")
@@ -58,8 +66,8 @@ def nt_xent(
     z1, z2 = checked_inputs(
         NAME,
         impl,
-        min_batch=2,
-        why="with one pair an anchor's only candidate is its positive",
+        min_batch=SPEC.min_batch,
+        why=SPEC.min_batch_why,
         allowed=NT_XENT_IMPLS,
         z1=z1,
         z2=z2,
@@ -91,3 +99,25 @@ def _fast(
     # Anchor i and anchor i + N share one positive logit, so the 2N positives are N dot products.
     positives = (z[:n] * z[n:]).sum(dim=1)
     return lse.mean() - positives.mean()
+
+
+def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    return pair_inputs(p, device, dtype, gen, temperature=0.5)
+
+
+SPEC = LossSpec(
+    NAME,
+    nt_xent,
+    _inputs,
+    min_batch=2,
+    min_batch_why="with one pair an anchor's only candidate is its positive",
+    shapes=BenchShapes(
+        grid(B=[1024], D=[128]), grid(B=[256, 1024, 4096], D=[128]), grid(B=[256, 1024, 4096], D=[128])
+    ),
+    impls=NT_XENT_IMPLS,
+    batch_key="B",
+    symmetric=True,
+    scale_invariant=(0, 1),
+    temperature_kw=("temperature",),
+)
+SPECS = (SPEC,)

@@ -21,6 +21,15 @@ from harness.losses._common import (
     upcast,
 )
 from harness.losses._lse import self_excluded_lse
+from harness.losses.declaration import (
+    BenchShapes,
+    LossInputs,
+    LossSpec,
+    Params,
+    grid,
+    leaf,
+    randn,
+)
 
 NAME = "supcon"
 
@@ -108,3 +117,27 @@ def _fast(z: Tensor, labels: Tensor, temperature: float) -> Tensor:
     if not bool(has_positive.any()):
         raise _no_positive_error()
     return per_anchor[has_positive].mean()
+
+
+def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
+    z = leaf(randn((p["N"], p["V"], p["D"]), device, dtype, gen))
+    labels = torch.randint(0, p["C"], (p["N"],), generator=gen).to(device)
+    return LossInputs((z, labels), {"temperature": 0.1}, (z,))
+
+
+SPEC = LossSpec(
+    NAME,
+    supcon,
+    _inputs,
+    min_batch=1,
+    min_batch_why="at least 2 embeddings (samples × views)",
+    shapes=BenchShapes(
+        grid(N=[256], V=[2], D=[128], C=[10]),
+        grid(N=[256, 1024], V=[2], D=[128], C=[10]),
+        grid(N=[256, 1024, 2048], V=[2], D=[128], C=[10]),
+    ),
+    test_params={"V": 2, "C": 3},
+    scale_invariant=(0,),
+    temperature_kw=("temperature",),
+)
+SPECS = (SPEC,)

@@ -14,7 +14,8 @@ from harness.losses._common import (
     autocast_off,
     checked_inputs,
 )
-from harness.losses.barlow_twins import frobenius_sq_cross
+from harness.losses.barlow_twins import CROSS_CORRELATION_SHAPES, frobenius_sq_cross
+from harness.losses.declaration import LossSpec, pair_inputs
 
 NAME = "vicreg"
 VAR_EPS = 1e-4
@@ -49,9 +50,7 @@ def vicreg(
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
     """
-    z1, z2 = checked_inputs(
-        NAME, impl, min_batch=2, why="the unbiased variance needs two samples", z1=z1, z2=z2
-    )
+    z1, z2 = checked_inputs(NAME, impl, min_batch=SPEC.min_batch, why=SPEC.min_batch_why, z1=z1, z2=z2)
     if impl == "reference":
         return _reference(z1, z2, sim_coeff, std_coeff, cov_coeff)
     return _fast(z1, z2, sim_coeff, std_coeff, cov_coeff)
@@ -87,3 +86,15 @@ def _fast(z1: Tensor, z2: Tensor, sim_coeff: float, std_coeff: float, cov_coeff:
     std1, off1 = _branch(z1)
     std2, off2 = _branch(z2)
     return sim_coeff * F.mse_loss(z1, z2) + std_coeff * (std1 + std2) / 2 + cov_coeff * (off1 + off2) / d
+
+
+SPEC = LossSpec(
+    NAME,
+    vicreg,
+    pair_inputs,
+    min_batch=2,
+    min_batch_why="the unbiased variance needs two samples",
+    shapes=CROSS_CORRELATION_SHAPES,
+    symmetric=True,
+)
+SPECS = (SPEC,)

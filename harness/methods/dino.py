@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.distributed import gather
-from harness.losses import dino
+from harness.losses import dino_multicrop
 from harness.methods.base import Method, encode_views, fp32_loss, frozen_copy, mlp
 from harness.spec import MethodSpec, TrialConfig
 
@@ -27,9 +27,12 @@ SPEC = MethodSpec(
         "dino_warmup_teacher_temp": 0.04,
         "dino_warmup_teacher_temp_epochs": ...,
         "dino_center_momentum": 0.9,
+        "dino_head_bn": True,
     },
     cite="student temperature 0.1, teacher 0.04 -> 0.07 warm-up, center momentum 0.9, teacher "
-    "momentum 0.996; bottleneck 256, output dimension scaled down to 1024",
+    "momentum 0.996; bottleneck 256, output dimension scaled down to 1024; batch norm in the head "
+    "(the official use_bn_in_head, solo-learn's default for CNNs; without it the small CNN's DINO "
+    "stays at the uniform teacher, docs/FINDINGS.md)",
     colour="#bcbd22",
 )
 
@@ -39,7 +42,11 @@ class DINO(Method):
     of a momentum teacher (global crops only), centered and sharpened, for every pair of distinct
     crops (Caron et al. 2021, Algorithm 1 and sec. 3.1 multi-crop).
 
-    Head: a 3-layer MLP with GELU and no BN (``proj_hidden_dim`` wide, ``proj_dim`` bottleneck),
+    Head: a 3-layer MLP with GELU (``proj_hidden_dim`` wide, ``proj_dim`` bottleneck; batch norm
+    after its hidden layers when ``dino_head_bn``, the official ``use_bn_in_head`` and solo-learn's
+    setting for convolutional backbones: without it the small CNN's features, all alike at
+    initialization, give a nearly constant teacher output that centering turns into a uniform
+    teacher, and the loss stays at ``ln(dino_out_dim)``; docs/FINDINGS.md),
     L2 normalization, then a bias-free weight-normalized layer to ``dino_out_dim`` whose norm is
     fixed to 1 (the paper's ``norm_last_layer``), computed here by normalizing the weight rows in
     the forward pass.
@@ -55,7 +62,7 @@ class DINO(Method):
     Not implemented: freezing the last layer in the first epoch, gradient clipping.
     Knobs: ``momentum``, ``local_crops``, ``dino_out_dim``, ``dino_student_temp``,
     ``dino_teacher_temp``, ``dino_warmup_teacher_temp``, ``dino_warmup_teacher_temp_epochs``,
-    ``dino_center_momentum``, ``proj_hidden_dim``, ``proj_dim``.
+    ``dino_center_momentum``, ``dino_head_bn``, ``proj_hidden_dim``, ``proj_dim``.
     """
 
     spec = SPEC
@@ -67,7 +74,7 @@ class DINO(Method):
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         hidden = config.proj_hidden_dim
         self.projector = mlp(
-            [self.feature_dim, hidden, hidden, config.proj_dim], batch_norm=False, activation=nn.GELU
+            [self.feature_dim, hidden, hidden, config.proj_dim], batch_norm=config.dino_head_bn, activation=nn.GELU
         )
         self.last_layer = nn.Linear(config.proj_dim, config.dino_out_dim, bias=False)
         self.teacher_backbone = frozen_copy(self.backbone)
@@ -104,20 +111,16 @@ class DINO(Method):
             teacher = encode_views(self._teacher, views[:N_GLOBAL])
         # The center follows the global batch on several processes.
         student, teacher = list(gather(*student)), list(gather(*teacher))
-        kwargs = {
-            "student_temp": config.dino_student_temp,
-            "teacher_temp": self.teacher_temperature(),
-            "impl": config.loss_impl,
-        }
         # Every (teacher crop, student crop) pair except a crop with itself (Algorithm 1).
         with fp32_loss(self.center):
-            terms = [
-                dino(s, t, self.center, **kwargs)
-                for i, t in enumerate(teacher)
-                for v, s in enumerate(student)
-                if v != i
-            ]
-            loss = torch.stack(terms).mean()
+            loss = dino_multicrop(
+                student,
+                teacher,
+                self.center,
+                student_temp=config.dino_student_temp,
+                teacher_temp=self.teacher_temperature(),
+                impl=config.loss_impl,
+            )
         self._update_center(teacher)
         return loss
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.distributed import gather
-from harness.losses import sinkhorn, swav
+from harness.losses import swav_multicrop
 from harness.methods.base import Method, encode_views, fp32_loss, mlp
 from harness.spec import MethodSpec, Rule, TrialConfig
 
@@ -93,35 +93,25 @@ class SwAV(Method):
         # Scores, codes and loss in float32, like the queue's scores (see fp32_loss).
         with fp32_loss(projections[0]):
             embeddings = [F.normalize(z.to(self.prototypes.weight.dtype), dim=1) for z in projections]
-            scores = [self.prototypes(z) for z in embeddings]  # (B, swav_prototypes) per crop
-            if len(views) == N_GLOBAL and config.queue_size == 0:
-                return swav(
-                    scores[0],
-                    scores[1],
-                    temperature=config.temperature,
-                    epsilon=config.swav_epsilon,
-                    sinkhorn_iterations=config.swav_iterations,
-                    impl=config.loss_impl,
-                )
-            codes = self._codes(scores[:N_GLOBAL])
+            # Every crop's scores in one product, as one (crops, B, swav_prototypes) tensor.
+            scores = self.prototypes(torch.cat(embeddings)).unflatten(0, (len(views), -1))
+            queue_scores = None
+            if self.queue_full:
+                # The queue's embeddings against the current prototypes join the codes' batch.
+                with torch.no_grad():
+                    queue_scores = [self.queue[i] @ self.prototypes.weight.t() for i in range(N_GLOBAL)]
+            loss = swav_multicrop(
+                scores,
+                temperature=config.temperature,
+                epsilon=config.swav_epsilon,
+                sinkhorn_iterations=config.swav_iterations,
+                n_global=N_GLOBAL,
+                queue_scores=queue_scores,
+                impl=config.loss_impl,
+            )
             if config.queue_size > 0:
                 self._enqueue(embeddings[:N_GLOBAL])
-            return swapped_prediction(codes, scores, config.temperature)
-
-    @torch.no_grad()
-    def _codes(self, global_scores: list[Tensor]) -> list[Tensor]:
-        """Sinkhorn codes ``(B, K)`` of each global crop; the queue's scores against the current
-        prototypes join the batch's when the queue is full."""
-        codes = []
-        for i, batch_scores in enumerate(global_scores):
-            batch = batch_scores.detach()
-            if self.queue_full:
-                batch = torch.cat([batch, self.queue[i] @ self.prototypes.weight.t()])
-            assignment = sinkhorn(
-                batch, self.config.swav_epsilon, self.config.swav_iterations, impl=self.config.loss_impl
-            )
-            codes.append(assignment[: batch_scores.shape[0]])
-        return codes
+            return loss
 
     @torch.no_grad()
     def _enqueue(self, embeddings: list[Tensor]) -> None:
@@ -149,20 +139,3 @@ class SwAV(Method):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         super().set_extra_state(state)
         self.queue_count = int(state["queue_count"])
-
-
-def swapped_prediction(codes: list[Tensor], scores: list[Tensor], temperature: float) -> Tensor:
-    """Caron et al. 2020, eq. 1-2 with multi-crop: for each global crop ``i`` with codes ``q_i``
-    ``(B, K)``, the mean over every other crop ``v`` of the cross-entropy between ``q_i`` and
-    ``softmax(scores_v / temperature)``; averaged over the global crops.
-
-    Each code row sums to one, so the cross-entropy is ``logsumexp(s_v / T) - q_i . s_v / T``: one
-    log-sum-exp per crop, shared by the two global crops' terms, and no ``(B, K)`` log-softmax.
-    """
-    logits = [s / temperature for s in scores]
-    log_partition = [torch.logsumexp(s, dim=1) for s in logits]  # (B,) per crop
-    total = logits[0].new_zeros(())
-    for i, q in enumerate(codes):
-        terms = [(log_partition[v] - (q * s).sum(dim=1)).mean() for v, s in enumerate(logits) if v != i]
-        total = total + torch.stack(terms).mean()
-    return total / len(codes)

@@ -22,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "study", nargs="?", help="the study's name (its `study:` key), as stored in the database"
     )
     parser.add_argument(
-        "--db", default=None, help=f"SQLAlchemy URL or SQLite path (default {DEFAULT_DB_PATH})"
+        "--db",
+        action="append",
+        default=None,
+        help=f"SQLAlchemy URL or SQLite path (default {DEFAULT_DB_PATH}); with --all, repeat it to index "
+        "the studies of several databases on one page",
     )
     parser.add_argument(
         "--out",
@@ -45,6 +49,9 @@ def main(args: argparse.Namespace) -> int:
         return _error("give a study name or --all, not both")
     if not args.all and not args.study:
         return _error("give a study name or --all")
+    urls = args.db or [None]
+    if len(urls) > 1 and not args.all:
+        return _error("several --db need --all (one study is read from one database)")
     out = args.out if args.out is not None else (DEFAULT_OUT_ROOT if args.all else DEFAULT_OUT_ROOT / args.study)
     # Checked before the database is read: a report that cannot be written writes nothing.
     problem = output_problem(out, folder=True)
@@ -52,16 +59,17 @@ def main(args: argparse.Namespace) -> int:
         where = "--out" if args.out is not None else "the study name is the folder name (give --out DIR):"
         return _error(f"{where} {problem[0]}", problem[1])
     # A report only reads: no database, and no table in a database that lacks them, is created.
-    database: Database | None = None
+    databases: list[Database] = []
     started = time.perf_counter()
     try:
-        database = open_existing(args.db)
-        known = study_names(database)
+        for url in urls:
+            databases.append(open_existing(url))
+        known = [name for database in databases for name in study_names(database)]
         if args.all:
-            index = build_all(database, out_root=out)
+            index = build_all(databases if len(databases) > 1 else databases[0], out_root=out)
             print(f"wrote {len(known)} report(s) and {index} in {time.perf_counter() - started:.1f} s")
             return 0
-        written = build_report(database, args.study, out)
+        written = build_report(databases[0], args.study, out)
         print(f"wrote {written / HTML_NAME} and {written / 'report.md'} in {time.perf_counter() - started:.1f} s")
         return 0
     except UnknownStudyError as error:
@@ -72,5 +80,5 @@ def main(args: argparse.Namespace) -> int:
     except OSError as error:
         return _error(f"{error.filename or out}: cannot write the report ({error.strerror or error})", 1)
     finally:
-        if database is not None:
+        for database in databases:
             database.dispose()

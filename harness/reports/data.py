@@ -27,7 +27,7 @@ from harness.spec import (
     resolve,
 )
 
-ACCURACY_COLUMNS: tuple[str, ...] = ACCURACY_METRICS  # shown in %, stored as fractions (harness.units)
+ACCURACY_COLUMNS: tuple[str, ...] = ACCURACY_METRICS  # shown in %, stored as fractions
 # Knobs that never make two trials different configurations.
 _NOT_CONFIGURATION: frozenset[str] = frozenset({"seed", "device", "data_root"})
 

@@ -614,6 +614,52 @@ def history_plot(summary: SearchSummary) -> Figure | None:
     return figure
 
 
+def search_pareto_plot(summary: SearchSummary, front: list[int]) -> Figure | None:
+    """A multi-objective search: every complete trial at its first two objectives, the Pareto
+    front ringed, joined and numbered with its Optuna trial numbers (the table lists them)."""
+    from harness.reports.search import objective_column
+
+    if len(summary.objectives) < 2:
+        return None
+    (x_metric, x_max), (y_metric, y_max) = summary.objectives[:2]
+    history = summary.history
+    x_column, y_column = objective_column(x_metric), objective_column(y_metric)
+    complete = history[
+        (history["state"] == "complete") & history[x_column].map(is_finite) & history[y_column].map(is_finite)
+    ]
+    if complete.empty:
+        return None
+    figure, axes = _new_figure(8.0, 4.6)
+    ax = axes[0][0]
+    if "param_method" in complete.columns:
+        for method in sorted({str(m) for m in complete["param_method"].dropna()}, key=method_rank):
+            part = complete[complete["param_method"] == method]
+            ax.scatter(part[x_column], part[y_column], color=method_colour(method), s=36, label=method, zorder=2)
+    else:
+        ax.scatter(complete[x_column], complete[y_column], color="#1f77b4", s=36, label="complete trial", zorder=2)
+    on_front = complete[complete["number"].isin(front)].sort_values(x_column, kind="stable")
+    if len(on_front) > 1:
+        ax.plot(
+            on_front[x_column], on_front[y_column], color="#444444", linestyle="--", linewidth=1.0,
+            label="Pareto front", zorder=1,
+        )
+    ax.scatter(
+        on_front[x_column], on_front[y_column], s=150, facecolors="none", edgecolors="#222222",
+        linewidths=1.3, zorder=3, label="on the front",
+    )
+    for _, row in on_front.iterrows():
+        ax.annotate(
+            str(int(row["number"])), (row[x_column], row[y_column]), textcoords="offset points",
+            xytext=(7, 6), fontsize=8, fontweight="bold", color="#222222", annotation_clip=False,
+        )
+    ax.margins(x=0.08, y=0.12)
+    direction = {True: "higher is better", False: "lower is better"}
+    ax.set_xlabel(f"{axis_label(x_metric)}, {direction[x_max]}")
+    ax.set_ylabel(f"{axis_label(y_metric)}, {direction[y_max]}")
+    _legend_outside(ax)
+    return figure
+
+
 def importance_plot(summary: SearchSummary) -> Figure | None:
     if not summary.importances:
         return None

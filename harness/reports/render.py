@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,26 @@ def build_report(db: Database | str | Path | None, study: str, out_dir: Path | N
     return out
 
 
-def build_all(db: Database | str | Path | None, out_root: Path = DEFAULT_OUT_ROOT) -> Path:
-    """Render every study under ``out_root/<study>`` and an index page linking them; returns the
-    index page (``out_root/index.html``, with ``index.md`` beside it)."""
-    database = as_database(db)
+def build_all(
+    db: Database | str | Path | Sequence[Database | str | Path] | None, out_root: Path = DEFAULT_OUT_ROOT
+) -> Path:
+    """Render every study of the database (or of each database of a sequence) under
+    ``out_root/<study>`` and an index page linking them; returns the index page
+    (``out_root/index.html``, with ``index.md`` beside it)."""
+    databases = [as_database(d) for d in db] if isinstance(db, (list, tuple)) else [as_database(db)]
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    bench = bench_frame(database)
     rows: list[tuple[Cell, ...]] = []
-    for name in study_names(database):
-        data = load(database, name, bench=bench)
-        _write_report(database, data, out_root / name)
-        rows.append(_index_row(data))
+    benches = []
+    for database in databases:
+        bench = bench_frame(database)
+        benches.append(bench)
+        for name in study_names(database):
+            data = load(database, name, bench=bench)
+            _write_report(database, data, out_root / name)
+            rows.append(_index_row(data))
+    non_empty = [b for b in benches if not b.empty]
+    bench = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else (non_empty or benches)[0]
     document = Document("Studies")
     document.add(
         Paragraph(
@@ -107,7 +116,11 @@ def _index_row(data: ReportData) -> tuple[Cell, ...]:
     comparison = tables.comparison_frame(data)
     best_text, best_label = MISSING, MISSING
     if not comparison.empty and "knn_top1_mean" in comparison.columns:
-        regular = comparison[~comparison["is_reference"] & comparison["knn_top1_mean"].map(math.isfinite)]
+        # A configuration whose seeds all collapsed is not the study's best (tables.is_collapsed).
+        collapsed = comparison.apply(tables.is_collapsed, axis=1).astype(bool)
+        regular = comparison[
+            ~comparison["is_reference"] & comparison["knn_top1_mean"].map(math.isfinite) & ~collapsed
+        ]
         if not regular.empty:
             best = regular.sort_values(
                 ["knn_top1_mean", "label"], ascending=[False, True], kind="stable"
@@ -234,6 +247,21 @@ def _comparison(document: Document, data: ReportData, comparison: pd.DataFrame) 
             "throughput or memory) or not finite in any of its seeds."
         )
     document.add(Paragraph(" ".join(notes)))
+    if "uses_labels" in comparison.columns and (comparison["uses_labels"] & ~comparison["is_reference"]).any():
+        document.add(
+            Paragraph(
+                "Rows marked [labels] train with the labels (" + ", ".join(sorted(tables.label_methods())) + "): "
+                "they are not self-supervised, and the best of a column is taken among the self-supervised rows."
+            )
+        )
+    collapsed = tables.collapse_notes(comparison)
+    if collapsed:
+        document.add(
+            Paragraph(
+                "Collapsed representations (marked in the table; a configuration whose seeds all collapsed is "
+                "never bold): " + " ".join(collapsed) + " Thresholds: harness/reports/collapse.py."
+            )
+        )
     shown, _ = tables.shown_metrics(comparison)
     significance = tables.significance_table(comparison, [m for m in shown if m.kind == "accuracy"])
     if significance is not None:
@@ -395,12 +423,18 @@ def _efficiency(document: Document, data: ReportData, comparison: pd.DataFrame, 
 
 def _search(document: Document, data: ReportData, summary: search.SearchSummary, figures: _Figures) -> None:
     document.add(Heading("Search"))
-    direction = "maximize" if summary.maximize else "minimize"
+    objectives = summary.objectives or [(summary.metric, summary.maximize)]
+    objective_text = " and ".join(
+        f"{'maximize' if maximize else 'minimize'} {tables.metric_label(m)}" for m, maximize in objectives
+    )
     states = summary.history["state"].value_counts() if not summary.history.empty else pd.Series(dtype=int)
     counted = ", ".join(f"{int(states[s])} {s}" for s in sorted(states.index))
     source = "the Optuna study of the same name" if summary.source == "optuna" else "the harness's trials"
     document.add(
-        Paragraph(f"Objective: {direction} {summary.axis_label}. Trials ({source}): {counted or 'none'}.")
+        Paragraph(
+            f"{'Objectives' if len(objectives) > 1 else 'Objective'}: {objective_text}. "
+            f"Trials ({source}): {counted or 'none'}."
+        )
     )
     history = plots.history_plot(summary)
     if history is not None:
@@ -413,6 +447,8 @@ def _search(document: Document, data: ReportData, summary: search.SearchSummary,
                 "and the best so far.",
             )
         )
+    if summary.multi_objective:
+        _search_front(document, data, summary, figures)
     document.add(Heading("Parameter importances", level=3))
     importance = plots.importance_plot(summary)
     if importance is not None:
@@ -432,6 +468,35 @@ def _search(document: Document, data: ReportData, summary: search.SearchSummary,
     document.add(Heading("Best trials", level=3))
     best = search.best_trials_table(summary, data)
     document.add(best if best is not None else Paragraph("No complete trial yet."))
+
+
+def _search_front(document: Document, data: ReportData, summary: search.SearchSummary, figures: _Figures) -> None:
+    names = " and ".join(
+        f"{'maximize' if maximize else 'minimize'} {tables.metric_label(m)}" for m, maximize in summary.objectives
+    )
+    document.add(Heading("Pareto front", level=3))
+    front = search.pareto_numbers(summary)
+    document.add(
+        Paragraph(
+            f"A multi-objective search ({names}). The Pareto front: the complete trials that no other trial "
+            f"matches or beats on every objective while beating them on one ({len(front)} of "
+            f"{int((summary.history['state'] == 'complete').sum()) if not summary.history.empty else 0} complete). "
+            "The history and the importances above and below are of the first objective."
+        )
+    )
+    figure = plots.search_pareto_plot(summary, front)
+    if figure is not None:
+        document.add(
+            figures.add(
+                figure,
+                "search_pareto",
+                "Pareto front of the search",
+                "Every complete trial at its first two objectives; the rings and dashed line mark the Pareto "
+                "front, numbered with the Optuna trial numbers of the table below.",
+            )
+        )
+    table = search.pareto_table(summary, data)
+    document.add(table if table is not None else Paragraph("No complete trial with every objective yet."))
 
 
 def _failures(document: Document, data: ReportData) -> None:

@@ -15,7 +15,14 @@ from harness.db import Database
 from harness.reports.data import ACCURACY_COLUMNS, ReportData, plain_value
 from harness.reports.document import Cell, Table
 from harness.reports.statistics import RELIABLE_IMPORTANCE_TRIALS
-from harness.reports.style import METRICS, format_knob_value, format_number, is_finite, metric_decimals
+from harness.reports.style import (
+    METRICS,
+    MISSING,
+    format_knob_value,
+    format_number,
+    is_finite,
+    metric_decimals,
+)
 from harness.reports.tables import metric_label
 
 BEST_TRIALS = 10
@@ -39,14 +46,26 @@ class SearchSummary:
     metric: str
     maximize: bool
     source: str  # "optuna" or "harness" (the Optuna study was not found)
-    history: pd.DataFrame  # number, state, value (report units), best (best so far), method
+    # number, state, value (the first objective, report units), best (best so far), method, and
+    # for a multi-objective search value_<metric> per objective
+    history: pd.DataFrame
     params: list[str]
     importances: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # (metric, maximize) of every objective; one entry for a single-objective search
+    objectives: list[tuple[str, bool]] = field(default_factory=list)
 
     @property
     def axis_label(self) -> str:
         return metric_label(self.metric)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+
+def objective_column(metric: str) -> str:
+    return f"value_{metric}"
 
 
 def summarize(db: Database, data: ReportData) -> SearchSummary | None:
@@ -55,22 +74,25 @@ def summarize(db: Database, data: ReportData) -> SearchSummary | None:
         return None
     metric = spec.search.metric
     maximize = spec.search.direction == "maximize"
-    factor = data.accuracy_factor if metric in ACCURACY_COLUMNS else 1.0
+    objectives = [(m, d == "maximize") for m, d in spec.search.all_objectives]
+    factors = [data.accuracy_factor if m in ACCURACY_COLUMNS else 1.0 for m, _ in objectives]
     params = [p.name for p in spec.search.space]
     try:
-        return _from_optuna(db, data.info.name, metric, maximize, factor, params)
+        summary = _from_optuna(db, data.info.name, objectives, factors, params)
     except Exception as error:  # any storage problem falls back to the harness rows
-        summary = _from_trials(data, metric, maximize, params)
+        summary = _from_trials(data, objectives, params)
         summary.notes.append(
             f"The Optuna study {data.info.name!r} could not be read from the database "
             f"({type(error).__name__}: {error}); the history below comes from the harness's trials."
         )
-        return summary
+    assert (summary.metric, summary.maximize) == (metric, maximize)
+    return summary
 
 
 def _from_optuna(
-    db: Database, name: str, metric: str, maximize: bool, factor: float, params: list[str]
+    db: Database, name: str, objectives: list[tuple[str, bool]], factors: list[float], params: list[str]
 ) -> SearchSummary:
+    metric, maximize = objectives[0]
     import optuna
     from optuna.trial import TrialState
 
@@ -84,20 +106,33 @@ def _from_optuna(
             trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SUPERSEDED)]
             records = []
             for trial in sorted(trials, key=lambda t: t.number):
-                value = trial.value if trial.state == TrialState.COMPLETE and trial.values else None
+                # trial.value raises for a multi-objective study; values holds every objective.
+                values = list(trial.values) if trial.state == TrialState.COMPLETE and trial.values else []
+                value = values[0] if values else None
                 if value is None and trial.intermediate_values:
                     value = trial.intermediate_values[max(trial.intermediate_values)]
                 record: dict[str, Any] = {
                     "number": trial.number,
                     "state": _STATES.get(trial.state.name, trial.state.name.lower()),
-                    "value": float(value) * factor if is_finite(value) else math.nan,
+                    "value": float(value) * factors[0] if is_finite(value) else math.nan,
                     "harness_trial": trial.user_attrs.get(HARNESS_TRIAL),
                 }
+                if len(objectives) > 1:
+                    for index, (name_, _) in enumerate(objectives):
+                        number = values[index] if index < len(values) else None
+                        record[objective_column(name_)] = (
+                            float(number) * factors[index] if is_finite(number) else math.nan
+                        )
                 for param in sorted(trial.params):
                     record[f"param_{param}"] = trial.params[param]
                 records.append(record)
             summary = SearchSummary(
-                metric, maximize, "optuna", _with_best(pd.DataFrame.from_records(records), maximize), params
+                metric,
+                maximize,
+                "optuna",
+                _with_best(pd.DataFrame.from_records(records), maximize),
+                params,
+                objectives=list(objectives),
             )
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
             summary.importances, note = _importances(study, complete)
@@ -115,7 +150,7 @@ def _importances(study: Any, complete: list[Any]) -> tuple[dict[str, float], str
     import optuna
     from optuna.importance import FanovaImportanceEvaluator
 
-    distinct = {float(t.value) for t in complete if is_finite(t.value)}
+    distinct = {float(t.values[0]) for t in complete if t.values and is_finite(t.values[0])}
     if len(complete) < MIN_IMPORTANCE_TRIALS or len(distinct) < 2:
         return {}, (
             f"Parameter importances could not be computed from {len(complete)} complete trial(s): they need at "
@@ -123,7 +158,10 @@ def _importances(study: Any, complete: list[Any]) -> tuple[dict[str, float], str
         )
     try:
         importances = optuna.importance.get_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=IMPORTANCE_SEED)
+            study,
+            evaluator=FanovaImportanceEvaluator(seed=IMPORTANCE_SEED),
+            # Of the first objective: a multi-objective study needs a target to rank by.
+            target=(lambda t: t.values[0]) if len(study.directions) > 1 else None,
         )
     except Exception as error:  # fANOVA refuses degenerate searches in several ways
         return {}, (
@@ -142,7 +180,8 @@ def _importances(study: Any, complete: list[Any]) -> tuple[dict[str, float], str
     return ordered, None
 
 
-def _from_trials(data: ReportData, metric: str, maximize: bool, params: list[str]) -> SearchSummary:
+def _from_trials(data: ReportData, objectives: list[tuple[str, bool]], params: list[str]) -> SearchSummary:
+    metric, maximize = objectives[0]
     trials = data.trials
     records = []
     if not trials.empty and metric in trials.columns:
@@ -159,11 +198,22 @@ def _from_trials(data: ReportData, metric: str, maximize: bool, params: list[str
                 else math.nan,
                 "harness_trial": int(row["trial_id"]),
             }
+            if len(objectives) > 1:
+                for name, _ in objectives:
+                    cell = row.get(name)
+                    record[objective_column(name)] = (
+                        float(cell) if row["status"] == "complete" and is_finite(cell) else math.nan
+                    )
             for param in params:
                 record[f"param_{param}"] = plain_value(row.get(param))
             records.append(record)
     summary = SearchSummary(
-        metric, maximize, "harness", _with_best(pd.DataFrame.from_records(records), maximize), params
+        metric,
+        maximize,
+        "harness",
+        _with_best(pd.DataFrame.from_records(records), maximize),
+        params,
+        objectives=list(objectives),
     )
     summary.notes.append("Parameter importances need the Optuna study; none are shown.")
     return summary
@@ -215,7 +265,7 @@ def best_trials_table(summary: SearchSummary, data: ReportData) -> Table | None:
             (
                 Cell(str(rank)),
                 Cell(str(int(row["number"]))),
-                Cell(", ".join(str(i) for i in sorted(harness_ids)) or "–"),
+                Cell(", ".join(str(i) for i in sorted(harness_ids)) or MISSING),
                 Cell(format_number(row["value"], decimals), bold=rank == 1),
                 *(Cell(format_knob_value(plain_value(row.get(f"param_{p}")))) for p in params),
             )
@@ -234,4 +284,68 @@ def importance_table(summary: SearchSummary) -> Table | None:
         columns=("parameter", "importance (fANOVA, normalized)"),
         rows=tuple((Cell(k), Cell(format_number(v, 3))) for k, v in summary.importances.items()),
         numeric=(False, True),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-objective searches
+
+
+def pareto_numbers(summary: SearchSummary) -> list[int]:
+    """The trial numbers on the Pareto front of a multi-objective search: complete trials with a
+    finite value of every objective that no other such trial beats or equals on every objective
+    while beating it on one. Computed from the history itself (Optuna's ``best_trials`` agrees; a
+    test checks it), in increasing trial number."""
+    history = summary.history
+    columns = [objective_column(m) for m, _ in summary.objectives]
+    if history.empty or any(c not in history.columns for c in columns):
+        return []
+    signs = [1.0 if maximize else -1.0 for _, maximize in summary.objectives]
+    points: list[tuple[int, tuple[float, ...]]] = []
+    for _, row in history.iterrows():
+        values = [float(row[c]) for c in columns]
+        if row["state"] == "complete" and all(math.isfinite(v) for v in values):
+            points.append((int(row["number"]), tuple(s * v for s, v in zip(signs, values))))
+
+    def dominated(point: tuple[float, ...]) -> bool:
+        return any(
+            all(o >= p for o, p in zip(other, point)) and other != point for _, other in points
+        )
+
+    return sorted(number for number, point in points if not dominated(point))
+
+
+def pareto_table(summary: SearchSummary, data: ReportData) -> Table | None:
+    """The trials on the Pareto front, by the first objective (best first), each objective in the
+    report's units, and the searched parameters."""
+    numbers = pareto_numbers(summary)
+    if not numbers:
+        return None
+    history = summary.history.set_index("number")
+    first = objective_column(summary.objectives[0][0])
+    ordered = sorted(
+        numbers, key=lambda n: (-history.loc[n, first] if summary.maximize else history.loc[n, first], n)
+    )
+    params = [p for p in summary.params if f"param_{p}" in history.columns]
+    decimals = {}
+    for metric, _ in summary.objectives:
+        declared = METRICS.get(metric)
+        values = list(history.loc[numbers, objective_column(metric)])
+        decimals[metric] = metric_decimals(declared, values) if declared is not None else None
+    rows = []
+    for number in ordered:
+        row = history.loc[number]
+        trial = row.get("harness_trial")
+        rows.append(
+            (
+                Cell(str(number)),
+                Cell(str(int(trial)) if is_finite(trial) else MISSING),
+                *(Cell(format_number(row[objective_column(m)], decimals[m])) for m, _ in summary.objectives),
+                *(Cell(format_knob_value(plain_value(row.get(f"param_{p}")))) for p in params),
+            )
+        )
+    return Table(
+        columns=("Optuna trial", "harness trial", *(metric_label(m) for m, _ in summary.objectives), *params),
+        rows=tuple(rows),
+        numeric=(True, True, *(True for _ in summary.objectives), *(False for _ in params)),
     )

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.reports.collapse import collapse_reasons
 from harness.reports.data import ReportData, group_order, plain_value
 from harness.reports.document import Cell, Table
 from harness.reports.statistics import (
@@ -72,6 +73,12 @@ def comparison_frame(data: ReportData) -> pd.DataFrame:
             "method": str(first["method"]),
             "n": len(rows),
             "is_reference": bool(first["is_reference"]),
+            # SupCon and supervised train with the labels: marked apart from the self-supervised rows.
+            "uses_labels": str(first["method"]) in label_methods(),
+            # Seeds whose representation collapsed, with why (harness.reports.collapse).
+            "collapsed": [
+                (int(row["seed"]), reasons) for _, row in rows.iterrows() if (reasons := collapse_reasons(row))
+            ],
         }
         for knob in data.label_knobs:
             record[knob] = plain_value(first.get(knob))
@@ -156,11 +163,30 @@ def shown_metrics(frame: pd.DataFrame) -> tuple[list[Metric], list[Metric]]:
     return shown, missing
 
 
+def label_methods() -> frozenset[str]:
+    """The methods whose declaration says they train with the labels."""
+    return frozenset(name for name, spec in method_declarations().items() if spec.uses_labels)
+
+
+def is_collapsed(record: pd.Series) -> bool:
+    """Every seed of the configuration collapsed: flagged, and never the best of a column."""
+    collapsed = record.get("collapsed")
+    return isinstance(collapsed, list) and len(collapsed) == int(record["n"]) > 0
+
+
 def best_values(frame: pd.DataFrame, metric: Metric) -> float:
     """The best mean of a column among the non-reference rows (baselines are references, not
-    competitors); NaN when there is none."""
+    competitors) whose seeds did not all collapse; when the table has self-supervised rows, among
+    those only (a method trained with labels is marked, not ranked against them); NaN when there is
+    none."""
     key = f"{metric.column}_mean"
-    candidates = [v for v, ref in zip(frame[key], frame["is_reference"]) if not ref and math.isfinite(v)]
+    eligible = [
+        (record, v)
+        for (_, record), v, ref in zip(frame.iterrows(), frame[key], frame["is_reference"])
+        if not ref and math.isfinite(v) and not is_collapsed(record)
+    ]
+    self_supervised = [(r, v) for r, v in eligible if not r.get("uses_labels", False)]
+    candidates = [v for _, v in (self_supervised or eligible)]
     # A lone candidate is not "best" of anything: bolding every cell of one row says nothing.
     if len(candidates) < 2:
         return math.nan
@@ -183,11 +209,15 @@ def _interval_of(record: pd.Series, column: str) -> Interval:
 def _marked(record: pd.Series, column: str, best: float, digits: int) -> bool:
     """Bold: the best mean, a configuration the paired test cannot tell from it (a tie, not a
     loser), and a mean equal to the best at the precision shown (the reader cannot tell them apart)."""
-    if record["is_reference"]:
+    if record["is_reference"] or is_collapsed(record):
         return False
     mean = float(record[f"{column}_mean"])
     if not (math.isfinite(best) and math.isfinite(mean)):
         return False
+    if record.get("uses_labels", False):
+        # Not ranked against the self-supervised rows: bold only when it is the best shown (``best``
+        # is taken among the self-supervised rows when there are any).
+        return format_number(mean, digits) == format_number(best, digits)
     verdict = str(record.get(f"{column}_verdict", "") or "")
     return verdict in ("best", "tie") or format_number(mean, digits) == format_number(best, digits)
 
@@ -210,7 +240,9 @@ def metric_table(frame: pd.DataFrame, metrics: list[Metric], caption: str = "", 
     best = {m.column: best_values(frame, m) for m in metrics}
     rows: list[tuple[Cell, ...]] = []
     for _, record in frame.iterrows():
-        cells = [Cell(str(record["label"])), Cell(str(int(record["n"])))]
+        # Baselines are already set apart (reference rows); a label-using candidate (SupCon) is marked.
+        labels_mark = " [labels]" if record.get("uses_labels", False) and not record["is_reference"] else ""
+        cells = [Cell(str(record["label"]) + labels_mark + collapse_mark(record)), Cell(str(int(record["n"])))]
         for metric in metrics:
             digits = decimals[metric.column]
             text = interval_text(_interval_of(record, metric.column), digits)
@@ -291,6 +323,27 @@ def significance_table(frame: pd.DataFrame, metrics: list[Metric]) -> Table | No
         caption=f"{TEST_METHOD} of each configuration against the best of the column over the seeds both "
         f"completed; tie: p ≥ {ALPHA:.2f}. Differences are in the column's unit (configuration − best).",
     )
+
+
+def collapse_mark(record: pd.Series) -> str:
+    """' (collapsed)' when every seed collapsed, ' (k of n collapsed)' when some did, else ''."""
+    collapsed = record.get("collapsed")
+    if not isinstance(collapsed, list) or not collapsed:
+        return ""
+    if is_collapsed(record):
+        return " (collapsed)"
+    return f" ({len(collapsed)} of {int(record['n'])} collapsed)"
+
+
+def collapse_notes(frame: pd.DataFrame) -> list[str]:
+    """One sentence per configuration with a collapsed seed: which seeds and why."""
+    notes = []
+    for _, record in frame.iterrows():
+        collapsed = record.get("collapsed")
+        if isinstance(collapsed, list) and collapsed:
+            seeds = "; ".join(f"seed {seed}: {', '.join(reasons)}" for seed, reasons in collapsed)
+            notes.append(f"{record['label']} collapsed ({seeds}).")
+    return notes
 
 
 def _values(trials: pd.DataFrame, column: str) -> list[Any]:

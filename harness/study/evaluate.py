@@ -26,7 +26,7 @@ import yaml
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from harness.db import Database, EvaluationRow, StudyRow, TrialRow, open_existing, utcnow
+from harness.db import Database, EvaluationRow, StudyRow, TrialRow, describe, sqlite_file, utcnow
 from harness.protocol_spec import EvaluationPlan, Task, parse_evaluate
 from harness.spec import DATASET_NAMES, UNTRAINED_METHODS, _StudyLoader
 
@@ -274,11 +274,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        db = open_existing(args.db)
-    except FileNotFoundError as error:
-        print(f"harness evaluate: {error}", file=sys.stderr)
+    path = sqlite_file(args.db)
+    if path is not None and not path.exists():
+        print(f"harness evaluate: no database at {path} (check the path; `harness run STUDY.yaml` creates one)", file=sys.stderr)
         return 2
+    try:
+        # It writes: a database of an older schema is upgraded in place, as `harness run` does.
+        db = Database(args.db)
+    except Exception as error:
+        described = describe(error)
+        if described is None:
+            raise
+        print(f"harness evaluate: {described[0]}", file=sys.stderr)
+        return described[1]
     try:
         stored_text, trials = study_trials(db, args.study)
         if args.file:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from harness.db import Database, MetricRow, StudyRow, TrialRow, utcnow
 from harness.spec import SpecError, Study, parse_study
-from harness.study import artifacts, search, store
+from harness.study import artifacts, search, slurm, store
 from harness.study.kinds import kind_of
 from harness.units import metric_text
 
@@ -168,6 +168,7 @@ def _study_lines(
         lines.append(f"  {len(interrupted)} pending trial(s) were {interrupted[0].reason} and will be rerun")
     if parsed is not None and parsed.search is not None:
         lines.extend(_search_budget_lines(db, study_row, parsed.search.n_trials, running=bool(running)))
+    lines.extend(slurm.status_lines(db, study_row.id))
     return lines
 
 

@@ -252,6 +252,7 @@ def _run_workers(
                 heartbeat_timeout=options.heartbeat_timeout,
                 progress=False,  # interleaved progress bars are unreadable
                 checkpoint_dir=options.checkpoint_dir,
+                tracking=options.tracking,
             )
             spec = _WorkerSpec(
                 study, worker_options, report.study_id, report.row_ids, started, index, threads, events

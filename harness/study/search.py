@@ -17,6 +17,7 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from harness.study import store
 from harness.study.store import Claim, SyncReport
 from harness.study.worker import SKIPPED, Finished, Job, Skipped, WorkerContext
 from harness.trial_api import TrialPruned
+from harness.units import metric_text
 
 T = TypeVar("T")
 
@@ -124,17 +126,44 @@ def _retry(work: Callable[[], T]) -> T:
     return retry(work, attempts=_STORAGE_RETRIES, transient=_is_transient)
 
 
-def make_sampler(spec: SearchSpec) -> Any:
+def make_sampler(spec: SearchSpec, seed: int | None = None) -> Any:
+    """The file's sampler, seeded with ``seed`` (the study's first seed): one worker running the
+    same file proposes the same points (docs/STUDIES.md says what holds with several)."""
     optuna = _optuna()
     if spec.sampler == "random":
-        return optuna.samplers.RandomSampler()
+        return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({p.name: grid_values(p) for p in spec.space})
+        return optuna.samplers.GridSampler({p.name: grid_values(p) for p in spec.space}, seed=seed)
     if spec.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler()
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
     # constant_liar: parallel workers see each other's running trials as bad guesses, so they
     # do not all sample the same point.
-    return optuna.samplers.TPESampler(constant_liar=True)
+    return optuna.samplers.TPESampler(constant_liar=True, seed=seed)
+
+
+def sampler_seed(seed: int, held_trials: int) -> int:
+    """The seed of the sampler that proposes a search's next point: the study's seed for the first
+    point, then one derived from it and the number of trials the study already holds. Each ask
+    (serialized across processes by ``sampling_lock``) so gets its own seed: one worker running the
+    same file proposes the same points; a resumed search draws new points instead of replaying its
+    earlier ones; two workers never draw from the same stream."""
+    if held_trials == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{held_trials}".encode()).digest()[:4], "big")
+
+
+def reseed(search: _Search, seed: int) -> None:
+    """Give the search a sampler seeded for its next point (``sampler_seed``). Optuna's samplers
+    keep their state in the storage (NSGA-II generations, CMA-ES), so a fresh one loses nothing."""
+    if search.spec.sampler == "grid":
+        # The grid sampler numbers its points in an order shuffled by its seed, and skips the
+        # points already visited: it needs one seed throughout, and never replays a point.
+        search.study.sampler = make_sampler(search.spec, seed)
+        return
+    held = len(_retry(lambda: search.study.get_trials(deepcopy=False)))
+    search.study.sampler = make_sampler(search.spec, sampler_seed(seed, held))
 
 
 def make_pruner(study: Study) -> Any:
@@ -212,29 +241,69 @@ def open_search(db: Database, study: Study) -> _Search:
     spec = study.search
     assert spec is not None
     storage = make_storage(db)
+    directions = [direction for _, direction in spec.all_objectives]
     optuna_study = _retry(
         lambda: optuna.create_study(
             storage=storage,
             study_name=study.name,
-            sampler=make_sampler(spec),
+            sampler=make_sampler(spec, study.seeds[0]),
             pruner=make_pruner(study),
-            direction=spec.direction,
+            directions=directions,
             load_if_exists=True,
         )
     )
-    existing = optuna_study.direction.name.lower()
-    if existing != spec.direction:
+    existing = [d.name.lower() for d in optuna_study.directions]
+    if existing != directions:
         raise SearchSetupError(
-            f"the Optuna study {study.name!r} in this database maximizes/minimizes differently "
-            f"({existing}) from the file ({spec.direction}); rename the study to start a new search"
+            f"the Optuna study {study.name!r} in this database has other objective directions "
+            f"({', '.join(existing)}) than the file ({', '.join(directions)}); rename the study to start "
+            "a new search"
+        )
+    metrics = [metric for metric, _ in spec.all_objectives]
+    if optuna_study.metric_names is not None and list(optuna_study.metric_names) != metrics:
+        raise SearchSetupError(
+            f"the Optuna study {study.name!r} in this database optimizes {', '.join(optuna_study.metric_names)}, "
+            f"the file {', '.join(metrics)}; rename the study to start a new search"
         )
     return _Search(optuna_study, storage, storage.get_study_id_from_name(study.name), spec)
+
+
+def describe_in_optuna(search: _Search, study: Study) -> None:
+    """What optuna-dashboard (or ``optuna.load_study``) shows about the search: the objectives by
+    name ("knn_top1", not "Objective 0"), and the study's description, fixed configuration,
+    seed and file hash as study user attributes."""
+    metrics = [metric for metric, _ in search.spec.all_objectives]
+    if search.study.metric_names is None:
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2; the dashboard reads it
+            warnings.simplefilter("ignore", category=optuna_warning())
+            _retry(lambda: search.study.set_metric_names(metrics))
+    attributes = {
+        "description": study.description,
+        "fixed": {k: _plain(v) for k, v in study.base_config(study.seeds[0]).to_dict().items() if k in study.fixed},
+        "objectives": [f"{direction} {metric}" for metric, direction in search.spec.all_objectives],
+        "sampler": f"{search.spec.sampler} (seed {study.seeds[0]})",
+        "harness_study_file_sha256": study.text_hash,
+    }
+    current = search.study.user_attrs
+    for key, value in attributes.items():
+        if current.get(key) != value:
+            _retry(lambda key=key, value=value: search.study.set_user_attr(key, value))
+
+
+def optuna_warning() -> type[Warning]:
+    return _optuna().exceptions.ExperimentalWarning
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for a user attribute (Optuna stores them as JSON)."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def prepare(db: Database, study: Study) -> None:
     """Before the workers start: Optuna's tables and study exist, and the file's ``enqueue``
     points are queued (once: points already in the study are skipped)."""
     search = open_search(db, study)
+    describe_in_optuna(search, study)
     if not search.spec.enqueue:
         return
     # Under the search's lock: runners that start together must not each find a point missing
@@ -381,12 +450,25 @@ def supersede(search: _Search, number: int | None) -> None:
         return
 
 
-def _tell(search: _Search, trial: Any, *, value: float | None = None, state: str = "complete") -> None:
+def objective_values(spec: SearchSpec, summary: Mapping[str, Any] | None) -> list[float] | None:
+    """The search's objective values from a trial's summary, in file order; None unless every one
+    is a finite number (Optuna records a trial without all of them as failed)."""
+    values = []
+    for metric, _ in spec.all_objectives:
+        value = (summary or {}).get(metric)
+        if value is None or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            return None
+        values.append(float(value))
+    return values
+
+
+def _tell(search: _Search, trial: Any, *, values: list[float] | None = None, state: str = "complete") -> None:
     optuna = _optuna()
     states = optuna.trial.TrialState
     try:
-        if state == "complete" and value is not None and math.isfinite(value):
-            _retry(lambda: search.study.tell(trial, value, skip_if_finished=True))
+        if state == "complete" and values is not None:
+            told = values if search.spec.multi_objective else values[0]
+            _retry(lambda: search.study.tell(trial, told, skip_if_finished=True))
         elif state == "pruned":
             _retry(lambda: search.study.tell(trial, state=states.PRUNED, skip_if_finished=True))
         else:
@@ -439,7 +521,10 @@ class SearchSource:
         ctx = self.ctx
         with sampling_lock(ctx.db, ctx.study.name):
             used = trials_used(search, ctx.db, ctx.study_id)
-            trial = _retry(search.study.ask) if used < search.spec.n_trials else None
+            trial = None
+            if used < search.spec.n_trials:
+                reseed(search, self.seed)
+                trial = _retry(search.study.ask)
         if trial is None:
             return None
         try:
@@ -462,8 +547,9 @@ class SearchSource:
         ctx, search = self.ctx, self.search
         spec = search.spec
         # Intermediate values are the k-NN accuracy (what training measures as it goes); they rank
-        # trials the right way round only when the objective is maximized.
-        report = spec.direction == "maximize"
+        # trials the right way round only when the objective is maximized. Optuna prunes
+        # single-objective studies only.
+        report = spec.direction == "maximize" and not spec.multi_objective
 
         def on_eval(epoch: int, value: float) -> None:
             if not report or value is None or not math.isfinite(value):
@@ -477,13 +563,12 @@ class SearchSource:
                 )
                 return
             if prune:
-                raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {value:.4f})")
+                raise TrialPruned(f"pruned at epoch {epoch} (k-NN top-1 {metric_text('knn_top1', value)})")
 
         def on_finished(finished: Finished | None) -> None:
             if finished is None:  # taken over by another worker, which owns the Optuna side now
                 return
-            value = objective_value(spec, finished.summary)
-            _tell(search, trial, value=value, state=finished.status)
+            _tell(search, trial, values=objective_values(spec, finished.summary), state=finished.status)
 
         return Job(
             claim,
@@ -491,12 +576,6 @@ class SearchSource:
             on_finished=on_finished,
             on_interrupted=lambda: supersede(search, trial.number),
         )
-
-
-def objective_value(spec: SearchSpec, summary: Mapping[str, Any] | None) -> float | None:
-    """The value a finished trial reports to Optuna (None when it has none)."""
-    value = (summary or {}).get(spec.metric)
-    return None if value is None else float(value)
 
 
 def _configure(ctx: WorkerContext, search: _Search, trial: Any, seed: int) -> Claim | Skipped:
@@ -536,7 +615,6 @@ def _existing(
     if row is None:  # deleted meanwhile; treat the sample as failed rather than loop
         _tell(search, trial, state="failed")
         return SKIPPED
-    metric = search.spec.metric
     status = row["status"]
     if status in ("complete", "pruned", "failed") and _enqueued(search, trial):
         supersede(search, trial.number)
@@ -546,12 +624,13 @@ def _existing(
         )
         return SKIPPED
     if status == "complete":
-        value = objective_value(search.spec, row)
+        values = objective_values(search.spec, row)
         _retry(lambda: trial.set_user_attr(REUSED, row["id"]))
-        _tell(search, trial, value=value, state="complete" if value is not None else "failed")
+        _tell(search, trial, values=values, state="complete" if values is not None else "failed")
         ctx.tally.reused += 1
+        shown = ", ".join(f"{m} {metric_text(m, row.get(m))}" for m, _ in search.spec.all_objectives)
         ctx.echo(
-            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {metric} {value}"
+            f"optuna trial {trial.number} ({label}): same configuration as trial #{row['id']}, reused its {shown}"
         )
         return SKIPPED
     if status == "pruned" or (status == "failed" and not ctx.options.retry_failed):
@@ -599,7 +678,8 @@ def describe(study: Study) -> list[str]:
     assert spec is not None
     lines = [
         f"search {study.name}: {spec.n_trials} trial(s), sampler {spec.sampler}, pruner {spec.pruner}, "
-        f"objective {spec.direction} {spec.metric}, seed {study.seeds[0]}"
+        f"{'objectives' if spec.multi_objective else 'objective'} "
+        f"{', '.join(f'{d} {m}' for m, d in spec.all_objectives)}, seed {study.seeds[0]}"
     ]
     for param in spec.space:
         if param.choices is not None:
@@ -648,7 +728,7 @@ __all__ = [
     "distribution",
     "grid_values",
     "make_storage",
-    "objective_value",
+    "objective_values",
     "open_search",
     "prepare",
     "search_problems",

@@ -33,7 +33,9 @@ from harness.runtime import failure_reason
 from harness.spec import Study
 from harness.study import artifacts, liveness, store
 from harness.study.store import Claim, SyncReport
+from harness.tracking import TrackingSettings, TrialIdentity, open_tracker
 from harness.trial_api import Interrupted, TrialRunner
+from harness.units import metric_text
 
 DEFAULT_HEARTBEAT_TIMEOUT = 90.0
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -57,6 +59,9 @@ class RunOptions:
     progress: bool | None = None  # progress bars; None = when stderr is a terminal
     force_workers: bool = False  # more workers than the machine has devices/cores (--force-workers)
     checkpoint_dir: str | None = None  # root of the trials' checkpoint folders (--checkpoint-dir)
+    # MLflow/TensorBoard mirrors of each trial (harness.tracking); None = off. The study file's
+    # tracking: section merged with --mlflow/--tensorboard (harness run does that).
+    tracking: TrackingSettings | None = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -319,10 +324,28 @@ def run_claim(
         )
     elif claim.previous_status == "failed":
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
-    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)}")
+    ctx.echo(
+        f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)} "
+        "(preparing data and model)"
+    )
     started = time.perf_counter()
     curves = artifacts.LiveCurves()
     store.set_checkpoint_dir(ctx.db, claim, str(folder))  # `harness status` finds it while it runs
+    tracker = open_tracker(
+        ctx.options.tracking,
+        TrialIdentity(
+            study=ctx.study.name,
+            trial_id=claim.row_id,
+            label=ctx.label(claim.config),
+            seed=claim.seed,
+            config_hash=config.config_hash,
+            config=config.to_dict(),
+            description=ctx.study.description,
+        ),
+    )
+    # Only a tracked run hands the trial a sink: an injected test runner need not take one.
+    tracked: dict[str, Any] = {"sink": tracker} if tracker is not None else {}
+    record: Any = None
     try:
         with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval, curves) as beat:
             try:
@@ -333,6 +356,7 @@ def run_claim(
                     checkpoint_dir=str(folder),
                     on_curves=curves.add,
                     say=lambda line: ctx.echo(f"trial #{claim.row_id}: {line}"),
+                    **tracked,
                 )
                 outcome = {
                     "status": record.status,
@@ -362,10 +386,19 @@ def run_claim(
             written = (not beat.lost) and store.finish(
                 ctx.db, claim, config=config.to_dict(), say=ctx.echo, **outcome
             )
+            if tracker is not None:
+                tracker.finish(
+                    str(outcome["status"]),
+                    outcome["reason"],
+                    outcome["summary"],
+                    artifacts=tracked_artifacts(record),
+                )
     except KeyboardInterrupt:
         # The trial has checkpointed (when it was training): hand it back, and let no second
         # signal (a forwarded copy of the same one) interrupt that.
         _ignore_interrupts()
+        if tracker is not None:
+            tracker.finish("interrupted", "interrupted; set back to pending")
         if store.release(ctx.db, claim, "interrupted"):
             for events in ctx.events:
                 events.released(ctx, claim)
@@ -383,10 +416,15 @@ def run_claim(
         return None
     status = str(outcome["status"])
     ctx.tally.add(status)
-    ctx.echo(
-        f"trial #{claim.row_id} ({ctx.label(claim.config)}): {describe_outcome(status, outcome, seconds)}"
-    )
+    # The configuration was printed once, on the "running" line; the result names the trial only.
+    ctx.echo(f"trial #{claim.row_id}: {describe_outcome(status, outcome, seconds)}")
     return Finished(status, dict(outcome["summary"] or {}))
+
+
+def tracked_artifacts(record: Any) -> list[Any]:
+    """The files a trial record lists in ``artifacts`` (the final encoder's weights, when the trial
+    saved them), which trackers keep; none for a record without that attribute."""
+    return list(getattr(record, "artifacts", None) or ())
 
 
 def _device_shown(device: str) -> str:
@@ -403,7 +441,7 @@ def describe_outcome(status: str, outcome: Mapping[str, Any], seconds: float) ->
     summary = outcome.get("summary") or {}
     if status == "complete":
         shown = [
-            f"{name} {summary[name]:.4f}"
+            f"{name} {metric_text(name, summary[name])}"
             for name in ("knn_top1", "linear_top1", "final_loss")
             if isinstance(summary.get(name), (int, float))
         ]
@@ -487,20 +525,27 @@ def worker_loop(ctx: WorkerContext, source: TrialSource) -> None:
 
 
 @contextmanager
-def interrupt_signals() -> Iterator[None]:
+def interrupt_signals(
+    signals: tuple[int, ...] = INTERRUPT_SIGNALS, on_signal: Callable[[int], None] | None = None
+) -> Iterator[None]:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler stopping the job) both interrupt the worker: the
     first one raises KeyboardInterrupt, which hands the current trial back; later ones are ignored,
     so that handing back is not itself interrupted (the parent of ``--workers N`` forwards a
-    signal that the terminal may also have sent to the workers directly)."""
+    signal that the terminal may also have sent to the workers directly). A Slurm job adds the
+    signals that announce a time limit or preemption (``signals``) and learns which one came
+    (``on_signal``, called before the interrupt is raised)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        _ignore_interrupts()
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if on_signal is not None:
+            on_signal(signum)
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
@@ -509,13 +554,19 @@ def interrupt_signals() -> Iterator[None]:
 
 
 def run_worker(
-    ctx: WorkerContext, kind: StudyKind, *, stop_requested: Callable[[], bool] | None = None
+    ctx: WorkerContext,
+    kind: StudyKind,
+    *,
+    stop_requested: Callable[[], bool] | None = None,
+    signals: tuple[int, ...] = INTERRUPT_SIGNALS,
+    on_signal: Callable[[int], None] | None = None,
 ) -> int:
     """One worker's whole life: 0 when the study has nothing left for it, 128 + the signal after an
     interrupt (130 after Ctrl-C, 143 after SIGTERM).
     ``stop_requested``: whether an interrupt arrived while this process was starting (a spawned
-    worker ignores signals until its handlers are in place; its parent raises this flag too)."""
-    with interrupt_signals():
+    worker ignores signals until its handlers are in place; its parent raises this flag too).
+    ``signals``, ``on_signal``: see ``interrupt_signals``."""
+    with interrupt_signals(signals, on_signal):
         try:
             if stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt

@@ -4,6 +4,8 @@ The cases are ``harness.bench.cases`` (the same as ``harness bench``), grouped p
 the quick shapes run by default so that the whole file stays well under a minute; set
 ``HARNESS_BENCH_FULL=1`` for the CPU shapes of ``harness bench`` (minutes). CUDA cases use the
 issue's shapes, warm up first and synchronize inside the timed function; they skip without a GPU.
+``test_bench_peer`` times the same losses from lightly and solo-learn (``peers.py``, the optional
+``peers`` extra) on the same CPU cases, forward+backward, and skips when a library is absent.
 
     .venv/bin/python -m pytest tests/benchmarks/test_bench_losses.py --benchmark-only
     # one table per kernel and direction, reference and fast side by side:
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from peers import PEERS, Peer, available, forward_backward
 
 from harness.bench.cases import Case, select_cases
 from harness.bench.runner import make_call
@@ -75,3 +78,37 @@ def test_bench_loss(
         threads=torch.get_num_threads(),
     )
     benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+
+def _peer_params() -> list[object]:
+    params: list[object] = []
+    for peer in PEERS:
+        for case in select_cases([peer.kernel], "cpu" if FULL else "quick"):
+            params.append(
+                pytest.param(
+                    case,
+                    peer,
+                    id=f"cpu-{case.kernel.name}-{case.name}-forward+backward-{peer.library}",
+                    marks=pytest.mark.skipif(
+                        not available(peer.library), reason=f"{peer.library} not installed"
+                    ),
+                )
+            )
+    return params
+
+
+@pytest.mark.parametrize(("case", "peer"), _peer_params())
+def test_bench_peer(benchmark: pytest.FixtureRequest, case: Case, peer: Peer) -> None:
+    inputs = case.inputs(torch.device("cpu"), torch.float32)
+    thunk = peer.make(inputs)
+    if thunk is None:
+        pytest.skip(f"{peer.library} has no {case.kernel.name} of this shape")
+    benchmark.group = case.kernel.name
+    benchmark.extra_info.update(
+        kernel=case.kernel.name,
+        impl=peer.library,
+        case=case.name,
+        direction="forward+backward",
+        threads=torch.get_num_threads(),
+    )
+    benchmark.pedantic(forward_backward(thunk, inputs), rounds=ROUNDS, warmup_rounds=1, iterations=1)

@@ -52,8 +52,9 @@ def timed(run: Callable[[], int], seconds: list[float]) -> Callable[[], int]:
 def record(benchmark: pytest.FixtureRequest, key: str, seconds: list[float], seen: int) -> float:
     rate = seen / statistics.median(seconds)
     RATES[key] = rate
-    benchmark.extra_info.update(images=seen, batch_size=BATCH, images_per_s=round(rate, 1),
-                                torch_threads=torch.get_num_threads())
+    benchmark.extra_info.update(
+        images=seen, batch_size=BATCH, images_per_s=round(rate, 1), torch_threads=torch.get_num_threads()
+    )
     return rate
 
 
@@ -62,7 +63,9 @@ def test_pipeline__seed_notebook(benchmark: pytest.FixtureRequest, images: torch
     loader = make_seed_loader(images, batch_size=BATCH, num_workers=2)
     seconds: list[float] = []
     # Warm-up round: starts the (persistent) workers, which a training run pays once.
-    seen = benchmark.pedantic(timed(lambda: seed_epoch(loader), seconds), rounds=3, warmup_rounds=1, iterations=1)
+    seen = benchmark.pedantic(
+        timed(lambda: seed_epoch(loader), seconds), rounds=3, warmup_rounds=1, iterations=1
+    )
     assert seen == N_IMAGES
     record(benchmark, "seed", seconds[-3:], seen)
 

@@ -30,9 +30,18 @@ def test_training_throughput__harness_vs_seed_loop(benchmark: pytest.FixtureRequ
     n_images = BATCH * (STEPS + 3)
     images = load_dataset("fashion-mnist", "train", size=n_images).images
     config = resolve(
-        {"method": "simclr", "dataset": "fashion-mnist", "train_size": n_images, "test_size": 200,
-         "batch_size": BATCH, "epochs": 1, "eval_every": 0, "linear_epochs": 1, "knn_k": 20,
-         "device": "cpu"}
+        {
+            "method": "simclr",
+            "dataset": "fashion-mnist",
+            "train_size": n_images,
+            "test_size": 200,
+            "batch_size": BATCH,
+            "epochs": 1,
+            "eval_every": 0,
+            "linear_epochs": 1,
+            "knn_k": 20,
+            "device": "cpu",
+        }
     )
 
     def alternate() -> tuple[list[float], list[float]]:
@@ -49,6 +58,8 @@ def test_training_throughput__harness_vs_seed_loop(benchmark: pytest.FixtureRequ
     ratio = ours_median / seed_median
     benchmark.extra_info.update(harness_img_per_s=ours, seed_img_per_s=seed, ratio=ratio)
     rounds = ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(ours, seed, strict=True))
-    print(f"\ntraining throughput, simclr/small_cnn batch {BATCH}: harness {ours_median:.0f} img/s, "
-          f"seed loop {seed_median:.0f} img/s (medians of {ROUNDS}; rounds {rounds}), ratio {ratio:.2f}x")
+    print(
+        f"\ntraining throughput, simclr/small_cnn batch {BATCH}: harness {ours_median:.0f} img/s, "
+        f"seed loop {seed_median:.0f} img/s (medians of {ROUNDS}; rounds {rounds}), ratio {ratio:.2f}x"
+    )
     assert min(ours) > 0 and min(seed) > 0
