@@ -30,6 +30,12 @@ _DELEGATED: dict[str, tuple[str, str, str]] = {
         "tables and plots of a study, from the database alone",
         "Write a study's comparison tables and ablation plots from the database.",
     ),
+    "weights": (
+        "harness.weights",
+        "the trained encoders of a study: list them, print one's path, or copy it",
+        "List the trials of a study that have weights (encoder.safetensors + encoder.json), or "
+        "print the path of one (--trial N, or --best METRIC), or copy it (--copy DEST).",
+    ),
     "evaluate": (
         "harness.study.evaluate",
         "run evaluation protocols (fine-tune, label fractions, few-shot, transfer) on saved encoders",
@@ -233,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_HEARTBEAT_TIMEOUT,
         metavar="SECONDS",
         help=f"a running trial without a heartbeat for this long is taken over and rerun (default: {DEFAULT_HEARTBEAT_TIMEOUT:g})",
+    )
+    run.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        default=None,
+        help="where trials keep checkpoints and weights, a folder per study and trial (default: the "
+        "checkpoint_dir knob, else beside the database: results/harness-checkpoints/ for results/harness.db)",
     )
     progress = run.add_mutually_exclusive_group()
     progress.add_argument(
@@ -461,6 +474,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         force_workers=args.force_workers,
         heartbeat_timeout=args.heartbeat_timeout,
         progress=args.progress,
+        checkpoint_dir=args.checkpoint_dir,
     )
     if args.launcher == "slurm":
         return _submit_slurm(study, options, args)

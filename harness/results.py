@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from sqlalchemy import inspect, select
@@ -160,3 +161,15 @@ def evaluations_frame(db: Database | str | Path | None = None, study: str | None
         record["study"] = study_name
         records.append(record)
     return pd.DataFrame.from_records(records, columns=list(EVALUATION_COLUMNS))
+
+
+def load_encoder(db: Database | str | Path | None, trial_id: int, *, device: str = "cpu") -> Any:
+    """The trained encoder of trial ``trial_id`` (its ``encoder.safetensors``, checked against the
+    SHA-256 recorded with the trial) as a ``torch.nn.Module`` on ``device``, in eval mode: features
+    ``(B, feature_dim)`` of images normalized as its ``encoder.json`` says. Imports torch."""
+    from harness.checkpoint import read_encoder
+    from harness.weights import trial_weights
+
+    database = as_database(db)
+    weights = trial_weights(database, trial_id)
+    return read_encoder(weights.check(), expected_sha256=weights.sha256, device=device).module

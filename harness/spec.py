@@ -415,6 +415,50 @@ class TrialConfig:
         check=within(0, MAX_SEED),
         identity=False,
     )
+    # Checkpoints and weights: how a trial is kept, not what it computes, so outside its identity; a
+    # trial runs with the values its study file has now (harness.study), not those of when it was
+    # registered. Before these knobs a trial kept nothing: checkpoint_minutes 0 and save_weights false.
+    checkpoint_minutes: float = knob(
+        5.0,
+        "minutes of training between checkpoints (0 = none by time); a trial also checkpoints when "
+        "stopped (SIGTERM, Ctrl-C) and after its last step",
+        group="execution",
+        check=at_least(0),
+        legacy=0.0,
+        identity=False,
+        training=True,
+    )
+    checkpoint_epochs: int = knob(
+        0,
+        "epochs between checkpoints (0 = none by epoch; with `checkpoint_minutes`, whichever comes first)",
+        group="execution",
+        check=at_least(0),
+        legacy=0,
+        identity=False,
+        training=True,
+    )
+    checkpoint_dir: str | None = knob(
+        None,
+        "folder of the checkpoints and weights, one sub-folder per study and trial; null = beside the "
+        "database (`results/harness-checkpoints/` for `results/harness.db`); `harness run --checkpoint-dir` overrides it",
+        group="execution",
+        legacy=None,
+        identity=False,
+    )
+    save_weights: bool = knob(
+        True,
+        "write the evaluated encoder as `encoder.safetensors` + `encoder.json` (see `harness weights`)",
+        group="execution",
+        legacy=False,
+        identity=False,
+    )
+    keep_final_checkpoint: bool = knob(
+        True,
+        "keep a complete trial's last checkpoint (optimizer and all) beside its weights",
+        group="execution",
+        legacy=False,
+        identity=False,
+    )
     # evaluation
     knn_k: int = knob(200, "neighbours of the k-NN evaluation", group="evaluation", check=at_least(1), label="k-NN neighbours k")
     knn_t: float = knob(

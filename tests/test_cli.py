@@ -65,7 +65,9 @@ class FakeRecord:
     ended_at: datetime
 
 
-def fake_trainer(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> FakeRecord:
+def fake_trainer(
+    config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None, **_: Any
+) -> FakeRecord:
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     if config.lr > 0.0015:
         return FakeRecord("failed", "diverged at step 7", summary, [], {}, utcnow(), utcnow())

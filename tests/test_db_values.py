@@ -28,7 +28,9 @@ seeds: [0, 1]
 """
 
 
-def infinite_trainer(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> TrialRecord:
+def infinite_trainer(
+    config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None, **_: Any
+) -> TrialRecord:
     """simclr: final loss +inf on both seeds, alignment -inf on both; byol: one finite loss and
     one +inf, uniformity NaN on one seed."""
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)

@@ -115,7 +115,7 @@ def trainer_that_stops(server: Server, restart_after: float | None) -> Any:
     then returns a result with recognisable values."""
     calls: list[TrialConfig] = []
 
-    def train(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None) -> TrialRecord:
+    def train(config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None, **_: Any) -> TrialRecord:
         calls.append(config)
         server.stop()
         if restart_after is not None:

@@ -92,6 +92,7 @@ class Scripted:
         *,
         on_eval: Callable[[int, float], None] | None = None,
         progress: bool | None = None,
+        **_: object,  # checkpoint_dir, on_curves, say: not used by this stand-in
     ) -> TrialRecord:
         call = next(self.counter)
         self.calls.append(config)
@@ -369,7 +370,7 @@ class Record:
         self.summary["knn_top1"] = value
         self.started_at = self.ended_at = utcnow()
 
-def trainer(config, *, on_eval=None, progress=None):
+def trainer(config, *, on_eval=None, progress=None, **_):
     try:
         on_eval(1, 0.5)
     except TrialPruned as pruned:
@@ -402,7 +403,7 @@ class Record:
         self.summary["knn_top1"] = value
         self.started_at = self.ended_at = utcnow()
 
-def trainer(config, *, on_eval=None, progress=None):
+def trainer(config, *, on_eval=None, progress=None, **_):
     time.sleep(0.05)
     return Record(config.lr)
 

@@ -92,7 +92,7 @@ class FakeTrainer:
     calls: list[TrialConfig] = field(default_factory=list)
 
     def __call__(
-        self, config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None
+        self, config: TrialConfig, *, on_eval: Any = None, progress: bool | None = None, **_: Any
     ) -> FakeRecord:
         self.calls.append(config)
         if self.interrupt_on_call == len(self.calls):

@@ -94,6 +94,12 @@ class TrialRow(Provenance, Base):
     # One typed Float column per summary metric (harness.metrics), in its order.
     locals().update({name: mapped_column(name, Float) for name in SUMMARY_METRICS})
 
+    # Checkpoints and weights: the trial's folder (set when it starts), its encoder and the
+    # encoder's SHA-256 (set when it completes with save_weights).
+    checkpoint_dir: Mapped[str | None] = mapped_column(Text)
+    weights_path: Mapped[str | None] = mapped_column(Text)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+
     study: Mapped[StudyRow] = relationship(back_populates="trials")
     metrics: Mapped[list[MetricRow]] = relationship(back_populates="trial", cascade="all, delete-orphan")
 

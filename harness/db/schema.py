@@ -58,6 +58,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "record the schema version (harness_schema_version)", add_tables=(VERSION_TABLE,)),
     Migration(3, "evaluations of saved encoders (harness_evaluation)", add_tables=("harness_evaluation",)),
     Migration(4, "Slurm jobs of a study (harness_slurm_job)", add_tables=("harness_slurm_job",)),
+    Migration(
+        5,
+        "checkpoints and weights of a trial (harness_trial.checkpoint_dir, weights_path, weights_sha256)",
+        add_columns={"harness_trial": ("checkpoint_dir", "weights_path", "weights_sha256")},
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 CREATED = "created at this version"  # the summary of a fresh database's only version row

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from harness.db import Database, StudyRow, TrialRow, utcnow
+from harness.db import Database, MetricRow, StudyRow, TrialRow, utcnow
 from harness.spec import SpecError, Study, parse_study
-from harness.study import search, slurm, store
+from harness.study import artifacts, search, slurm, store
 from harness.study.kinds import kind_of
 from harness.units import metric_text
 
@@ -119,6 +119,9 @@ def _study_lines(
     lines = [
         f"{study_row.name} ({study_row.kind}, file of {updated} UTC): {len(trials)} trial(s): {count_text}"
     ]
+    folders = [t.checkpoint_dir for t in trials if t.checkpoint_dir]
+    if folders:
+        lines.append(f"  checkpoints and weights: {_size_text(artifacts.folder_bytes(folders))} on disk")
     knobs = (
         list(parsed.swept_knobs) if parsed is not None else compared_knobs([t.config or {} for t in trials])
     )
@@ -157,7 +160,7 @@ def _study_lines(
         now = utcnow()
         lines.append("  running:")
         lines.extend(
-            f"    #{t.id}  {label(t)}: {t.worker}, heartbeat {_ago(t.heartbeat, now)}"
+            f"    #{t.id}  {label(t)}: {_progress_text(db, t)}{t.worker}, heartbeat {_ago(t.heartbeat, now)}"
             for t in running[:failures]
         )
     interrupted = [t for t in trials if t.status == "pending" and t.reason]
@@ -167,6 +170,41 @@ def _study_lines(
         lines.extend(_search_budget_lines(db, study_row, parsed.search.n_trials, running=bool(running)))
     lines.extend(slurm.status_lines(db, study_row.id))
     return lines
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def _progress_text(db: Database, trial: TrialRow) -> str:
+    """Where a running trial is, from the curve points it has written so far (live progress):
+    ``epoch 3.4/10, loss 5.123, k-NN 61.2% (epoch 3), `` or nothing before its first point."""
+
+    def query(session: Session) -> tuple[float | None, list[MetricRow | None]]:
+        epoch = session.scalar(select(func.max(MetricRow.epoch)).where(MetricRow.trial_id == trial.id))
+        latest = [
+            session.scalars(
+                select(MetricRow)
+                .where(MetricRow.trial_id == trial.id, MetricRow.name == name)
+                .order_by(MetricRow.step.desc(), MetricRow.id.desc())
+                .limit(1)
+            ).first()
+            for name in ("loss", "knn_top1")
+        ]
+        return epoch, latest
+
+    epoch, (loss, knn) = db.run(query)
+    if epoch is None:
+        return ""
+    parts = [f"epoch {epoch:.1f}/{(trial.config or {}).get('epochs', '?')}"]
+    if loss is not None:
+        parts.append(f"loss {metric_text('final_loss', loss.value)}")
+    if knn is not None:
+        parts.append(f"k-NN {metric_text('knn_top1', knn.value)} (epoch {knn.epoch:g})")
+    return ", ".join(parts) + ", "
 
 
 def _search_budget_lines(db: Database, study_row: StudyRow, n_trials: int, *, running: bool) -> list[str]:

@@ -25,6 +25,7 @@ from harness.study.kinds import kind_of
 from harness.study.store import SyncReport
 from harness.study.worker import (
     DEFAULT_HEARTBEAT_TIMEOUT,
+    INTERRUPT_EXIT_CODES,
     INTERRUPT_SIGNALS,
     Finished,
     RunOptions,
@@ -225,12 +226,13 @@ def _run_workers(
     threads = None if _uses_cuda(devices) else max(1, _cpu_cores() // options.workers)
     processes: list[Any] = []
     interrupted = False
+    received = signal.SIGINT
 
     def forward(signum: int, frame: object) -> None:
         # Ctrl-C reaches every process of the terminal's group; `kill -INT`/`-TERM` of this process
         # (a job scheduler) reaches only us: forward it. A worker acts on its first signal only.
-        nonlocal interrupted
-        interrupted = True
+        nonlocal interrupted, received
+        interrupted, received = True, signum
         stop.set()
         for process in processes:
             if process.is_alive():
@@ -249,6 +251,7 @@ def _run_workers(
                 retry_failed=options.retry_failed,
                 heartbeat_timeout=options.heartbeat_timeout,
                 progress=False,  # interleaved progress bars are unreadable
+                checkpoint_dir=options.checkpoint_dir,
                 tracking=options.tracking,
             )
             spec = _WorkerSpec(
@@ -285,9 +288,10 @@ def _run_workers(
             break
         tally.merge(worker_tally)
     codes = [p.exitcode or 0 for p in processes]
-    if interrupted or 130 in codes:
+    interrupt_codes = [code for code in codes if code in INTERRUPT_EXIT_CODES]
+    if interrupted or interrupt_codes:
         tally.interrupted = True
-        return 130, tally
+        return (128 + received if interrupted else max(interrupt_codes)), tally
     return max(codes), tally
 
 

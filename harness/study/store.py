@@ -41,6 +41,8 @@ from harness.db import (
 from harness.runtime import retry, write_atomically
 from harness.spec import KNOB_NAMES, Study, TrialConfig
 
+# The trial columns of checkpoints and weights that a result sets.
+ARTIFACT_COLUMNS: tuple[str, ...] = ("checkpoint_dir", "weights_path", "weights_sha256")
 # A transaction that loses an insert race (two processes registering one study) is retried once:
 # the second attempt sees the winner's rows.
 _INTEGRITY_RETRIES = 3
@@ -540,14 +542,46 @@ def _owned(claim: Claim) -> list[Any]:
     ]
 
 
-def heartbeat(db: Database, claim: Claim) -> bool:
-    """Refresh the claim's heartbeat; False when the claim was lost (reclaimed by another worker)."""
+def set_checkpoint_dir(db: Database, claim: Claim, folder: str) -> bool:
+    """Record where the claimed trial keeps its checkpoints (``harness status`` sums their size)."""
 
     def work(session: Session) -> bool:
-        result = session.execute(update(TrialRow).where(*_owned(claim)).values(heartbeat=utcnow()))
+        result = session.execute(update(TrialRow).where(*_owned(claim)).values(checkpoint_dir=folder))
         return result.rowcount == 1
 
     return db.run(work)
+
+
+def heartbeat(
+    db: Database,
+    claim: Claim,
+    *,
+    points: Sequence[tuple[float, int, str, float]] = (),
+    replace_points: bool = False,
+) -> bool:
+    """Refresh the claim's heartbeat and add the running trial's new curve ``points`` (with
+    ``replace_points``, its stored points are dropped first: an earlier attempt's); False, with
+    nothing written, when the claim was lost (reclaimed by another worker)."""
+    rows = _metric_rows(claim.row_id, points)
+
+    def work(session: Session) -> bool:
+        result = session.execute(update(TrialRow).where(*_owned(claim)).values(heartbeat=utcnow()))
+        if result.rowcount != 1:
+            return False
+        if replace_points:
+            session.execute(delete(MetricRow).where(MetricRow.trial_id == claim.row_id))
+        if rows:
+            session.execute(insert(MetricRow), rows)
+        return True
+
+    return db.run(work)
+
+
+def _metric_rows(trial_id: int, curves: Sequence[tuple[float, int, str, float]]) -> list[dict[str, Any]]:
+    return [
+        {"trial_id": trial_id, "epoch": float(epoch), "step": int(step), "name": str(name), "value": _as_float(value)}
+        for epoch, step, name, value in curves
+    ]
 
 
 def set_optuna_number(db: Database, claim: Claim, number: int) -> bool:
@@ -596,10 +630,12 @@ def finish(
     ended_at: datetime | None,
     config: Mapping[str, Any] | None = None,
     say: Callable[[str], None] | None = None,
+    artifacts: Mapping[str, str | None] | None = None,
 ) -> bool:
     """Write a trial's result and curves in one transaction, only if this worker still owns the
     claim; False (nothing written) if it was reclaimed meanwhile. A database that does not answer
-    is waited for (:func:`write_result`), the result kept in a file meanwhile."""
+    is waited for (:func:`write_result`), the result kept in a file meanwhile. ``artifacts``: the
+    trial's ``checkpoint_dir``, ``weights_path`` and ``weights_sha256`` (None clears a stale one)."""
     values: dict[str, Any] = {
         "status": status,
         "reason": reason,
@@ -611,6 +647,8 @@ def finish(
     values.update({name: provenance.get(name) for name in PROVENANCE_FIELDS if name in provenance})
     if config is not None:
         values["config"] = dict(config)
+    if artifacts is not None:
+        values.update({name: artifacts.get(name) for name in ARTIFACT_COLUMNS if name in artifacts})
     points = [
         {"epoch": float(epoch), "step": int(step), "name": str(name), "value": _as_float(value)}
         for epoch, step, name, value in curves

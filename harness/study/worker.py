@@ -31,14 +31,16 @@ from typing import Any, Protocol
 from harness.db import Database, utcnow
 from harness.runtime import failure_reason
 from harness.spec import Study
-from harness.study import liveness, store
+from harness.study import artifacts, liveness, store
 from harness.study.store import Claim, SyncReport
 from harness.tracking import TrackingSettings, TrialIdentity, open_tracker
-from harness.trial_api import TrialRunner
+from harness.trial_api import Interrupted, TrialRunner
 from harness.units import metric_text
 
 DEFAULT_HEARTBEAT_TIMEOUT = 90.0
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What `harness run` exits with after an interrupt: 128 + the signal (130 Ctrl-C, 143 SIGTERM).
+INTERRUPT_EXIT_CODES = frozenset(128 + int(sig) for sig in INTERRUPT_SIGNALS)
 # A worker with nothing to claim while other workers' trials run waits for them, so that it can
 # take over a trial whose worker dies; it polls this often (at most).
 MAX_POLL_SECONDS = 2.0
@@ -56,6 +58,7 @@ class RunOptions:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     progress: bool | None = None  # progress bars; None = when stderr is a terminal
     force_workers: bool = False  # more workers than the machine has devices/cores (--force-workers)
+    checkpoint_dir: str | None = None  # root of the trials' checkpoint folders (--checkpoint-dir)
     # MLflow/TensorBoard mirrors of each trial (harness.tracking); None = off. The study file's
     # tracking: section merged with --mlflow/--tensorboard (harness run does that).
     tracking: TrackingSettings | None = None
@@ -136,21 +139,28 @@ class Heartbeat:
     """A daemon thread that refreshes a claim's heartbeat until stopped; ``lost`` turns true when
     the claim was taken over (this worker looked dead), after which the result will not be written."""
 
-    def __init__(self, db: Database, claim: Claim, interval: float) -> None:
+    def __init__(
+        self, db: Database, claim: Claim, interval: float, curves: artifacts.LiveCurves | None = None
+    ) -> None:
         self._db = db
         self._claim = claim
         self._interval = interval
+        self._curves = curves
         self._stop = threading.Event()
         self.lost = False
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{claim.row_id}", daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
+            # The trial's new curve points ride along (live progress), in the beat's transaction.
+            points, replace = self._curves.take() if self._curves is not None else ([], False)
             try:
-                if not store.heartbeat(self._db, self._claim):
+                if not store.heartbeat(self._db, self._claim, points=points, replace_points=replace):
                     self.lost = True
                     return
             except Exception:  # a missed beat is retried next interval; the timeout allows several
+                if self._curves is not None:
+                    self._curves.give_back(points, replace)
                 continue
 
     def __enter__(self) -> Heartbeat:
@@ -297,7 +307,12 @@ def run_claim(
 ) -> Finished | None:
     """Run one claimed trial and write its result; None if the claim was lost meanwhile (another
     worker took the trial over). KeyboardInterrupt hands the trial back and propagates."""
-    config = claim.trial_config(ctx.options.device)
+    config = artifacts.with_current_keeping_knobs(claim.trial_config(ctx.options.device), ctx.study)
+    folder = artifacts.trial_folder(
+        artifacts.checkpoint_root(ctx.options.db, ctx.options.checkpoint_dir or config.checkpoint_dir),
+        ctx.study.name,
+        claim.row_id,
+    )
     if claim.previous_status == "running":
         ctx.echo(
             f"trial #{claim.row_id} ({ctx.label(claim.config)}): taking over from {claim.previous_worker}, whose heartbeat stopped"
@@ -314,6 +329,8 @@ def run_claim(
         "(preparing data and model)"
     )
     started = time.perf_counter()
+    curves = artifacts.LiveCurves()
+    store.set_checkpoint_dir(ctx.db, claim, str(folder))  # `harness status` finds it while it runs
     tracker = open_tracker(
         ctx.options.tracking,
         TrialIdentity(
@@ -330,9 +347,17 @@ def run_claim(
     tracked: dict[str, Any] = {"sink": tracker} if tracker is not None else {}
     record: Any = None
     try:
-        with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval) as beat:
+        with Heartbeat(ctx.db, claim, ctx.options.heartbeat_interval, curves) as beat:
             try:
-                record = ctx.run_trial(config, on_eval=on_eval, progress=ctx.options.progress, **tracked)
+                record = ctx.run_trial(
+                    config,
+                    on_eval=on_eval,
+                    progress=ctx.options.progress,
+                    checkpoint_dir=str(folder),
+                    on_curves=curves.add,
+                    say=lambda line: ctx.echo(f"trial #{claim.row_id}: {line}"),
+                    **tracked,
+                )
                 outcome = {
                     "status": record.status,
                     "reason": record.reason,
@@ -341,6 +366,10 @@ def run_claim(
                     "provenance": record.provenance,
                     "started_at": record.started_at,
                     "ended_at": record.ended_at,
+                    "artifacts": {
+                        name: getattr(record, name, None)
+                        for name in ("checkpoint_dir", "weights_path", "weights_sha256")
+                    },
                 }
             except KeyboardInterrupt:
                 raise
@@ -365,6 +394,9 @@ def run_claim(
                     artifacts=tracked_artifacts(record),
                 )
     except KeyboardInterrupt:
+        # The trial has checkpointed (when it was training): hand it back, and let no second
+        # signal (a forwarded copy of the same one) interrupt that.
+        _ignore_interrupts()
         if tracker is not None:
             tracker.finish("interrupted", "interrupted; set back to pending")
         if store.release(ctx.db, claim, "interrupted"):
@@ -493,21 +525,27 @@ def worker_loop(ctx: WorkerContext, source: TrialSource) -> None:
 
 
 @contextmanager
-def interrupt_signals() -> Iterator[None]:
+def interrupt_signals(
+    signals: tuple[int, ...] = INTERRUPT_SIGNALS, on_signal: Callable[[int], None] | None = None
+) -> Iterator[None]:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler stopping the job) both interrupt the worker: the
     first one raises KeyboardInterrupt, which hands the current trial back; later ones are ignored,
     so that handing back is not itself interrupted (the parent of ``--workers N`` forwards a
-    signal that the terminal may also have sent to the workers directly)."""
+    signal that the terminal may also have sent to the workers directly). A Slurm job adds the
+    signals that announce a time limit or preemption (``signals``) and learns which one came
+    (``on_signal``, called before the interrupt is raised)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        if on_signal is not None:
+            on_signal(signum)
+        raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
@@ -516,25 +554,46 @@ def interrupt_signals() -> Iterator[None]:
 
 
 def run_worker(
-    ctx: WorkerContext, kind: StudyKind, *, stop_requested: Callable[[], bool] | None = None
+    ctx: WorkerContext,
+    kind: StudyKind,
+    *,
+    stop_requested: Callable[[], bool] | None = None,
+    signals: tuple[int, ...] = INTERRUPT_SIGNALS,
+    on_signal: Callable[[int], None] | None = None,
 ) -> int:
-    """One worker's whole life: 0 when the study has nothing left for it, 130 after an interrupt.
+    """One worker's whole life: 0 when the study has nothing left for it, 128 + the signal after an
+    interrupt (130 after Ctrl-C, 143 after SIGTERM).
     ``stop_requested``: whether an interrupt arrived while this process was starting (a spawned
-    worker ignores signals until its handlers are in place; its parent raises this flag too)."""
-    with interrupt_signals():
+    worker ignores signals until its handlers are in place; its parent raises this flag too).
+    ``signals``, ``on_signal``: see ``interrupt_signals``."""
+    with interrupt_signals(signals, on_signal):
         try:
             if stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt
             worker_loop(ctx, kind.source(ctx))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             ctx.tally.interrupted = True
             ctx.echo("interrupted: stopping (trials left pending run on the next `harness run`)")
-            return 130
+            return interrupt_exit_code(interrupt)
     return 0
+
+
+def interrupt_exit_code(interrupt: BaseException) -> int:
+    """128 + the signal that interrupted (a plain KeyboardInterrupt counts as SIGINT)."""
+    return 128 + int(getattr(interrupt, "signum", signal.SIGINT))
+
+
+def _ignore_interrupts() -> None:
+    """From now on SIGINT and SIGTERM do nothing (main thread only; ``interrupt_signals``
+    restores the handlers when the worker ends)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in INTERRUPT_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",
+    "INTERRUPT_EXIT_CODES",
     "INTERRUPT_SIGNALS",
     "SKIPPED",
     "Finished",
@@ -550,6 +609,7 @@ __all__ = [
     "WorkerEvents",
     "claim_runnable",
     "describe_outcome",
+    "interrupt_exit_code",
     "run_claim",
     "run_job",
     "run_worker",
