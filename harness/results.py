@@ -35,6 +35,7 @@ TRIAL_COLUMNS: tuple[str, ...] = (
     "ended_at",
     *PROVENANCE_FIELDS,
     *SUMMARY_METRICS,
+    "data",
 )
 
 
@@ -44,8 +45,13 @@ def as_database(db: Database | str | Path | None) -> Database:
 
 
 def trials_frame(db: Database | str | Path | None = None, study: str | None = None) -> pd.DataFrame:
-    """One row per trial: identity, status, provenance, the summary metrics, and the resolved
-    configuration flattened into one column per knob (``method``, ``temperature``, ...).
+    """One row per trial: identity, status, provenance, the summary metrics, ``data`` (what the
+    trial trained and evaluated on, a dict with ``pretrain``, ``knn_probe_train`` and
+    ``knn_probe_test``, each giving ``dataset``, ``split``, ``images``, ``labeled``, ``shape``,
+    ``streamed``, ``class_counts`` {class name: images} and for prepared folders ``shard``
+    {source, fingerprint, resolution, skipped, converted}; None for trials stored before schema
+    version 6 or failed before loading data), and the resolved configuration flattened into one
+    column per knob (``method``, ``temperature``, ...).
 
     ``study`` restricts the frame to one study; an unknown name gives an empty frame.
     """

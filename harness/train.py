@@ -78,7 +78,7 @@ class TrialRecord:
     ended_at: datetime = field(default_factory=utcnow)
     data: dict[str, Any] = field(default_factory=dict)
     """What was trained and evaluated on (:func:`describe_data`): splits, image counts, class names
-    and counts, resident or streamed, the shard's fingerprint. Not yet stored by the runner."""
+    and counts, resident or streamed, the shard's fingerprint. Stored as ``harness_trial.data``."""
     # With a checkpoint policy: the trial's folder, the encoder written there (complete trials
     # with save_weights) and the step this attempt resumed from (None: from the start).
     checkpoint_dir: str | None = None
@@ -326,6 +326,7 @@ def describe_data(pretrain: ImageDataset, train: ImageDataset, test: ImageDatase
             out["class_counts"] = dict(zip(ds.class_names, counts))
         if ds.source is not None:
             out["shard"] = {"source": ds.source.source, "fingerprint": ds.source.fingerprint,
+                            "resolution": ds.source.resolution,
                             "skipped": len(ds.source.skipped), "converted": ds.source.converted}
         return out
 

@@ -90,6 +90,10 @@ class TrialRow(Provenance, Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # What the trial trained and evaluated on (harness.train.describe_data): the pretraining and
+    # k-NN/probe splits with image counts, class names and counts, shard fingerprints. NULL for
+    # trials stored before schema version 6, and for trials that failed before loading data.
+    data: Mapped[dict | None] = mapped_column(JSON)
 
     # One typed Float column per summary metric (harness.metrics), in its order.
     locals().update({name: mapped_column(name, Float) for name in SUMMARY_METRICS})

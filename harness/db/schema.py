@@ -63,6 +63,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         "checkpoints and weights of a trial (harness_trial.checkpoint_dir, weights_path, weights_sha256)",
         add_columns={"harness_trial": ("checkpoint_dir", "weights_path", "weights_sha256")},
     ),
+    Migration(6, "what each trial trained and evaluated on (harness_trial.data)", add_columns={"harness_trial": ("data",)}),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 CREATED = "created at this version"  # the summary of a fresh database's only version row

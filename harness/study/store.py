@@ -631,15 +631,19 @@ def finish(
     config: Mapping[str, Any] | None = None,
     say: Callable[[str], None] | None = None,
     artifacts: Mapping[str, str | None] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> bool:
     """Write a trial's result and curves in one transaction, only if this worker still owns the
     claim; False (nothing written) if it was reclaimed meanwhile. A database that does not answer
     is waited for (:func:`write_result`), the result kept in a file meanwhile. ``artifacts``: the
-    trial's ``checkpoint_dir``, ``weights_path`` and ``weights_sha256`` (None clears a stale one)."""
+    trial's ``checkpoint_dir``, ``weights_path`` and ``weights_sha256`` (None clears a stale one).
+    ``data`` is what the trial trained and evaluated on (``TrialRecord.data``); an earlier
+    attempt's is replaced."""
     values: dict[str, Any] = {
         "status": status,
         "reason": reason,
         "ended_at": naive_utc(ended_at) or utcnow(),
+        "data": dict(data) if data else None,
     }
     if started_at is not None:  # else the claim's start time stays
         values["started_at"] = naive_utc(started_at)

@@ -370,6 +370,7 @@ def run_claim(
                         name: getattr(record, name, None)
                         for name in ("checkpoint_dir", "weights_path", "weights_sha256")
                     },
+                    "data": getattr(record, "data", None),  # a runner without it (a test's) stores NULL
                 }
             except KeyboardInterrupt:
                 raise
@@ -382,6 +383,7 @@ def run_claim(
                     "provenance": {},
                     "started_at": None,
                     "ended_at": None,
+                    "data": None,
                 }
             written = (not beat.lost) and store.finish(
                 ctx.db, claim, config=config.to_dict(), say=ctx.echo, **outcome
