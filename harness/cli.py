@@ -616,6 +616,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
     from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -646,6 +648,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         frame = trials_frame(db, args.study)
     except (DatabaseProblem, SQLAlchemyError, ImportError, FileNotFoundError) as error:
         return _database_error("export", error)
+    # One JSON text per trial: CSV would otherwise get Python's repr, Parquet a struct whose
+    # fields (class names) differ between datasets.
+    frame["data"] = [json.dumps(d, sort_keys=True) if isinstance(d, dict) else None for d in frame["data"]]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.format == "parquet":

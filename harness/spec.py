@@ -40,6 +40,9 @@ DATASET_NAMES: tuple[str, ...] = (
 )
 # What the encoder pretrains on; k-NN and the probe always use the labeled train and test splits.
 PRETRAIN_SPLITS: tuple[str, ...] = ("train", "unlabeled", "train+unlabeled")
+# Datasets that have an unlabeled split (an image folder's is ROOT/unlabeled/, found at run time);
+# pretrain_split unlabeled or train+unlabeled on any other is refused in validation.
+UNLABELED_DATASETS: tuple[str, ...] = ("stl10", "imagefolder", "imagenet100")
 # Augmentation presets: the seed notebook's recipe at every size, or the papers' by resolution.
 AUG_PRESETS: tuple[str, ...] = ("seed", "paper")
 # What preparing an image folder does with an unreadable image.
@@ -775,6 +778,11 @@ def cross_check(config: TrialConfig) -> list[str]:
         problems.append(
             f"batch_size: found {config.batch_size} with train_size {config.train_size}, "
             "expected batch_size <= train_size"
+        )
+    if config.pretrain_split != "train" and config.dataset not in UNLABELED_DATASETS:
+        problems.append(
+            f"pretrain_split: found {config.pretrain_split} for dataset {config.dataset}, which has no unlabeled "
+            f"split, expected train (only {', '.join(UNLABELED_DATASETS)} have one)"
         )
     sizes = DATASET_SIZES.get(config.dataset) if config.data_root is None else None
     for name, full in zip(("train_size", "test_size"), sizes or ()):

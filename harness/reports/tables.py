@@ -396,8 +396,62 @@ def protocol_text(data: ReportData) -> str:
         f"Evaluation protocol: k-NN top-1 with k = {_listing(k)} neighbours and temperature T = {_listing(t)} "
         f"(cosine similarity, weighted vote); linear probe trained for {_listing(probe)} epochs on frozen, cached "
         f"features; {subset(train, 'training')} and {subset(test, 'test')}; dataset {_listing(dataset)}, backbone "
-        f"{_listing(backbone)}, {_listing(epochs)} training epochs."
+        f"{_listing(backbone)}, {_listing(epochs)} training epochs. {data_text(data)}"
     )
+
+
+def _count(value: Any) -> str:
+    return "whole split" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{int(value):,}"
+
+
+def _stored_split(split: dict[str, Any], note: str = "") -> str:
+    """One split of a trial's stored data: ``train (5,000)``, with ``note`` and a prepared shard's
+    resolution and fingerprint."""
+    shard = split.get("shard") or {}
+    where = f", {shard['resolution']} px shard {str(shard.get('fingerprint', ''))[:12]}" if shard.get("resolution") else ""
+    return f"{split['split']} ({int(split['images']):,}{note}{where})"
+
+
+def _data_parts(row: pd.Series, methods: dict[str, Any]) -> tuple[str | None, str]:
+    """(what the encoder pretrained on, what k-NN and the probe used) for one trial: from its
+    stored data (``harness_trial.data``), else, for trials stored before it, its configuration."""
+    spec = methods.get(str(row.get("method")))
+    stored = row.get("data")
+    labels = "labels used" if spec is not None and spec.uses_labels else "labels unused"
+    if isinstance(stored, dict) and {"pretrain", "knn_probe_train", "knn_probe_test"} <= set(stored):
+        pre, train, test = stored["pretrain"], stored["knn_probe_train"], stored["knn_probe_test"]
+        pretrained = f"{pre['dataset']} {_stored_split(pre, f' images, {labels}')}"
+        evaluated = f"{_stored_split(train)} / {_stored_split(test)}"
+        classes = len(train.get("class_counts") or {})
+        evaluated += f", {classes} classes" if classes else ""
+    else:
+        split = row.get("pretrain_split")
+        split = "train" if not isinstance(split, str) else split  # before the knob existed: the train split
+        size = _count(row.get("train_size"))
+        each = " of each split" if "+" in split and size != "whole split" else ""
+        images = f"{size} images{each}" if size != "whole split" else "whole split" + ("s" if "+" in split else "")
+        pretrained = f"{row.get('dataset')} {split} ({images}, {labels})"
+        evaluated = f"train ({_count(row.get('train_size'))}) / test ({_count(row.get('test_size'))})"
+    trains = spec is None or spec.trains
+    return (pretrained if trains else None), evaluated
+
+
+def data_text(data: ReportData) -> str:
+    """Which split pretrained the encoders and which ones k-NN and the linear probe used, with image
+    counts: each distinct statement over the study's complete trials (all trials if none is)."""
+    trials = data.complete if not data.complete.empty else data.trials
+    if trials.empty:
+        return ""
+    methods = method_declarations()
+    pretrained: list[str] = []
+    evaluated: list[str] = []
+    for _, row in trials.sort_values("trial_id").iterrows():
+        pre, evaluation = _data_parts(row, methods)
+        for part, seen in ((pre, pretrained), (evaluation, evaluated)):
+            if part is not None and part not in seen:
+                seen.append(part)
+    first = f"pretrained on {' or '.join(pretrained)}" if pretrained else "no encoder trained (baselines only)"
+    return f"Data: {first}; k-NN and linear probe on {' or '.join(evaluated)}."
 
 
 def failures_table(data: ReportData) -> Table | None:
