@@ -1,5 +1,5 @@
 """What each trial trained and evaluated on: stored with the trial (``harness_trial.data``, schema
-version 5), exposed by ``trials_frame``, stated in the report's protocol line, and a pretraining
+version 6), exposed by ``trials_frame``, stated in the report's protocol line, and a pretraining
 split the dataset lacks refused in validation (issue 14)."""
 
 from __future__ import annotations
