@@ -132,6 +132,7 @@ class Knob:
     legacy: Any = IN_IDENTITY
     identity: bool = True  # seed and device are not part of what a configuration is
     training: bool = False  # only training reads it: an untrained method (random_init) ignores it
+    null_means: str = ""  # what null stands for, said in error messages ("the whole split")
 
     @property
     def base_type(self) -> Any:
@@ -163,7 +164,9 @@ class Knob:
             text = f"{base} {self.check.expected}"
         else:
             text = self.type_label.removesuffix(" or null")
-        return text + (" or null (the whole split)" if self.optional else "")
+        if not self.optional:
+            return text
+        return text + (f" or null ({self.null_means})" if self.null_means else " or null")
 
     @property
     def plot_label(self) -> str:
@@ -181,6 +184,7 @@ def knob(
     legacy: Any = IN_IDENTITY,
     identity: bool = True,
     training: bool = False,
+    null_means: str = "",
 ) -> Any:
     """Declare a field of ``TrialConfig`` as a knob (see :class:`Knob` for the arguments)."""
     info = {
@@ -192,6 +196,7 @@ def knob(
         "legacy": legacy,
         "identity": identity,
         "training": training,
+        "null_means": null_means,
     }
     return field(default=default, metadata={"knob": info})
 
@@ -236,6 +241,7 @@ class TrialConfig:
         group="what",
         check=at_least(2),
         label="training subset (images)",
+        null_means="the whole split",
     )
     test_size: int | None = knob(
         None,
@@ -244,6 +250,7 @@ class TrialConfig:
         group="what",
         check=at_least(2),
         label="test subset (images)",
+        null_means="the whole split",
     )
     pretrain_split: str = knob(
         "train",
