@@ -209,5 +209,8 @@ def test_harness_run__file_and_flag_switch_trackers_on_for_every_trial(tmp_path:
         mirrored = runs[str(trial_id)]
         assert mirrored.info.status == "FINISHED" and mirrored.data.params["method"] == method
         assert mirrored.data.metrics["final/knn_top1"] == pytest.approx(knn)
+        # The trained encoder's weights are the run's artifact (random_init's too: an encoder).
+        kept = sorted(a.path for a in client.list_artifacts(mirrored.info.run_id))
+        assert kept == ["encoder.json", "encoder.safetensors"], (method, kept)
     folders = sorted(p.name for p in (tmp_path / "tb" / "tracked").iterdir())
     assert len(folders) == 2 and all(f.startswith("trial-") for f in folders)

@@ -424,9 +424,19 @@ def run_claim(
 
 
 def tracked_artifacts(record: Any) -> list[Any]:
-    """The files a trial record lists in ``artifacts`` (the final encoder's weights, when the trial
-    saved them), which trackers keep; none for a record without that attribute."""
-    return list(getattr(record, "artifacts", None) or ())
+    """The files trackers keep for a trial: the final encoder's weights and their description
+    (``encoder.safetensors`` + ``encoder.json``) when the trial saved them, and anything else the
+    record lists in ``artifacts``; none for a record without them (a fake trainer's)."""
+    from pathlib import Path
+
+    files: list[Any] = list(getattr(record, "artifacts", None) or ())
+    weights = getattr(record, "weights_path", None)
+    if weights:
+        files.append(Path(weights))
+        description = Path(weights).with_suffix(".json")
+        if description.exists():
+            files.append(description)
+    return files
 
 
 def _device_shown(device: str) -> str:
