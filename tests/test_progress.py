@@ -94,7 +94,9 @@ def test_run_trial__epoch_bar_shows_loss_and_learning_rate(capsys: object) -> No
     record = train.run_trial(config, progress=True)
     assert record.status == "complete", record.reason
     err = capsys.readouterr().err  # type: ignore[attr-defined]
-    last_loss = [v for _, _, n, v in record.curves if n == "loss"][-1]
     shown = re.findall(r"loss ([0-9.e+-]+), lr ([0-9.e+-]+)", err)
     assert shown, err[-500:]
-    assert float(shown[-1][0]) == float(f"{last_loss:.4g}")
+    # The bar shows a loss the trial really logged (tqdm redraws at most every 0.1 s, so the last
+    # value drawn may be a few steps before the last one).
+    logged = {float(f"{v:.4g}") for _, _, n, v in record.curves if n == "loss"}
+    assert float(shown[-1][0]) in logged, (shown[-1], sorted(logged))
