@@ -379,16 +379,7 @@ def _unknown(raw: Mapping[str, Any], known: Sequence[str], where: str, problems:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
+    # Imported here: harness.spec imports this module (the evaluate: section of a study file).
+    from harness.spec import describe_value
+
+    return describe_value(value)

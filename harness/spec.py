@@ -667,7 +667,8 @@ class SpecError(ValueError):
         super().__init__("\n".join([header, *(f"  - {p}" for p in self.problems)]))
 
 
-def _describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
+    """A value as an error message names it: a string quoted, YAML's null/true/false, or its kind."""
     if isinstance(value, str):
         return repr(value)
     if value is None:
@@ -748,7 +749,7 @@ def resolve(overrides: Mapping[str, Any]) -> TrialConfig:
         if expected is None:
             expected = check_knob(key, value)
         if expected is not None:
-            problems.append(f"{key}: found {_describe(raw)}, expected {expected}")
+            problems.append(f"{key}: found {describe_value(raw)}, expected {expected}")
             continue
         values[key] = value
     if problems:
@@ -1010,7 +1011,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         reason = getattr(error, "problem", None) or str(error)
         raise SpecError([f"{source}: {where}YAML syntax error: {reason}"]) from None
     if not isinstance(data, Mapping):
-        raise SpecError([f"{source}: the study file must be a mapping of keys (study, grid, ...), found {_describe(data)}"])
+        raise SpecError([f"{source}: the study file must be a mapping of keys (study, grid, ...), found {describe_value(data)}"])
 
     for key in data:
         if key not in _TOP_KEYS:
@@ -1018,7 +1019,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
 
     name = data.get("study")
     if not isinstance(name, str) or not name.strip():
-        problems.add("study", f"found {_describe(name)}, expected {_TOP_KEYS['study']}")
+        problems.add("study", f"found {describe_value(name)}, expected {_TOP_KEYS['study']}")
         name = ""
     elif len(name) > MAX_STUDY_NAME:
         problems.add("study", f"found a name of {len(name)} characters, expected at most {MAX_STUDY_NAME}")
@@ -1030,7 +1031,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         )
     description = data.get("description", "")
     if not isinstance(description, str):
-        problems.add("description", f"found {_describe(description)}, expected a string")
+        problems.add("description", f"found {describe_value(description)}, expected a string")
         description = ""
 
     kinds = [k for k in STUDY_KINDS if k in data]
@@ -1045,7 +1046,7 @@ def parse_study(text: str, source: str = "<study>", *, max_trials: int | None = 
         if not isinstance(dataset, str) or dataset not in DATASET_NAMES:
             problems.add(
                 "dataset",
-                f"found {_describe(dataset)}, expected one of {', '.join(DATASET_NAMES)}"
+                f"found {describe_value(dataset)}, expected one of {', '.join(DATASET_NAMES)}"
                 + _suggest(str(dataset), DATASET_NAMES),
             )
         elif "dataset" in fixed and fixed["dataset"] != dataset:
@@ -1148,13 +1149,13 @@ def _within_trial_limit(kind: str, data: Mapping[str, Any], seeds: Sequence[int]
 
 def _validate_seeds(raw: Any, problems: _Problems) -> list[int]:
     if not isinstance(raw, list) or not raw:
-        problems.add("seeds", f"found {_describe(raw)}, expected a non-empty list of integers")
+        problems.add("seeds", f"found {describe_value(raw)}, expected a non-empty list of integers")
         return [0]
     seeds: list[int] = []
     seen: set[int] = set()  # a set: a list of a million seeds must not cost a million squared
     for i, seed in enumerate(raw):
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            problems.add(f"seeds[{i}]", f"found {_describe(seed)}, expected an integer in [0, {MAX_SEED}]")
+            problems.add(f"seeds[{i}]", f"found {describe_value(seed)}, expected an integer in [0, {MAX_SEED}]")
         elif seed in seen:
             problems.add(f"seeds[{i}]", f"found {seed} twice, expected distinct seeds")
         else:
@@ -1169,7 +1170,7 @@ def _validate_value(knob: str, raw: Any, path: str, problems: _Problems) -> tupl
         expected = check_knob(knob, value)
     if expected is not None:
         hint = _suggest(str(raw), _choices_of(knob)) if isinstance(raw, str) else ""
-        problems.add(path, f"found {_describe(raw)}, expected {expected}{hint}")
+        problems.add(path, f"found {describe_value(raw)}, expected {expected}{hint}")
         return False, None
     return True, value
 
@@ -1182,7 +1183,7 @@ def _validate_knob_mapping(raw: Any, section: str, problems: _Problems, *, lists
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        problems.add(section, f"found {_describe(raw)}, expected a mapping of knob: {'[values]' if lists else 'value'}")
+        problems.add(section, f"found {describe_value(raw)}, expected a mapping of knob: {'[values]' if lists else 'value'}")
         return {}
     if lists and not raw:
         problems.add(section, "found an empty mapping, expected at least one knob with a list of values")
@@ -1202,14 +1203,14 @@ def _validate_knob_mapping(raw: Any, section: str, problems: _Problems, *, lists
                 result[key] = value
             continue
         if not isinstance(raw_value, list) or not raw_value:
-            problems.add(path, f"found {_describe(raw_value)}, expected a non-empty list of values")
+            problems.add(path, f"found {describe_value(raw_value)}, expected a non-empty list of values")
             continue
         values: list[Any] = []
         for i, item in enumerate(raw_value):
             ok, value = _validate_value(key, item, f"{path}[{i}]", problems)
             if ok:
                 if value in values:
-                    problems.add(f"{path}[{i}]", f"found {_describe(item)} twice, expected distinct values")
+                    problems.add(f"{path}[{i}]", f"found {describe_value(item)} twice, expected distinct values")
                 else:
                     values.append(value)
         result[key] = values
@@ -1218,23 +1219,23 @@ def _validate_knob_mapping(raw: Any, section: str, problems: _Problems, *, lists
 
 def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) -> SearchSpec | None:
     if not isinstance(raw, Mapping):
-        problems.add("search", f"found {_describe(raw)}, expected {_TOP_KEYS['search']}")
+        problems.add("search", f"found {describe_value(raw)}, expected {_TOP_KEYS['search']}")
         return None
     for key in raw:
         if key not in _SEARCH_KEYS:
             problems.add(f"search.{key}", f"unknown key{_suggest(str(key), _SEARCH_KEYS)}; expected one of {', '.join(_SEARCH_KEYS)}")
     n_trials = raw.get("n_trials")
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
-        problems.add("search.n_trials", f"found {_describe(n_trials)}, expected an integer >= 1")
+        problems.add("search.n_trials", f"found {describe_value(n_trials)}, expected an integer >= 1")
         n_trials = 1
     sampler = raw.get("sampler", "tpe")
     if sampler not in SAMPLERS:
-        problems.add("search.sampler", f"found {_describe(sampler)}, expected one of {', '.join(SAMPLERS)}{_suggest(str(sampler), SAMPLERS)}")
+        problems.add("search.sampler", f"found {describe_value(sampler)}, expected one of {', '.join(SAMPLERS)}{_suggest(str(sampler), SAMPLERS)}")
     pruner = raw.get("pruner", "median")
     if pruner is None:
         pruner = "none"
     if pruner not in PRUNERS:
-        problems.add("search.pruner", f"found {_describe(pruner)}, expected one of {', '.join(PRUNERS)}{_suggest(str(pruner), PRUNERS)}")
+        problems.add("search.pruner", f"found {describe_value(pruner)}, expected one of {', '.join(PRUNERS)}{_suggest(str(pruner), PRUNERS)}")
     objective = raw.get("objective", {"metric": "knn_top1", "direction": "maximize"})
     objectives = _validate_objectives(objective, problems)
     metric, direction = objectives[0] if objectives else ("knn_top1", "maximize")
@@ -1242,13 +1243,13 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
         if "pruner" not in raw:
             pruner = "none"
         elif pruner != "none":
-            problems.add("search.pruner", f"found {_describe(pruner)}, expected none with several objectives (Optuna prunes single-objective searches only)")
+            problems.add("search.pruner", f"found {describe_value(pruner)}, expected none with several objectives (Optuna prunes single-objective searches only)")
         if sampler not in MULTI_OBJECTIVE_SAMPLERS:
-            problems.add("search.sampler", f"found {_describe(sampler)} with several objectives, expected one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
+            problems.add("search.sampler", f"found {describe_value(sampler)} with several objectives, expected one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
     space_raw = raw.get("space")
     space: list[SearchParam] = []
     if not isinstance(space_raw, Mapping) or not space_raw:
-        problems.add("search.space", f"found {_describe(space_raw)}, expected a non-empty mapping of knob: {{low, high, log}} or {{choices: [...]}}")
+        problems.add("search.space", f"found {describe_value(space_raw)}, expected a non-empty mapping of knob: {{low, high, log}} or {{choices: [...]}}")
     else:
         for knob, dim in space_raw.items():
             param = _validate_param(str(knob), dim, fixed, problems)
@@ -1261,14 +1262,14 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
     enqueue: list[Mapping[str, Any]] = []
     enqueue_raw = raw.get("enqueue", [])
     if not isinstance(enqueue_raw, list):
-        problems.add("search.enqueue", f"found {_describe(enqueue_raw)}, expected a list of mappings knob: value")
+        problems.add("search.enqueue", f"found {describe_value(enqueue_raw)}, expected a list of mappings knob: value")
     else:
         by_name = {p.name: p for p in space}
         names = set(by_name)
         for i, point in enumerate(enqueue_raw):
             path = f"search.enqueue[{i}]"
             if not isinstance(point, Mapping):
-                problems.add(path, f"found {_describe(point)}, expected a mapping knob: value")
+                problems.add(path, f"found {describe_value(point)}, expected a mapping knob: value")
                 continue
             clean: dict[str, Any] = {}
             for knob, value in point.items():
@@ -1279,7 +1280,7 @@ def _validate_search(raw: Any, fixed: Mapping[str, Any], problems: _Problems) ->
                     continue
                 ok, coerced = _validate_value(str(knob), value, f"{path}.{knob}", problems)
                 if ok and (outside := _outside_space(by_name[str(knob)], coerced)):
-                    problems.add(f"{path}.{knob}", f"found {_describe(value)}, expected {outside}")
+                    problems.add(f"{path}.{knob}", f"found {describe_value(value)}, expected {outside}")
                 elif ok:
                     clean[str(knob)] = coerced
             enqueue.append(clean)
@@ -1302,12 +1303,12 @@ def _validate_objectives(raw: Any, problems: _Problems) -> list[tuple[str, str]]
     if isinstance(raw, list) and raw:
         entries = [(f"search.objective[{i}]", item) for i, item in enumerate(raw)]
     if entries is None:
-        problems.add("search.objective", f"found {_describe(raw)}, expected a mapping {{metric: ..., direction: ...}} or a non-empty list of them")
+        problems.add("search.objective", f"found {describe_value(raw)}, expected a mapping {{metric: ..., direction: ...}} or a non-empty list of them")
         return []
     objectives: list[tuple[str, str]] = []
     for path, entry in entries:
         if not isinstance(entry, Mapping):
-            problems.add(path, f"found {_describe(entry)}, expected a mapping {{metric: ..., direction: ...}}")
+            problems.add(path, f"found {describe_value(entry)}, expected a mapping {{metric: ..., direction: ...}}")
             continue
         for key in entry:
             if key not in ("metric", "direction"):
@@ -1316,13 +1317,13 @@ def _validate_objectives(raw: Any, problems: _Problems) -> list[tuple[str, str]]
         direction = entry.get("direction", "maximize")
         ok = True
         if metric not in OBJECTIVE_METRICS:
-            problems.add(f"{path}.metric", f"found {_describe(metric)}, expected one of {', '.join(OBJECTIVE_METRICS)}{_suggest(str(metric), OBJECTIVE_METRICS)}")
+            problems.add(f"{path}.metric", f"found {describe_value(metric)}, expected one of {', '.join(OBJECTIVE_METRICS)}{_suggest(str(metric), OBJECTIVE_METRICS)}")
             ok = False
         elif any(metric == m for m, _ in objectives):
             problems.add(f"{path}.metric", f"found {metric!r} twice, expected distinct objectives")
             ok = False
         if direction not in DIRECTIONS:
-            problems.add(f"{path}.direction", f"found {_describe(direction)}, expected maximize or minimize")
+            problems.add(f"{path}.direction", f"found {describe_value(direction)}, expected maximize or minimize")
             ok = False
         if ok:
             objectives.append((str(metric), str(direction)))
@@ -1332,7 +1333,7 @@ def _validate_objectives(raw: Any, problems: _Problems) -> list[tuple[str, str]]
 def _validate_tracking(raw: Any, problems: _Problems) -> dict[str, str]:
     """``tracking: {mlflow: URI-or-folder | true, tensorboard: folder | true}``; false/null = off."""
     if not isinstance(raw, Mapping):
-        problems.add("tracking", f"found {_describe(raw)}, expected {_TOP_KEYS['tracking']}")
+        problems.add("tracking", f"found {describe_value(raw)}, expected {_TOP_KEYS['tracking']}")
         return {}
     settings: dict[str, str] = {}
     for key, value in raw.items():
@@ -1345,7 +1346,7 @@ def _validate_tracking(raw: Any, problems: _Problems) -> dict[str, str]:
         elif isinstance(value, str) and value.strip():
             settings[str(key)] = value.strip()
         else:
-            problems.add(f"tracking.{key}", f"found {_describe(value)}, expected a location (a URI or a folder), true or false")
+            problems.add(f"tracking.{key}", f"found {describe_value(value)}, expected a location (a URI or a folder), true or false")
     return settings
 
 
@@ -1367,7 +1368,7 @@ def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Pr
     if knob in fixed:
         problems.add(path, f"is also set in fixed.{knob}, expected a knob to be either fixed or searched")
     if not isinstance(dim, Mapping):
-        problems.add(path, f"found {_describe(dim)}, expected {{low, high, log}} or {{choices: [...]}}")
+        problems.add(path, f"found {describe_value(dim)}, expected {{low, high, log}} or {{choices: [...]}}")
         return None
     unknown = [k for k in dim if k not in ("low", "high", "log", "step", "choices")]
     for key in unknown:
@@ -1375,7 +1376,7 @@ def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Pr
     if "choices" in dim:
         choices = dim["choices"]
         if not isinstance(choices, list) or not choices:
-            problems.add(f"{path}.choices", f"found {_describe(choices)}, expected a non-empty list")
+            problems.add(f"{path}.choices", f"found {describe_value(choices)}, expected a non-empty list")
             return None
         ok_all = True
         for i, choice in enumerate(choices):
@@ -1395,7 +1396,7 @@ def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Pr
         return None
     log = dim.get("log", False)
     if not isinstance(log, bool):
-        problems.add(f"{path}.log", f"found {_describe(log)}, expected true or false")
+        problems.add(f"{path}.log", f"found {describe_value(log)}, expected true or false")
         log = False
     if low >= high:
         problems.add(path, f"found low {low} >= high {high}, expected low < high")
@@ -1405,7 +1406,7 @@ def _validate_param(knob: str, dim: Any, fixed: Mapping[str, Any], problems: _Pr
         return None
     step = dim.get("step")
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
-        problems.add(f"{path}.step", f"found {_describe(step)}, expected a number > 0")
+        problems.add(f"{path}.step", f"found {describe_value(step)}, expected a number > 0")
         step = None
     if step is not None and log:
         # Optuna cannot combine a log scale with a step.
