@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from harness.docs import DOCS, GENERATED, generated_text, knob_table
 from harness.spec import (
+    DEFAULT_TRIAL_LIMIT,
     DEFAULTS,
     KNOB_NAMES,
     SpecError,
@@ -1016,11 +1017,13 @@ def _hostile_file(kind: str, size: int) -> bytes:
     if kind == "utf16":
         return "study: s\ngrid: {method: [simclr]}\n".encode("utf-16")
     if kind == "latin1":
-        return f"study: caf{'é' * size}\ngrid: {{method: [simclr]}}\n".encode("latin-1")
+        return f"study: caf{'é' * (size + 1)}\ngrid: {{method: [simclr]}}\n".encode("latin-1")
     if kind == "random-bytes":
         return bytes((i * 131 + size) % 256 for i in range(64 + size))
     if kind == "huge-grid":
-        values = ", ".join(str(0.001 * (i + 1)) for i in range(size + 10))
+        # 3 knobs x 22+ values x 3 seeds >= 31,944 trials: over the 10,000 limit for every size (a
+        # smaller grid would be a valid study and really run).
+        values = ", ".join(str(0.001 * (i + 1)) for i in range(size + 22))
         return f"study: s\ngrid:\n  lr: [{values}]\n  temperature: [{values}]\n  weight_decay: [{values}]\nseeds: [0, 1, 2]\n".encode()
     if kind == "huge-seeds":
         return f"study: s\ngrid: {{method: [simclr]}}\nseeds: [{', '.join(map(str, range(20_000 + size)))}]\n".encode()
@@ -1056,6 +1059,9 @@ def test_cli_run__hostile_files_exit_2_with_located_lines_and_touch_nothing(
     database = folder / "existing.db"
     database.write_bytes(b"")  # stands for a database the file must not touch
     before = sorted(p.name for p in folder.iterdir())
+    # A file the parser accepted would really train below: fail at once instead.
+    with pytest.raises(SpecError):
+        load_study(study, max_trials=DEFAULT_TRIAL_LIMIT)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         code = main(["run", str(study), "--db", str(folder / "new.db")])
