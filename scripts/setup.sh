@@ -12,25 +12,35 @@ what="${1:-setup}"
 venv="${HARNESS_VENV:-.venv}"
 py="$venv/bin/python"
 
+# Each stage says when it started and how long the script has run, so a slow or stuck stage shows in a log.
+stage() { echo "== [$(date -u +%H:%M:%S), ${SECONDS}s in] $*"; }
+# pip's configuration on some machines names local package folders that do not exist, and pip warns
+# about each one on every install; those lines (hundreds) would bury the rest of a CI log.
+quiet_pip() {
+  local status=0
+  "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; } || status=$?
+  return "$status"
+}
+
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
 
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  echo "== installing Debian's dataset-fashion-mnist"
+  stage "installing Debian's dataset-fashion-mnist"
   as_root apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
 fi
 
 if [ ! -x "$py" ]; then
-  echo "== creating the virtual environment $venv"
+  stage "creating the virtual environment $venv"
   python3 -m venv "$venv"
 fi
 
 stamp="$venv/.harness-installed"
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
-  echo "== installing torch and the project into $venv"
-  "$py" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-  "$py" -m pip install -q --disable-pip-version-check -e ".[dev]"
+  stage "installing torch and the project into $venv"
+  quiet_pip "$py" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+  quiet_pip "$py" -m pip install -q --disable-pip-version-check -e ".[dev]"
   echo "$wanted" > "$stamp"
 fi
 
@@ -47,7 +57,7 @@ stop_test_postgres() {
 start_test_postgres() {
   if [ -n "${HARNESS_TEST_POSTGRES_URL:-}" ]; then return; fi
   if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
-    echo "== installing Debian's postgresql (for the PostgreSQL tests)"
+    stage "installing Debian's postgresql (for the PostgreSQL tests)"
     as_root apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
   fi
@@ -61,7 +71,7 @@ start_test_postgres() {
   as_postgres "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w start \
     -o "-k $pg_dir -p $port -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" >/dev/null
   export HARNESS_TEST_POSTGRES_URL="postgresql://harness@127.0.0.1:$port/postgres"
-  echo "== PostgreSQL test server: $HARNESS_TEST_POSTGRES_URL"
+  stage "PostgreSQL test server: $HARNESS_TEST_POSTGRES_URL"
 }
 
 case "$what" in
@@ -74,20 +84,26 @@ case "$what" in
   test)
     start_test_postgres
     if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-      echo "== installing Debian's slurm-wlm and munge (tests/test_slurm.py runs a one-node Slurm cluster)"
+      stage "installing Debian's slurm-wlm and munge (tests/test_slurm.py runs a one-node Slurm cluster)"
       as_root apt-get update -q
       as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge
     fi
     if ! command -v chromium >/dev/null; then
-      echo "== installing Debian's chromium (for the report's browser test)"
+      stage "installing Debian's chromium (for the report's browser test)"
       as_root apt-get update -q
       as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
     fi
     # The browser test fails (instead of skipping) without chromium; its screenshots stay here.
     export HARNESS_REQUIRE_BROWSER=1 HARNESS_TEST_ARTIFACTS="$PWD/test-artifacts"
-    "$py" -m pytest -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --timeout=900
+    # --durations lists the slowest tests at the end; the outer timeout interrupts a suite that runs
+    # far past its budget (pytest still prints its summary), well before CI's own 90-minute limit.
+    stage "the test suite"
+    timeout --signal=INT --kill-after=60 "${HARNESS_SUITE_TIMEOUT:-3600}" \
+      "$py" -m pytest -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds --timeout=600 --durations=25
+    stage "the loss-kernel speed gate"
     "$venv/bin/harness" bench --quick --threads 1 --no-memory --db "sqlite:///${TMPDIR:-/tmp}/harness-ci-bench.db" \
       --compare harness/bench/baselines/ci-cpu.json --max-slowdown 50%
+    stage "done"
     echo "== browser screenshots of a real report: $HARNESS_TEST_ARTIFACTS/report-*.png"
     ;;
   *)
