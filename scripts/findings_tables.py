@@ -1,0 +1,125 @@
+"""Regenerate the tables of docs/FINDINGS.md from the study databases in results/baselines/.
+
+A table is a block of FINDINGS.md between
+
+    <!-- findings-table study=cpu-temperature by=method,temperature -->
+    <!-- end findings-table -->
+
+(``study``: the study, read from ``results/baselines/<study>.db``; ``by``: the knobs that make a row).
+Everything between the two markers is rewritten: the study's status and one row per configuration
+with n, mean ± sd and the 95% t-interval over seeds (harness.reports.statistics, the reports' own
+arithmetic), k-NN against the study's random-init baseline where it has one, and the seeds the
+reports flag as collapsed (harness.reports.collapse).
+
+    python scripts/findings_tables.py            # rewrite docs/FINDINGS.md
+    python scripts/findings_tables.py --check    # exit 1 when a table differs from its database
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from harness.reports.collapse import collapse_reasons
+from harness.reports.statistics import t_interval
+from harness.results import trials_frame
+
+REPO = Path(__file__).resolve().parent.parent
+FINDINGS = REPO / "docs" / "FINDINGS.md"
+BASELINES = REPO / "results" / "baselines"
+BLOCK = re.compile(
+    r"(?P<open><!-- findings-table study=(?P<study>[\w.-]+) by=(?P<by>[\w,]+) -->\n)(?P<body>.*?)(?P<close><!-- end findings-table -->)",
+    re.S,
+)
+# (column heading, frame column, scale, decimals)
+COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("k-NN top-1 (%)", "knn_top1", 100.0, 1),
+    ("linear top-1 (%)", "linear_top1", 100.0, 1),
+    ("final loss", "final_loss", 1.0, 3),
+    ("uniformity", "uniformity", 1.0, 2),
+    ("effective rank", "effective_rank", 1.0, 1),
+)
+
+
+def cell(values: Iterable[float], scale: float, decimals: int) -> str:
+    """'mean ± sd [low, high]' (95% t-interval of the mean); the mean alone for one seed."""
+    interval = t_interval(float(v) * scale for v in values)
+    if math.isnan(interval.mean):
+        return "–"
+    text = f"{interval.mean:.{decimals}f}"
+    if interval.exists:
+        text += f" ± {interval.std:.{decimals}f} [{interval.low:.{decimals}f}, {interval.high:.{decimals}f}]"
+    return text
+
+
+def status_line(frame: pd.DataFrame) -> str:
+    counts = frame["status"].value_counts()
+    total, complete = int(counts.sum()), int(counts.get("complete", 0))
+    others = ", ".join(f"{int(n)} {status}" for status, n in counts.items() if status != "complete")
+    return f"Study status: {complete} of {total} trials complete" + (f" ({others})." if others else ".")
+
+
+def table(study: str, by: list[str]) -> str:
+    database = BASELINES / f"{study}.db"
+    if not database.exists():
+        raise SystemExit(f"{FINDINGS}: findings-table study={study}: no database {database}")
+    frame = trials_frame(database, study)
+    if frame.empty:
+        raise SystemExit(f"{FINDINGS}: findings-table study={study}: {database} holds no trials of that study")
+    unknown = [key for key in by if key not in frame.columns]
+    if unknown:
+        raise SystemExit(f"{FINDINGS}: findings-table study={study}: by={','.join(unknown)} is not a knob of its trials")
+    complete = frame[frame["status"] == "complete"]
+    baseline = complete[complete["method"] == "random_init"]["knn_top1"]
+    floor = float(baseline.mean()) if len(baseline) else None
+    lines = [
+        status_line(frame),
+        "",
+        "| " + " | ".join([*by, "n", COLUMNS[0][0], "vs random init", *(c[0] for c in COLUMNS[1:]), "collapsed seeds"]) + " |",
+        "|" + " --- |" * (len(by) + len(COLUMNS) + 3),
+    ]
+    for key, group in complete.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        cells = [str(k) for k in key] + [str(len(group))]
+        for index, (_, column, scale, decimals) in enumerate(COLUMNS):
+            cells.append(cell(group[column], scale, decimals))
+            if index == 0:
+                untrained = floor is None or group["method"].iloc[0] == "random_init"
+                cells.append("–" if untrained else f"{100 * (group['knn_top1'].mean() - floor):+.1f}")
+        collapsed = [str(int(row["seed"])) for _, row in group.iterrows() if collapse_reasons(row)]
+        cells.append(", ".join(collapsed) or "none")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def regenerate(text: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        return match["open"] + table(match["study"], match["by"].split(",")) + match["close"]
+
+    return BLOCK.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a table differs from its database")
+    args = parser.parse_args(argv)
+    text = FINDINGS.read_text()
+    new = regenerate(text)
+    if args.check:
+        if new != text:
+            print(f"{FINDINGS}: tables differ from results/baselines/; run python scripts/findings_tables.py")
+            return 1
+        return 0
+    FINDINGS.write_text(new)
+    print(f"{FINDINGS}: {len(BLOCK.findall(new))} tables regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
