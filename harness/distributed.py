@@ -25,6 +25,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -89,21 +90,76 @@ def mean_over_ranks(value: Tensor) -> Tensor:
 
 def average_gradients(parameters: Callable[[], Iterator[nn.Parameter]] | list[nn.Parameter]) -> None:
     """DistributedDataParallel's reduction, done by hand: every gradient replaced by its mean over
-    the ranks (for loops that do not run the model through DDP's forward)."""
+    the ranks (for loops that do not run the model through DDP's forward). The gradients are
+    flattened into one buffer per device and dtype, so a step costs one all-reduce per buffer
+    rather than one per parameter (DDP's buckets, without its overlap with the backward pass)."""
     if not is_distributed():
         return
     world = dist.get_world_size()
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for parameter in parameters() if callable(parameters) else parameters:
         if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
-            parameter.grad.div_(world)
+            groups.setdefault((parameter.grad.device, parameter.grad.dtype), []).append(parameter.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view(grad.shape))
+
+
+def control_group() -> Any:
+    """The process group for small host-side messages (a checkpoint's path, the peak memory): the
+    default group with gloo; a gloo group beside NCCL's, so those messages need no GPU copy."""
+    global _CONTROL
+    if dist.get_backend() == "gloo":
+        return None
+    if _CONTROL is None:
+        _CONTROL = dist.new_group(backend="gloo")
+    return _CONTROL
+
+
+_CONTROL: Any = None
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object); the identity without a group."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=control_group())
+    return box[0]
+
+
+def sum_over_ranks(value: float) -> float:
+    """The sum of a host-side number over the ranks (each rank's peak memory -> the trial's)."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total, group=control_group())
+    return float(total)
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Every parameter and buffer of ``module`` set to rank 0's (what DDP does at construction), so
+    the ranks start from one model even if building it drew different random numbers."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_contiguous():
+                dist.broadcast(tensor.data, src=0)
+            else:  # channels-last weights: the collectives take contiguous tensors
+                copy = tensor.data.contiguous()
+                dist.broadcast(copy, src=0)
+                tensor.data.copy_(copy)
 
 
 class GlobalBatchNorm(_BatchNorm):
     """Batch norm over the global batch of all ranks, for any backend (gloo included): the per-channel
-    sum and sum of squares of each rank are all-reduced, differentiably, and every rank normalizes
-    with the same mean and biased variance; the running statistics follow ``nn.BatchNorm``'s update
-    with the global count (unbiased variance). Outside training, or without a process group, it is
+    sum, then the sum of squared deviations from the global mean, of each rank are all-reduced,
+    differentiably, and every rank normalizes with the same mean and biased variance; the running
+    statistics follow ``nn.BatchNorm``'s update with the global count (unbiased variance). Outside training, or without a process group, it is
     ``nn.BatchNorm``. Same parameters and buffers as the batch norm it replaces."""
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -116,12 +172,16 @@ class GlobalBatchNorm(_BatchNorm):
         dims = [d for d in range(input.dim()) if d != 1]
         count_local = input.numel() // input.shape[1]
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), float(count_local))])
-        stats = _SumOverRanks.apply(stats)
         channels = input.shape[1]
-        total, squares, count = stats[:channels], stats[channels : 2 * channels], stats[-1]
-        mean = total / count
-        variance = (squares / count - mean * mean).clamp_min(0)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        # Two passes, as nn.BatchNorm computes them: the mean, then the squared deviations from it.
+        # (E[x^2] - mean^2 in one pass loses float32 digits to cancellation when |mean| >> std,
+        # which a trial's first loss already shows at 1e-5.)
+        stats = _SumOverRanks.apply(torch.cat([x.sum(dims), x.new_full((1,), float(count_local))]))
+        count = stats[-1]
+        mean = stats[:channels] / count
+        centered = x - mean.view(shape)
+        variance = _SumOverRanks.apply((centered * centered).sum(dims)) / count
         if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -132,11 +192,10 @@ class GlobalBatchNorm(_BatchNorm):
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = variance.detach() * (n / max(n - 1.0, 1.0))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        shape = [1, channels] + [1] * (input.dim() - 2)
         scale = torch.rsqrt(variance + self.eps)
         if self.affine:
             scale = scale * self.weight
-        out = (x - mean.view(shape)) * scale.view(shape)
+        out = centered * scale.view(shape)
         if self.affine:
             out = out + self.bias.view(shape)
         return out.to(input.dtype)
@@ -195,13 +254,18 @@ def free_port() -> int:
 
 @contextmanager
 def process_group(rank_: int, world: int, port: int, backend: str = "gloo") -> Iterator[None]:
-    """Join a process group on this machine (``127.0.0.1:port``) for the duration of the block."""
+    """Join a process group on this machine (``127.0.0.1:port``) for the duration of the block.
+    With NCCL, set this rank's CUDA device first (``torch.cuda.set_device``)."""
+    global _CONTROL
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(backend, rank=rank_, world_size=world)
+    # Generous: while rank 0 evaluates (intermediate k-NN) the others wait in their next collective.
+    # A rank that dies is noticed by the parent process (harness.train), not by this timeout.
+    dist.init_process_group(backend, rank=rank_, world_size=world, timeout=timedelta(hours=2))
     try:
         yield
     finally:
+        _CONTROL = None
         dist.destroy_process_group()
 
 

@@ -395,6 +395,22 @@ class TrialConfig:
         ),
         identity=False,
     )
+    # How many processes train one trial, not what the trial is: N processes with batch_size / N
+    # images each compute the loss and update of the global batch (tests/test_distributed.py), so
+    # the knob is outside the identity, like ``device``; before it every trial ran as one process.
+    devices_per_trial: int = knob(
+        1,
+        "processes that train one trial together (`torch.distributed`: one GPU each with NCCL on CUDA, "
+        "`cuda:N` .. `cuda:N+devices-1`; gloo on the CPU), each on `batch_size / devices_per_trial` images "
+        "of every global batch; evaluation, checkpoints and results on the first; throughput and peak "
+        "memory are the whole trial's (docs/SCALING.md)",
+        group="execution",
+        check=within(1, 1024),
+        label="devices per trial",
+        legacy=1,
+        identity=False,
+        training=True,
+    )
     precision: str = knob(
         "auto", "`auto` (bf16 autocast on CUDA, fp32 on the CPU), `fp32` or `bf16`", group="execution", choices=PRECISIONS
     )
@@ -786,6 +802,11 @@ def cross_check(config: TrialConfig) -> list[str]:
         problems.append(
             f"batch_size: found {config.batch_size} with train_size {config.train_size}, "
             "expected batch_size <= train_size"
+        )
+    if spec.trains and config.batch_size % config.devices_per_trial:
+        problems.append(
+            f"devices_per_trial: found {config.devices_per_trial} with batch_size {config.batch_size}, expected a "
+            "divisor of batch_size (batch_size is the global batch, split evenly over the processes)"
         )
     if config.pretrain_split != "train" and config.dataset not in UNLABELED_DATASETS:
         problems.append(

@@ -27,15 +27,17 @@ from typing import Any
 
 import torch
 
-from harness import evaluation, provenance
+from harness import distributed, evaluation, provenance
 from harness.checkpoint import (
     FINAL_NAME,
     CheckpointPolicy,
     CheckpointProblem,
+    Loaded,
     StopRequests,
     TrialCheckpoints,
     TrialInterrupted,
     capture_rng,
+    decode,
     encoder_layers,
     restore_rng,
     write_encoder,
@@ -63,6 +65,10 @@ EVAL_VIEW_STRENGTH = 1.0
 
 class TrialDiverged(Exception):
     """The training loss became non-finite."""
+
+
+class _RankDone(Exception):
+    """A rank other than the first has trained its share; evaluation is the first rank's."""
 
 
 @dataclass
@@ -246,6 +252,15 @@ def run_trial(
         if checkpoint_dir is None or isinstance(checkpoint_dir, CheckpointPolicy)
         else CheckpointPolicy.from_config(config, Path(checkpoint_dir))
     )
+    if config.devices_per_trial > 1 and METHODS[config.method].trainable and not distributed.is_distributed():
+        from harness.ranks import run_on_ranks  # the parent of the trial's processes
+
+        return run_on_ranks(
+            config, on_eval=on_eval, progress=progress, sink=sink, checkpoint=checkpoint, on_curves=on_curves, say=say
+        )
+    # From here on this process is the whole trial, or one rank of it (harness.ranks): rank 0
+    # evaluates, checkpoints and reports; the other ranks only train.
+    first_rank = distributed.rank() == 0
     started = utcnow()
     summary: dict[str, float | None] = dict.fromkeys(SUMMARY_METRICS)
     curves: list[tuple[float, int, str, float]] = []
@@ -262,13 +277,17 @@ def run_trial(
         context.on_curves = on_curves
         curves = context.curves
         if checkpoint is not None:
-            checkpoints = _Checkpoints(checkpoint, context, say or (lambda line: None))
-        _train(context, summary, on_eval, progress, checkpoints)
+            checkpoints = _Checkpoints(checkpoint, context, say or (lambda line: None), writer=first_rank)
+        _train(context, summary, on_eval, progress if first_rank else False, checkpoints)
+        if not first_rank:
+            raise _RankDone
         _final_evaluation(context, summary)
         if checkpoints is not None and checkpoints.policy.save_weights:
             start = time.perf_counter()
             weights = _write_weights(context, summary, checkpoints.policy.directory)
             checkpoints.seconds += time.perf_counter() - start
+        status, reason = "complete", None
+    except _RankDone:
         status, reason = "complete", None
     except TrialPruned as pruned:
         status, reason = "pruned", str(pruned) or "pruned"
@@ -285,7 +304,7 @@ def run_trial(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if checkpoints is not None:
+    if checkpoints is not None and checkpoints.writer:
         # A complete trial keeps its final state; a failed or pruned one is rerun from zero.
         if status == "complete":
             checkpoints.files.finish(keep_final=checkpoints.policy.keep_final)
@@ -350,6 +369,11 @@ def _build(config: TrialConfig, device: torch.device) -> _Context:
         )
     channels, image_size = train.images.shape[1], train.images.shape[-1]
     method = method_class(config, in_channels=channels, image_size=image_size, num_classes=train.num_classes).to(device)
+    if distributed.is_distributed():
+        # Batch norms over the global batch, and every rank starting from rank 0's model: the
+        # forward pass and the update then equal the single-process ones (tests/test_distributed.py).
+        distributed.synchronize_batch_norm(method, device.type)
+        distributed.broadcast_module(method)
     if config.channels_last:
         method = method.to(memory_format=torch.channels_last)
     if config.compile:
@@ -385,7 +409,9 @@ class _Checkpoints:
     """A trial's checkpoints as the training loop uses them: when one is due, what it holds, and
     resuming from the newest usable one."""
 
-    def __init__(self, policy: CheckpointPolicy, context: _Context, say: Callable[[str], None]) -> None:
+    def __init__(
+        self, policy: CheckpointPolicy, context: _Context, say: Callable[[str], None], *, writer: bool = True
+    ) -> None:
         config = context.config
         images = context.pretrain.images.shape[0]
         steps_per_epoch = images // config.batch_size
@@ -398,6 +424,9 @@ class _Checkpoints:
             "total_steps": steps_per_epoch * config.epochs,
         }
         self.policy = policy
+        # One rank writes (the first); on a trial of several processes the others only resume, from
+        # the file the first one chose. A checkpoint is the same whichever the number of processes.
+        self.writer = writer
         self.files = TrialCheckpoints(policy.directory, identity, say=say)
         self.say = say
         self.stop = StopRequests()
@@ -410,6 +439,8 @@ class _Checkpoints:
 
     def due(self, *, epoch_end: bool, epoch: int) -> bool:
         policy = self.policy
+        if not self.writer:
+            return False
         if self.stop.requested:
             return True
         if policy.every_minutes > 0 and time.monotonic() - self.last_saved >= policy.every_minutes * 60:
@@ -448,7 +479,13 @@ class _Checkpoints:
             if [len(g["params"]) for g in state["optimizer"]["param_groups"]] != group_sizes:
                 raise CheckpointProblem("incompatible: the optimizer's parameter groups differ")
 
-        loaded = self.files.latest(map_location=context.device, check=check)
+        loaded = self.files.latest(map_location=context.device, check=check) if self.writer else None
+        if distributed.is_distributed():
+            # Every rank restores the file rank 0 chose (it alone may skip and rename damaged ones).
+            chosen = distributed.broadcast_object(str(loaded.path) if loaded is not None else None)
+            if not self.writer and chosen is not None:
+                payload = decode(Path(chosen).read_bytes(), map_location=context.device)
+                loaded = Loaded(Path(chosen), payload["state"])
         if loaded is None:
             return None
         state = loaded.state
@@ -489,6 +526,12 @@ def _train(
     )
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     method.on_train_start(total_steps, steps_per_epoch)
+    # On several processes every rank draws the views of the whole global batch (the random numbers
+    # of the single-process run, so a seed reproduces whatever the number of processes) and trains
+    # on its slice of it; the method gathers the slices back before its loss.
+    world, first_rank = distributed.world_size(), distributed.rank() == 0
+    share = config.batch_size // world
+    rows = slice(distributed.rank() * share, (distributed.rank() + 1) * share)
     channels_last = config.channels_last
     # Losses stay on the device and are checked at log points only, so the loop never waits on
     # the GPU each step; the first non-finite entry still gives the exact step of divergence.
@@ -567,14 +610,18 @@ def _train(
                         std=data.std,
                         preset=config.aug_preset,
                     )
+                    batch_labels = labels[index]
+                    if world > 1:
+                        views, batch_labels = [v[rows] for v in views], batch_labels[rows]
                     if channels_last:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                     lr = lr_at(step, total_steps, warmup_steps, base_lr)
                     set_lr(optimizer, lr)
                     with context.precision():
-                        loss = method.training_loss(views, labels[index])
+                        loss = method.training_loss(views, batch_labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    distributed.average_gradients(method.optimizer_parameters())
                     optimizer.step()
                     method.after_optimizer_step(step)
                     losses[step] = loss.detach().float()
@@ -608,7 +655,12 @@ def _train(
                 if timed_start is not None:
                     position.measured_seconds += now - timed_start
                     position.measured_images += timed_images
-                if config.eval_every and (epoch + 1) % config.eval_every == 0 and epoch + 1 < config.epochs:
+                if (
+                    first_rank
+                    and config.eval_every
+                    and (epoch + 1) % config.eval_every == 0
+                    and epoch + 1 < config.epochs
+                ):
                     _intermediate_eval(context, epoch + 1, position.step, on_eval)
                 position.epoch, position.batch = epoch + 1, 0
                 if (
@@ -619,6 +671,10 @@ def _train(
                     checkpoints.save(state(), position.step)
                     checkpoints.stop_if_requested()
         peak = None if memory.peak is None else float(memory.peak)  # None: not measurable here
+        # The trial's figure: every rank's peak on its own device, summed (measurable on all ranks
+        # or none: they run on one kind of device).
+        if world > 1 and peak is not None:
+            peak = distributed.sum_over_ranks(peak)
         if checkpoints is not None:
             if checkpoints.resumed_peak is not None:  # the attempt that trained to the end measured it
                 peak = max(peak or 0.0, float(checkpoints.resumed_peak))
