@@ -142,6 +142,13 @@ def run_on_ranks(
             outcome = watch.wait(events, replies, on_eval=on_eval, sink=sink, on_curves=on_curves, say=say)
     finally:
         watch.stop_all()
+        # The queues' semaphores are freed now, not left to the interpreter's exit (where an
+        # interrupt's traceback still holds them and the resource tracker warns of a leak).
+        for process in processes:
+            process._args = ()
+        events.close()
+        replies.close()
+        del events, replies
     kind = outcome[0]
     if kind == "interrupted":
         _, signum, path, message = outcome
