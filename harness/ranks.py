@@ -397,6 +397,11 @@ def _rank_main(
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore, registered with the resource tracker the
+    # ranks share with their parent; a rank killed by the parent would leave it to a warning there.
+    from tqdm.std import tqdm
+
+    tqdm.set_lock(threading.RLock())
     from harness.train import run_trial
 
     try:

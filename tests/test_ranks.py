@@ -163,7 +163,6 @@ def rank_that_breaks(*args: Any) -> None:
 
 
 @pytest.mark.slow
-@needs_fashion
 def test_run_study__a_failing_rank_fails_its_trial_with_the_reason_and_leaves_no_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -174,7 +173,7 @@ def test_run_study__a_failing_rank_fails_its_trial_with_the_reason_and_leaves_no
     fixed.pop("dataset")
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({
-        "study": "broken-rank", "dataset": "fashion-mnist", "fixed": fixed,
+        "study": "broken-rank", "dataset": "synthetic", "fixed": fixed,
         "grid": {"method": ["simclr", "byol"]}, "seeds": [0],
     }))
     result = run_study(load_study(path), RunOptions(db=str(tmp_path / "h.db"), progress=False), echo=lambda line: None)
