@@ -111,11 +111,10 @@ def average_gradients(parameters: Callable[[], Iterator[nn.Parameter]] | list[nn
 def control_group() -> Any:
     """The process group for small host-side messages (a checkpoint's path, the peak memory): the
     default group with gloo; a gloo group beside NCCL's, so those messages need no GPU copy."""
-    global _CONTROL
     if dist.get_backend() == "gloo":
         return None
     if _CONTROL is None:
-        _CONTROL = dist.new_group(backend="gloo")
+        raise RuntimeError("no control group: join the process group with process_group(...)")
     return _CONTROL
 
 
@@ -262,6 +261,8 @@ def process_group(rank_: int, world: int, port: int, backend: str = "gloo") -> I
     # Generous: while rank 0 evaluates (intermediate k-NN) the others wait in their next collective.
     # A rank that dies is noticed by the parent process (harness.train), not by this timeout.
     dist.init_process_group(backend, rank=rank_, world_size=world, timeout=timedelta(hours=2))
+    if backend != "gloo":  # made by every rank at one point (new_group is collective), used later
+        _CONTROL = dist.new_group(backend="gloo")
     try:
         yield
     finally:

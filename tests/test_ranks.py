@@ -176,8 +176,10 @@ def test_run_study__a_failing_rank_fails_its_trial_with_the_reason_and_leaves_no
         "study": "broken-rank", "dataset": "synthetic", "fixed": fixed,
         "grid": {"method": ["simclr", "byol"]}, "seeds": [0],
     }))
-    result = run_study(load_study(path), RunOptions(db=str(tmp_path / "h.db"), progress=False), echo=lambda line: None)
+    lines: list[str] = []
+    result = run_study(load_study(path), RunOptions(db=str(tmp_path / "h.db"), progress=False), echo=lines.append)
     assert result.exit_code == 0 and result.tally.failed == 2
+    assert any(line.endswith("running on 2 processes on cpu (preparing data and model)") for line in lines)
     stored = Database(tmp_path / "h.db").run(lambda s: list(s.scalars(select(TrialRow))))
     rows = {row.config["method"]: row for row in stored}
     raised, killed = rows["simclr"], rows["byol"]

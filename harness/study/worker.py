@@ -324,10 +324,10 @@ def run_claim(
         )
     elif claim.previous_status == "failed":
         ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): retrying a failed trial")
-    ctx.echo(
-        f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {_device_shown(config.device)} "
-        "(preparing data and model)"
-    )
+    where = _device_shown(config.device)
+    if config.devices_per_trial > 1:  # one trial on several processes (harness.ranks)
+        where = f"{config.devices_per_trial} processes on {where}"
+    ctx.echo(f"trial #{claim.row_id} ({ctx.label(claim.config)}): running on {where} (preparing data and model)")
     started = time.perf_counter()
     curves = artifacts.LiveCurves()
     store.set_checkpoint_dir(ctx.db, claim, str(folder))  # `harness status` finds it while it runs
