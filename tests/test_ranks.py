@@ -6,6 +6,7 @@ that rank's reason and leaves no process behind; impossible settings are refused
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -24,6 +25,7 @@ from harness.db import Database, TrialRow
 from harness.methods import METHODS
 from harness.spec import SpecError, load_study, resolve
 from harness.study import RunOptions, run_study
+from harness.trial_api import TrialPruned
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason=f"needs Fashion-MNIST at {FASHION.parent}")
@@ -133,6 +135,24 @@ def test_run_trial__simclr_on_two_processes_stopped_and_resumed_equals_one_proce
     assert resumed.resumed_from_step is not None and 2 <= resumed.resumed_from_step < 8, lines
     assert any("resuming from checkpoint" in line for line in lines)
     _assert_same_trial(_config("simclr", 1), one, resumed)
+
+
+@pytest.mark.slow
+def test_run_trial__on_two_processes_a_pruning_evaluation_stops_every_rank() -> None:
+    """Optuna's pruning: rank 0's k-NN evaluation goes to the caller's ``on_eval`` in this process,
+    whose TrialPruned stops rank 0; the other rank, waiting in its next step, is stopped too."""
+    seen: list[tuple[int, float]] = []
+
+    def prune(epoch: int, knn: float) -> None:
+        seen.append((epoch, knn))
+        raise TrialPruned("pruned at epoch 1")
+
+    config = _config("simclr", 2, dataset="synthetic", train_size=32, epochs=3, eval_every=1)
+    record = train.run_trial(config, progress=False, on_eval=prune)
+    assert record.status == "pruned" and record.reason == "pruned at epoch 1"
+    knn = [(epoch, value) for epoch, _, name, value in record.curves if name == "knn_top1"]
+    assert [(int(epoch), value) for epoch, value in knn] == seen and len(seen) == 1
+    assert multiprocessing.active_children() == []
 
 
 def _pids_file() -> Path:
