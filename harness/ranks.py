@@ -99,7 +99,7 @@ def run_on_ranks(
     world = config.devices_per_trial
     started = utcnow()
 
-    def failed(reason: str) -> TrialRecord:
+    def failed(reason: str, device: str = config.device) -> TrialRecord:
         if checkpoint is not None:  # as a single-process trial: a failed trial reruns from zero
             TrialCheckpoints(checkpoint.directory, {}).clear()
         return TrialRecord(
@@ -107,7 +107,7 @@ def run_on_ranks(
             reason=reason,
             summary=dict.fromkeys(SUMMARY_METRICS),
             curves=[],
-            provenance=_provenance(config.device, world),
+            provenance=_provenance(device, world),
             started_at=started,
             checkpoint_dir=str(checkpoint.directory) if checkpoint is not None else None,
         )
@@ -140,6 +140,8 @@ def run_on_ranks(
                 process.start()
         with watch.forwarding_signals():
             outcome = watch.wait(events, replies, on_eval=on_eval, sink=sink, on_curves=on_curves, say=say)
+    except Exception as error:  # starting a process, a callback: still a failed trial, not a crash
+        outcome = ("failed", failure_reason(error))
     finally:
         watch.stop_all()
         # The queues' semaphores are freed now, not left to the interpreter's exit (where an
@@ -156,7 +158,7 @@ def run_on_ranks(
             raise TrialInterrupted(signum, Path(path))
         raise Interrupted(signum, message) if signum else KeyboardInterrupt(message)
     if kind == "failed":
-        return failed(outcome[1])
+        return failed(outcome[1], devices[0])
     record = outcome[1]
     record.started_at = started
     record.provenance = _provenance(devices[0], world, record.provenance)
