@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, inspect, select
 from harness.cli import main
 from harness.db import Database, SlurmJobRow, TrialRow, resolve_url
 from harness.spec import load_study
+from harness.study.artifacts import trial_folder
 from harness.study.slurm import (
     SlurmOptions,
     executor_parameters,
@@ -47,7 +48,7 @@ study: {name}
 description: six tiny trials for the Slurm test
 fixed:
   dataset: synthetic
-  train_size: 64
+  train_size: {train_size}
   test_size: 32
   batch_size: 32
   proj_hidden_dim: 32
@@ -57,16 +58,19 @@ fixed:
   epochs: {epochs}
   eval_every: 0
   device: cpu
-grid:
+{extra}grid:
   lr: [0.001, 0.002, 0.003]
   weight_decay: [0.0, 0.0001]
 seeds: [0]
 """
 
 
-def _write_study(tmp_path: Path, name: str = "slurmtiny", epochs: int = 1) -> Path:
+def _write_study(
+    tmp_path: Path, name: str = "slurmtiny", epochs: int = 1, train_size: int = 64, **extra: object
+) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY_STUDY.format(name=name, epochs=epochs))
+    lines = "".join(f"  {knob}: {value}\n" for knob, value in extra.items())
+    path.write_text(TINY_STUDY.format(name=name, epochs=epochs, train_size=train_size, extra=lines))
     return path
 
 
@@ -337,28 +341,55 @@ def _job_logs(folder: Path) -> dict[str, str]:
     return {p.name.rsplit("_0_log.out", 1)[0]: p.read_text(errors="replace") for p in folder.glob("*_0_log.out")}
 
 
-def _wait(what: str, condition: object, timeout: float, cluster: Cluster, folder: Path) -> object:
+def _wait(
+    what: str, condition: object, timeout: float, cluster: Cluster, folder: Path, poll: float = 0.5
+) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()  # type: ignore[operator]
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll)
     logs = "\n".join(f"== {k}\n{v[-2000:]}" for k, v in sorted(_job_logs(folder).items()))
     queue = cluster.run("squeue", check=False).stdout
     raise AssertionError(f"timed out waiting for {what}\nsqueue:\n{queue}\njob logs:\n{logs}\n{cluster.logs()}")
 
 
-def _running_job(folder: Path, exclude: set[str]) -> tuple[str, int] | None:
-    """A job (and its trial) that is running a trial now, by its log: the last line is "running"."""
+# The cluster test's trials train 4 steps an epoch for 6 epochs and checkpoint after each epoch: a
+# step file in a trial's folder says it is training (optimizer steps done, so a checkpoint to resume
+# from holds step >= 1), and the epochs after the first leave time to interrupt it there.
+STEPS_PER_EPOCH, EPOCHS = 4, 6
+TRAINING = {"train_size": 32 * STEPS_PER_EPOCH, "checkpoint_epochs": 1}  # batch_size 32
+
+
+def _step(checkpoint: Path) -> int:
+    """The step a step file was written at (``step-000000012.ckpt``: 12)."""
+    return int(checkpoint.name.split("-")[1].split(".")[0])
+
+
+def _training_job(folder: Path, checkpoints: Path, exclude: set[str], skip: set[int]) -> tuple[str, int, int] | None:
+    """A job whose trial is training now, and the step of the trial's newest checkpoint: the job's
+    log says it runs the trial (its last line is "running"), and the trial's checkpoint folder holds
+    a step file. Jobs in ``exclude`` and trials in ``skip`` are passed over (an interrupted trial
+    keeps its step files while its next attempt prepares)."""
     for job, text in sorted(_job_logs(folder).items()):
         if job in exclude:
             continue
         lines = [line for line in text.splitlines() if line.startswith("[slurm ")]
         match = re.search(r"trial #(\d+) .*: running on ", lines[-1]) if lines else None
-        if match:
-            return job, int(match.group(1))
+        if not match or int(match.group(1)) in skip:
+            continue
+        trial = int(match.group(1))
+        steps = sorted(trial_folder(checkpoints, "slurmtiny", trial).glob("step-*.ckpt"))
+        if steps:
+            return job, trial, _step(steps[-1])
     return None
+
+
+def _handed_back(log: str, trial: int) -> Path | None:
+    """The checkpoint that a job's hand-back line of ``trial`` names (None: it names none)."""
+    match = re.search(rf"trial #{trial}: interrupted; set back to pending \(.* from checkpoint (\S+)\)", log)
+    return Path(match.group(1)) if match else None
 
 
 @pytest.mark.slow
@@ -372,7 +403,10 @@ def test_harness_run__slurm_jobs_complete_every_trial_once_across_scancel_and_re
     cluster = slurm_cluster
     monkeypatch.setenv("SLURM_CONF", str(cluster.conf))  # for `harness status` and `harness cancel`
     folder = tmp_path / "jobs"
-    study = _write_study(tmp_path)  # several seconds per trial (mostly start-up): enough to interrupt
+    # With PostgreSQL, a job keeps checkpoints under results/harness-checkpoints/ of its working
+    # directory, which Slurm makes the submission's: one folder that every job shares.
+    checkpoints = tmp_path / "results" / "harness-checkpoints"
+    study = _write_study(tmp_path, epochs=EPOCHS, **TRAINING)
     submit = subprocess.run(
         [
             *(sys.executable, "-m", "harness", "run", str(study), "--launcher", "slurm", "--jobs", "3"),
@@ -390,24 +424,33 @@ def test_harness_run__slurm_jobs_complete_every_trial_once_across_scancel_and_re
     try:
         jobs = db.run(lambda s: [row.job_id for row in s.scalars(select(SlurmJobRow))])
         assert len(jobs) == 3 and all(re.fullmatch(r"\d+_[012]", job) for job in jobs)
+        stopped: dict[int, tuple[str, Path]] = {}  # trial -> the job stopped in it, the checkpoint it wrote
 
-        # One job cancelled mid-trial: SIGTERM hands the trial back; another job finishes it.
-        cancelled, cancelled_trial = _wait(  # type: ignore[misc]
-            "a job running a trial", lambda: _running_job(folder, set()), 120, cluster, folder
+        def stop_while_training(what: str, exclude: set[str], *scancel: str) -> tuple[str, int]:
+            """Signal a job once its trial has trained an epoch; it must checkpoint where it is and
+            hand the trial back, naming that checkpoint."""
+            job, trial, seen = _wait(  # type: ignore[misc]
+                what, lambda: _training_job(folder, checkpoints, exclude, set(stopped)), 120, cluster, folder, 0.05
+            )
+            cluster.run("scancel", *scancel, job)
+            line = f"trial #{trial}: interrupted; set back to pending"
+            _wait(f"job {job} to hand trial #{trial} back", lambda: line in _job_logs(folder)[job], 60, cluster, folder)
+            log = _job_logs(folder)[job]
+            checkpoint = _handed_back(log, trial)
+            # Stopped while training: a step file of the trial's folder, at or after the one seen,
+            # before the last step (the final checkpoint would mean training had ended).
+            assert checkpoint is not None and checkpoint.parent == trial_folder(checkpoints, "slurmtiny", trial), log
+            assert seen <= _step(checkpoint) < STEPS_PER_EPOCH * EPOCHS, (seen, checkpoint)
+            stopped[trial] = (job, checkpoint)
+            return job, trial
+
+        # One job cancelled while its trial trains: SIGTERM checkpoints the trial and hands it back.
+        cancelled, cancelled_trial = stop_while_training("a job whose trial has trained an epoch", set())
+        # Another warned of its time limit (what Slurm sends 90 s before it) while its trial trains:
+        # the trial is checkpointed and handed back the same way, and the job is requeued.
+        warned, warned_trial = stop_while_training(
+            "a second job whose trial has trained an epoch", {cancelled}, "--signal=USR2"
         )
-        cluster.run("scancel", cancelled)
-        _wait(
-            f"job {cancelled} to hand trial #{cancelled_trial} back",
-            lambda: f"trial #{cancelled_trial}: interrupted; set back to pending" in _job_logs(folder)[cancelled],
-            60,
-            cluster,
-            folder,
-        )
-        # Another warned of its time limit (what Slurm sends 90 s before it): hand back, requeue.
-        warned, warned_trial = _wait(  # type: ignore[misc]
-            "a second job running a trial", lambda: _running_job(folder, {cancelled}), 120, cluster, folder
-        )
-        cluster.run("scancel", "--signal=USR2", warned)
         _wait(
             f"job {warned} to be requeued",
             lambda: "Requeued job" in _job_logs(folder).get(warned, ""),
@@ -415,7 +458,6 @@ def test_harness_run__slurm_jobs_complete_every_trial_once_across_scancel_and_re
             cluster,
             folder,
         )
-        assert f"trial #{warned_trial}: interrupted; set back to pending" in _job_logs(folder)[warned]
 
         def all_complete() -> bool:
             return db.run(lambda s: [t.status for t in s.scalars(select(TrialRow))]) == ["complete"] * 6
@@ -423,11 +465,29 @@ def test_harness_run__slurm_jobs_complete_every_trial_once_across_scancel_and_re
         _wait("every trial to complete", all_complete, 240, cluster, folder)
         trials = db.run(lambda s: list(s.scalars(select(TrialRow).order_by(TrialRow.id))))
         assert len({(t.config_hash, t.seed) for t in trials}) == 6
-        # Exactly once: each trial's result was written by one job, in one "complete" line.
         logs = _job_logs(folder)
         for trial in trials:
+            # Exactly once: each trial's result was written by one job, in one "complete" line.
             writers = [job for job, text in logs.items() if re.search(rf"trial #{trial.id}\b[^\n]*: complete", text)]
             assert len(writers) == 1, (trial.id, writers)
+            # Every attempt of a trial used the one folder (the row keeps the last attempt's).
+            assert trial.checkpoint_dir == str(trial_folder(checkpoints, "slurmtiny", trial.id))
+            resumes = [
+                (job, line.split("] ", 1)[1])
+                for job, text in logs.items()
+                for line in text.splitlines()
+                if f"trial #{trial.id}: resuming from checkpoint" in line
+            ]
+            if trial.id not in stopped:  # never interrupted: one attempt, from step 0
+                assert trial.attempts == 1 and resumes == [], (trial.id, resumes)
+                continue
+            # Interrupted: a second attempt, by the job that wrote the result, resumed from the
+            # checkpoint the stopped job wrote (not from zero, not from a later one).
+            _, checkpoint = stopped[trial.id]
+            assert trial.attempts == 2
+            assert len(resumes) == 1 and resumes[0][0] == writers[0], (trial.id, resumes, writers)
+            resumed = f"trial #{trial.id}: resuming from checkpoint {checkpoint} (step {_step(checkpoint)}"
+            assert re.fullmatch(re.escape(resumed) + r"(\)|, .*\))", resumes[0][1]), (resumed, resumes)
         finisher = next(j for j, t in logs.items() if re.search(rf"trial #{cancelled_trial}\b[^\n]*: complete", t))
         assert finisher != cancelled
         assert not re.search(rf"trial #{warned_trial}\b[^\n]*: complete", logs[warned].split("Requeued job")[0])

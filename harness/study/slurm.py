@@ -173,6 +173,7 @@ class SlurmWorker:
         def echo(line: str) -> None:
             print(f"[slurm {name}] {line}", flush=True)
 
+        _use_allotted_cpus()
         db = Database(self.options.db)
         try:
             ctx = WorkerContext(
@@ -222,6 +223,19 @@ def _warnings_as_sigterm(received: list[int]) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _use_allotted_cpus() -> None:
+    """Train on as many threads as the job was given CPUs (``--cpus-per-job``: Slurm's
+    ``SLURM_CPUS_PER_TASK``). torch otherwise takes every core it sees, and on a cluster that does
+    not bind tasks to their CPUs (``TaskPlugin=task/none``) jobs sharing a node then oversubscribe
+    it: each thread waits on the others (several times slower). Without ``--cpus-per-job``
+    (no such variable) torch's own choice stands."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0:
+        import torch  # the job trains: torch is loaded for its trials anyway
+
+        torch.set_num_threads(int(cpus))
 
 
 def _trial_runner() -> Callable[..., Any]:

@@ -395,7 +395,7 @@ def run_claim(
                     outcome["summary"],
                     artifacts=tracked_artifacts(record),
                 )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         # The trial has checkpointed (when it was training): hand it back, and let no second
         # signal (a forwarded copy of the same one) interrupt that.
         _ignore_interrupts()
@@ -404,9 +404,12 @@ def run_claim(
         if store.release(ctx.db, claim, "interrupted"):
             for events in ctx.events:
                 events.released(ctx, claim)
-            ctx.echo(
-                f"trial #{claim.row_id}: interrupted; set back to pending (run the study again to resume)"
-            )
+            # A trial stopped while training names the checkpoint it wrote as it stopped (the
+            # next attempt resumes from it, whichever worker or job claims it); an interrupt
+            # outside the training loop (preparing data, evaluating) carries none.
+            written = getattr(interrupt, "checkpoint", None)
+            resume = f"resume from checkpoint {written}" if written is not None else "resume"
+            ctx.echo(f"trial #{claim.row_id}: interrupted; set back to pending (run the study again to {resume})")
         raise
     seconds = time.perf_counter() - started
     if not written:
