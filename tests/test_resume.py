@@ -168,6 +168,8 @@ def test_harness_run__sigterm_checkpoints_sets_pending_exits_143_and_the_rerun_r
     assert stopped.status == "pending" and stopped.reason == "interrupted"
     newest = max(trial_folder.glob("step-*.ckpt"))
     step = int(newest.stem.split("-")[1])
+    # The hand-back line names the checkpoint written as the trial stopped: the newest.
+    assert f"resume from checkpoint {newest.absolute()})" in output, output
     rerun = harness("run", str(path), "--no-progress", cwd=work)
     output, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, output

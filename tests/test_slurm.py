@@ -3,10 +3,11 @@
 The cluster test starts Debian's ``munged``, ``slurmctld`` and ``slurmd`` on this machine (2 CPUs,
 no GPUs, no cgroups; state, spool, logs and the munge key in a temporary directory; its own
 ports), submits a 6-trial grid as 3 jobs against a throwaway PostgreSQL database, cancels one
-job mid-trial (SIGTERM: it hands its trial back) and warns another of its end (SIGUSR2, what Slurm
-sends before a time limit: it hands its trial back and submitit requeues it), and checks that
-every trial completed exactly once. Skipped only when the Slurm or munge binaries are absent
-(``bash scripts/setup.sh test`` installs them).
+job while its trial trains (SIGTERM: the trial checkpoints and is handed back) and warns another
+of its end (SIGUSR2, what Slurm sends before a time limit: the same, and submitit requeues the
+job), and checks that every trial completed exactly once and that each interrupted trial was
+finished by a job that resumed it from the checkpoint written when it was stopped. Skipped only
+when the Slurm or munge binaries are absent (``bash scripts/setup.sh test`` installs them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from harness.spec import load_study
 from harness.study.artifacts import trial_folder
 from harness.study.slurm import (
     SlurmOptions,
+    _use_allotted_cpus,
     executor_parameters,
     sbatch_lines,
     slurm_states,
@@ -189,6 +191,23 @@ def test_slurm_states__one_squeue_call_per_array_and_its_states_parsed() -> None
     assert states["7_0"] == "RUNNING" and states["7_1"] == "CANCELLED" and states["9_0"] == "COMPLETED"
     assert calls == [["squeue", "-h", "--states=all", "-j", "7,9", "-o", "%i|%T"]]
     assert slurm_states([], run=fake_squeue) == {} and len(calls) == 1
+
+
+@pytest.mark.parametrize("allotted", ["other", None, ""])
+def test_use_allotted_cpus__a_job_trains_on_the_cpus_it_asked_for(
+    monkeypatch: pytest.MonkeyPatch, allotted: str | None
+) -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    if allotted is not None:  # "other": a number of CPUs that is not torch's current thread count
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", str(before + 1) if allotted == "other" else allotted)
+    try:
+        _use_allotted_cpus()
+        # Without --cpus-per-job (no variable, or an empty one) torch's own choice stands.
+        assert torch.get_num_threads() == (before + 1 if allotted == "other" else before)
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------

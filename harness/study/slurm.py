@@ -16,6 +16,8 @@ Signals, in a job:
   SIGTERM, so the trial is handed back the same way (by whatever handles SIGTERM then), then submitit's own checkpoint/requeue handler runs (``SlurmWorker.checkpoint``): the job is
   requeued and, when it starts again, claims the first runnable trial, which may be that one.
 
+A job trains on as many threads as it was given CPUs (``--cpus-per-job``), as local workers do.
+
 Torch-free at import; submitit is imported only to submit (not needed by ``harness status``).
 """
 
