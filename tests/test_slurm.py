@@ -376,9 +376,12 @@ def _wait(
 
 # The cluster test's trials train 4 steps an epoch for 6 epochs and checkpoint after each epoch: a
 # step file in a trial's folder says it is training (optimizer steps done, so a checkpoint to resume
-# from holds step >= 1), and the epochs after the first leave time to interrupt it there.
+# from holds step >= 1). A job is signalled only while its trial's newest checkpoint is from its
+# first two epochs, so that 16 steps or more are left to stop in (a trial seen later, e.g. one that
+# ran on while the test stopped another, is passed over for the next one).
 STEPS_PER_EPOCH, EPOCHS = 4, 6
 TRAINING = {"train_size": 32 * STEPS_PER_EPOCH, "checkpoint_epochs": 1}  # batch_size 32
+EARLY = 2 * STEPS_PER_EPOCH
 
 
 def _step(checkpoint: Path) -> int:
@@ -387,10 +390,11 @@ def _step(checkpoint: Path) -> int:
 
 
 def _training_job(folder: Path, checkpoints: Path, exclude: set[str], skip: set[int]) -> tuple[str, int, int] | None:
-    """A job whose trial is training now, and the step of the trial's newest checkpoint: the job's
-    log says it runs the trial (its last line is "running"), and the trial's checkpoint folder holds
-    a step file. Jobs in ``exclude`` and trials in ``skip`` are passed over (an interrupted trial
-    keeps its step files while its next attempt prepares)."""
+    """A job whose trial is training now, early in its run, and the step of the trial's newest
+    checkpoint: the job's log says it runs the trial (its last line is "running"), and the trial's
+    checkpoint folder holds a step file, of step ``EARLY`` at most. Jobs in ``exclude`` and trials
+    in ``skip`` are passed over (an interrupted trial keeps its step files while its next attempt
+    prepares)."""
     for job, text in sorted(_job_logs(folder).items()):
         if job in exclude:
             continue
@@ -400,7 +404,7 @@ def _training_job(folder: Path, checkpoints: Path, exclude: set[str], skip: set[
             continue
         trial = int(match.group(1))
         steps = sorted(trial_folder(checkpoints, "slurmtiny", trial).glob("step-*.ckpt"))
-        if steps:
+        if steps and _step(steps[-1]) <= EARLY:
             return job, trial, _step(steps[-1])
     return None
 
