@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -34,6 +37,9 @@ from harness.data.augment import (
     rgb_to_grayscale,
     solarize,
 )
+
+# The module itself (``harness.data.augment`` the attribute is the function of that name).
+AUG = importlib.import_module("harness.data.augment")
 
 
 def images(channels: int = 1, n: int = 16, size: int = 28, seed: int = 0) -> torch.Tensor:
@@ -509,3 +515,87 @@ def test_multi_crop__paper_at_224_is_two_global_and_six_96px_local_views() -> No
     assert [tuple(v.shape[-2:]) for v in views] == [(224, 224)] * 2 + [(96, 96)] * 6
     glob = view_recipes("multicrop", 1.0, channels=3, image_size=224, preset="paper")[0]
     assert glob.scale == pytest.approx((0.4, 1.0))  # DINO's global crops
+
+
+# ----------------------------------------------------------------------------------------------
+# The pixel stage: CPU row subsets and the compiled stage give the full eager batch's results
+
+
+def _all_ops_recipes() -> tuple[ViewRecipe, ViewRecipe]:
+    """Two views that draw every operation for some samples and not for others."""
+    first, second = view_recipes("byol", 1.0, channels=3, image_size=20)
+    return dataclasses.replace(first, blur_p=0.5, grayscale_p=0.5), second
+
+
+def test_pixels__cpu_subsets_match_full_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = images(3, n=24, size=20)
+    recipes = _all_ops_recipes()
+    captured: dict[str, object] = {}
+
+    def spy(plan: object, imgs: torch.Tensor, draws: object, *, subsets: bool = False) -> torch.Tensor:
+        captured.update(plan=plan, draws=draws)
+        return original(plan, imgs, draws, subsets=subsets)
+
+    original = AUG._pixels
+    monkeypatch.setattr(AUG, "_pixels", spy)
+    augment(x, recipes, generator=gen(4), compiled=False)
+    plan, draws = captured["plan"], captured["draws"]
+    assert 0 < int(draws.sigma.gt(0).sum()) < 48 and 0 < int(draws.grayscale.sum()) < 48
+    assert 0 < int(draws.jitter.sum()) < 48
+    subset = original(plan, x, draws, subsets=True)
+    full = original(plan, x, draws, subsets=False)
+    # Blur and grayscale are exact on the skipped rows; hue's HSV round trip rounds at 1e-7.
+    assert torch.allclose(subset, full, atol=1e-6, rtol=0)
+
+
+def test_augment__compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(*args: object) -> torch.Tensor:
+            raise RuntimeError("no C++ compiler found\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
+    monkeypatch.setattr(AUG.torch, "compile", broken_compile)
+    x = images(3, n=8, size=20)
+    expected = augment(x, _all_ops_recipes(), generator=gen(1), compiled=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the pixel stage failed .RuntimeError: no C.. compiler"):
+        got = augment(x, _all_ops_recipes(), generator=gen(1), compiled=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    (entry,) = AUG.compiled_augmentation()
+    assert entry["failure"] == "RuntimeError: no C++ compiler found" and entry["first_call_s"] is None
+    # Later calls of the same plan go straight to the eager stage, without another warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        augment(x, _all_ops_recipes(), generator=gen(1), compiled=True)
+
+
+def test_use_compiled_augmentation__sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(AUG, "_compiled_pixels", lambda plan, imgs, draws: calls.append(plan))
+    monkeypatch.setitem(AUG._COMPILED, "enabled", False)
+    x = images(n=4)
+    two_views(x, 1.0, generator=gen())
+    assert calls == []
+    AUG.use_compiled_augmentation(True)
+    two_views(x, 1.0, generator=gen())
+    assert len(calls) == 1  # a None from the compiled stage means "ran eagerly instead"
+    two_views(x, 1.0, generator=gen(), compiled=False)
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        AUG.use_compiled_augmentation(1)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_augment__compiled_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile (inductor, C++ on the CPU) of the pixel stage: the same views up to float
+    rounding, deterministic, its first call's time recorded."""
+    monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
+    x = images(3, n=8, size=20)
+    expected = augment(x, _all_ops_recipes(), generator=gen(2), compiled=False)
+    got = augment(x, _all_ops_recipes(), generator=gen(2), compiled=True)
+    again = augment(x, _all_ops_recipes(), generator=gen(2), compiled=True)
+    (entry,) = AUG.compiled_augmentation()
+    assert entry["failure"] is None and entry["first_call_s"] > 0
+    for a, b, c in zip(got, expected, again):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0) and torch.equal(a, c)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +44,7 @@ __all__ = [
     "adjust_saturation",
     "augment",
     "blur_kernel_size",
+    "compiled_augmentation",
     "crop_grid",
     "gaussian_blur",
     "local_recipe",
@@ -51,6 +54,7 @@ __all__ = [
     "rgb_to_grayscale",
     "solarize",
     "two_views",
+    "use_compiled_augmentation",
     "view_recipes",
 ]
 
@@ -445,6 +449,7 @@ def augment(
     generator: torch.Generator | None = None,
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    compiled: bool | None = None,
 ) -> list[torch.Tensor]:
     """One augmented view per recipe of uint8 ``images`` ``(B, C, H, W)``.
 
@@ -452,6 +457,11 @@ def augment(
     ``out_size``, default the input size) and returned as a list of float32 ``(B, C, H', W')``
     tensors on the images' device, normalized with ``mean``/``std`` (per channel, [0, 1] units,
     default 0.5). Deterministic for a given ``generator`` state.
+
+    ``compiled``: run the per-pixel stage through ``torch.compile`` (a few fused kernels instead of
+    ~130 passes over the batch; the same results up to float rounding), falling back to eager
+    operations when it cannot compile. ``None`` takes the process-wide default of
+    :func:`use_compiled_augmentation` (off).
     """
     _check_images(images)
     if len(recipes) == 0:
@@ -490,53 +500,229 @@ def augment(
     center_x = (1.0 - crop_w) * (2.0 * u[:, _COL_CX] - 1.0)
     center_y = (1.0 - crop_h) * (2.0 * u[:, _COL_CY] - 1.0)
     scale_x = torch.where(u[:, _COL_FLIP] < p["flip_p"], -crop_w, crop_w)
-    grid = crop_grid(scale_x, crop_h, center_x, center_y, (out_h, out_w))
+
+    # 2. Gaussian blur: sigma 0 (delta kernel) where not drawn. Views of one call share a size,
+    # hence a kernel; a custom recipe mix gets the largest one.
+    kernels = {r.blur_kernel for r in recipes if r.blur_p > 0}
+    sigma = p["sigma_lo"] + (p["sigma_hi"] - p["sigma_lo"]) * u[:, _COL_SIGMA]
+    sigma = torch.where(u[:, _COL_BLUR] < p["blur_p"], sigma, torch.zeros_like(sigma))
+
+    # 3. Colour jitter: identity factors where not drawn.
+    jitter = u[:, _COL_JITTER] < p["jitter_p"]
+
+    def factor(magnitude: torch.Tensor, column: int) -> torch.Tensor:
+        low = (1.0 - magnitude).clamp_min(0.0)
+        drawn = low + (1.0 + magnitude - low) * u[:, column]
+        return torch.where(jitter, drawn, torch.ones_like(drawn))
+
+    shift = p["hue"] * (2.0 * u[:, _COL_HUE] - 1.0)
+    colour = channels == 3
+    plan = _Plan(
+        n_views=n_views,
+        out_size=(out_h, out_w),
+        blur_kernel=max(kernels) if kernels else 0,
+        brightness=any(r.jitter_p > 0 and r.brightness > 0 for r in recipes),
+        contrast=any(r.jitter_p > 0 and r.contrast > 0 for r in recipes),
+        saturation=colour and any(r.jitter_p > 0 and r.saturation > 0 for r in recipes),
+        hue=colour and any(r.jitter_p > 0 and r.hue > 0 for r in recipes),
+        grayscale=colour and any(r.grayscale_p > 0 for r in recipes),
+        solarize=any(r.solarize_p > 0 for r in recipes),
+    )
+    draws = _Draws(
+        crop=torch.stack((scale_x, crop_h, center_x, center_y)),
+        sigma=sigma,
+        jitter=jitter,
+        brightness=factor(p["brightness"], _COL_BRIGHT),
+        contrast=factor(p["contrast"], _COL_CONTRAST),
+        saturation=factor(p["saturation"], _COL_SAT),
+        hue=torch.where(jitter, shift, torch.zeros_like(shift)),
+        grayscale=u[:, _COL_GRAY] < p["grayscale_p"],
+        solarize=u[:, _COL_SOLAR] < p["solarize_p"],
+        threshold=p["solarize_threshold"],
+        scale=1.0 / sd,
+        shift=-m / sd,
+    )
+    use_compiled = _COMPILED["enabled"] if compiled is None else compiled
+    x = _compiled_pixels(plan, images, draws) if use_compiled else None
+    if x is None:
+        x = _pixels(plan, images, draws, subsets=device.type == "cpu")
+    return list(x.split(batch, dim=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-pixel stage: one function for the eager and the compiled path
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which operations a call applies (static: a compiled pixel stage is specialized on it)."""
+
+    n_views: int
+    out_size: tuple[int, int]
+    blur_kernel: int  # 0: no blur
+    brightness: bool
+    contrast: bool
+    saturation: bool
+    hue: bool
+    grayscale: bool
+    solarize: bool
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """Per-sample parameters ``(N,)`` already drawn (and the normalization ``(1, C, 1, 1)``)."""
+
+    crop: torch.Tensor
+    """``(4, N)``: the crop grid's scale x (negative: flipped), scale y, centre x, centre y."""
+    sigma: torch.Tensor
+    jitter: torch.Tensor
+    brightness: torch.Tensor
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor
+    grayscale: torch.Tensor
+    solarize: torch.Tensor
+    threshold: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def _on_subset(
+    x: torch.Tensor, selected: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``op(x[i], i)`` for the samples ``i`` where ``selected`` is true; the others as they are.
+
+    Only for operations that are the identity (up to float rounding) on the unselected samples:
+    on the CPU it skips their work (no device sync to fear); ``op`` gets the selected rows and their
+    indices, to pick their parameters."""
+    index = selected.nonzero().squeeze(1)
+    if index.numel() == x.shape[0]:
+        return op(x, index)
+    if index.numel() > 0:
+        x.index_copy_(0, index, op(x.index_select(0, index), index))
+    return x
+
+
+def _pixels(plan: _Plan, images: torch.Tensor, d: _Draws, *, subsets: bool = False) -> torch.Tensor:
+    """The augmented, normalized ``(V*B, C, H', W')`` float batch of uint8 ``images`` for ``plan``.
+
+    ``subsets``: apply the blur, jitter and grayscale only to the samples that drew them (CPU only:
+    selecting rows needs the draws on the host); the others' values are the same up to rounding.
+    """
+    # 1. Crop + flip. Sampling stays inside the image, so the padding mode only matters for
+    # rounding at the edges.
     source = images.to(torch.float32)
-    if n_views > 1:
-        source = source.repeat(n_views, 1, 1, 1)
-    # Sampling stays inside the image, so the padding mode only matters for rounding at the edges.
+    if plan.n_views > 1:
+        source = source.repeat(plan.n_views, 1, 1, 1)
+    # The grid is built here, so that a compiled stage fuses it into the sampling (never stored).
+    grid = crop_grid(*d.crop.unbind(0), plan.out_size)
     x = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x.mul_(1.0 / 255.0)
 
-    # 2. Gaussian blur: sigma 0 (delta kernel) where not drawn.
-    kernels = {r.blur_kernel for r in recipes if r.blur_p > 0}
-    if kernels:
-        sigma = p["sigma_lo"] + (p["sigma_hi"] - p["sigma_lo"]) * u[:, _COL_SIGMA]
-        sigma = torch.where(u[:, _COL_BLUR] < p["blur_p"], sigma, torch.zeros_like(sigma))
-        # Views of one call share a size, hence a kernel; a custom recipe mix gets the largest one.
-        x = gaussian_blur(x, sigma, max(kernels))
+    # 2. Blur (a delta kernel, exactly the identity, where not drawn).
+    if plan.blur_kernel:
+        x = _on_subset(x, d.sigma > 0, lambda v, i: gaussian_blur(v, d.sigma[i], plan.blur_kernel)) if subsets \
+            else gaussian_blur(x, d.sigma, plan.blur_kernel)
 
-    # 3. Colour jitter: identity factors where not drawn.
-    if any(r.jitter_p > 0 for r in recipes):
-        jitter = u[:, _COL_JITTER] < p["jitter_p"]
+    # 3. Colour jitter in the fixed order brightness, contrast, saturation, hue.
+    if plan.brightness or plan.contrast or plan.saturation or plan.hue:
 
-        def factor(magnitude: torch.Tensor, column: int) -> torch.Tensor:
-            low = (1.0 - magnitude).clamp_min(0.0)
-            drawn = low + (1.0 + magnitude - low) * u[:, column]
-            return torch.where(jitter, drawn, torch.ones_like(drawn))
+        def jitter(v: torch.Tensor, i: torch.Tensor | None) -> torch.Tensor:
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t if i is None else t[i]
 
-        if any(r.brightness > 0 for r in recipes):
-            x = adjust_brightness(x, factor(p["brightness"], _COL_BRIGHT))
-        if any(r.contrast > 0 for r in recipes):
-            x = adjust_contrast(x, factor(p["contrast"], _COL_CONTRAST))
-        if channels == 3 and any(r.saturation > 0 for r in recipes):
-            x = adjust_saturation(x, factor(p["saturation"], _COL_SAT))
-        if channels == 3 and any(r.hue > 0 for r in recipes):
-            shift = p["hue"] * (2.0 * u[:, _COL_HUE] - 1.0)
-            x = adjust_hue(x, torch.where(jitter, shift, torch.zeros_like(shift)))
+            if plan.brightness:
+                v = adjust_brightness(v, pick(d.brightness))
+            if plan.contrast:
+                v = adjust_contrast(v, pick(d.contrast))
+            if plan.saturation:
+                v = adjust_saturation(v, pick(d.saturation))
+            if plan.hue:
+                v = adjust_hue(v, pick(d.hue))
+            return v
+
+        x = _on_subset(x, d.jitter, jitter) if subsets else jitter(x, None)
 
     # 4. Random grayscale (colour images only).
-    if channels == 3 and any(r.grayscale_p > 0 for r in recipes):
-        gray = (u[:, _COL_GRAY] < p["grayscale_p"]).view(-1, 1, 1, 1)
-        x = torch.where(gray, rgb_to_grayscale(x).expand_as(x), x)
+    if plan.grayscale:
+        if subsets:
+            x = _on_subset(x, d.grayscale, lambda v, i: rgb_to_grayscale(v).expand_as(v))
+        else:
+            x = torch.where(d.grayscale.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
 
     # 5. Solarization.
-    if any(r.solarize_p > 0 for r in recipes):
-        x = solarize(x, u[:, _COL_SOLAR] < p["solarize_p"], p["solarize_threshold"])
+    if plan.solarize:
+        x = solarize(x, d.solarize, d.threshold)
 
     # 6. Normalize: one fused multiply-add, (x - m) / sd = x * (1 / sd) - m / sd.
-    x = torch.addcmul(-m / sd, x, 1.0 / sd)
-    return list(x.split(batch, dim=0))
+    return torch.addcmul(d.shift, x, d.scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled pixel stage
+
+# Process-wide default of augment(compiled=None); see use_compiled_augmentation.
+_COMPILED: dict[str, bool] = {"enabled": False}
+
+
+@dataclass
+class _Compiled:
+    """One plan's compiled pixel stage, its first call's seconds (tracing + code generation +
+    running it), and why it fell back to eager, if it did."""
+
+    fn: Callable[..., torch.Tensor]
+    first_call_s: float | None = None
+    failure: str | None = None
+
+
+_COMPILED_PLANS: dict[_Plan, _Compiled] = {}
+
+
+def use_compiled_augmentation(enabled: bool = True) -> None:
+    """Make ``augment`` (and ``two_views``, ``multi_crop``, ``make_views``) use the compiled pixel
+    stage by default in this process (``compiled=None`` calls). Compiling costs tens of seconds
+    per recipe mix and batch shape on the first call (cached on disk by inductor afterwards)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _COMPILED["enabled"] = enabled
+
+
+def compiled_augmentation() -> list[dict[str, object]]:
+    """The pixel stages compiled in this process: their plan, first call's seconds (compile
+    included) and the failure that made one fall back to eager, if any."""
+    return [
+        {"plan": asdict(plan), "first_call_s": entry.first_call_s, "failure": entry.failure}
+        for plan, entry in _COMPILED_PLANS.items()
+    ]
+
+
+def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.Tensor | None:
+    """The compiled pixel stage's output, or None when it could not compile (warned once per plan:
+    the caller then runs the eager one)."""
+    entry = _COMPILED_PLANS.get(plan)
+    if entry is None:
+
+        def stage(images: torch.Tensor, draws: _Draws) -> torch.Tensor:
+            return _pixels(plan, images, draws)
+
+        entry = _COMPILED_PLANS[plan] = _Compiled(torch.compile(stage))
+    if entry.failure is not None:
+        return None
+    start = time.perf_counter()
+    try:
+        out = entry.fn(images, draws)
+    except Exception as error:  # any compiler failure means "use the eager stage"
+        entry.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        warnings.warn(
+            f"augmentation: torch.compile of the pixel stage failed ({entry.failure}); "
+            "using the eager operations (same results, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    if entry.first_call_s is None:
+        entry.first_call_s = time.perf_counter() - start
+    return out
 
 
 def two_views(
@@ -548,6 +734,7 @@ def two_views(
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     preset: str = "seed",
+    compiled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two augmented, normalized float32 views ``(B, C, H, W)`` of uint8 ``images`` ``(B, C, H, W)``.
 
@@ -557,7 +744,7 @@ def two_views(
     """
     _check_images(images)
     first, second = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2], preset=preset)
-    v1, v2 = augment(images, (first, second), generator=generator, mean=mean, std=std)
+    v1, v2 = augment(images, (first, second), generator=generator, mean=mean, std=std, compiled=compiled)
     return v1, v2
 
 
@@ -572,6 +759,7 @@ def multi_crop(
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     preset: str = "seed",
+    compiled: bool | None = None,
 ) -> list[torch.Tensor]:
     """2 global views ``(B, C, G, G)`` followed by ``n_local`` local crops ``(B, C, L, L)`` (SwAV/DINO).
 
@@ -589,12 +777,14 @@ def multi_crop(
     loc = _pair(local_size, (default_local, default_local), "local_size")
     globals_ = augment(
         images, view_recipes("multicrop", s, channels=channels, image_size=g[0], preset=preset),
-        out_size=g, generator=generator, mean=mean, std=std,
+        out_size=g, generator=generator, mean=mean, std=std, compiled=compiled,
     )
     if n_local == 0:
         return globals_
     local = local_recipe(s, channels=channels, image_size=loc[0], preset=preset)
-    locals_ = augment(images, [local] * n_local, out_size=loc, generator=generator, mean=mean, std=std)
+    locals_ = augment(
+        images, [local] * n_local, out_size=loc, generator=generator, mean=mean, std=std, compiled=compiled
+    )
     return globals_ + locals_
 
 
@@ -608,13 +798,20 @@ def make_views(
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
     preset: str = "seed",
+    compiled: bool | None = None,
 ) -> list[torch.Tensor]:
     """The views the training loop feeds to a method: ``[v1, v2]`` for ``simclr``/``byol``, and
     ``[g1, g2, l1, ..., l_n_local]`` for ``multicrop``. All float32, normalized, on the images' device.
     """
     _check_recipe(recipe)
     if recipe == "multicrop":
-        return multi_crop(images, strength, n_local=n_local, generator=generator, mean=mean, std=std, preset=preset)
+        return multi_crop(
+            images, strength, n_local=n_local, generator=generator, mean=mean, std=std, preset=preset, compiled=compiled
+        )
     if n_local != 0:
         raise ValueError(f"n_local={n_local} needs recipe='multicrop', got recipe={recipe!r}")
-    return list(two_views(images, strength, generator=generator, recipe=recipe, mean=mean, std=std, preset=preset))
+    return list(
+        two_views(
+            images, strength, generator=generator, recipe=recipe, mean=mean, std=std, preset=preset, compiled=compiled
+        )
+    )
