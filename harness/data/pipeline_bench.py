@@ -255,10 +255,13 @@ def shard_epoch(
     generator: torch.Generator | None = None,
     order_generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
+    compiled: bool | None = None,
 ) -> int:
     """One shuffled pass over uint8 ``images`` (a RAM tensor, or the memory map of a shard with
     ``stream=True``) as the training loop makes it: batches from :func:`iter_batches` (prefetched
-    by a thread when streamed), two views each by :func:`two_views`; the number of images seen."""
+    by a thread when streamed), two views each by :func:`two_views` (``compiled``: its
+    torch.compile'd pixel stage, see :func:`harness.data.augment.augment`); the number of images
+    seen."""
     from harness.data.stream import iter_batches
 
     device = torch.device(device)
@@ -268,7 +271,7 @@ def shard_epoch(
         batches = [b.to(images.device) for b in batches]
     seen = 0
     for batch in iter_batches(images, batches, device, stream=stream):
-        view1, _view2 = two_views(batch, 1.0, generator=generator)
+        view1, _view2 = two_views(batch, 1.0, generator=generator, compiled=compiled)
         seen += int(view1.shape[0])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
