@@ -9,6 +9,9 @@ two views, so the comparison is like for like.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +33,7 @@ __all__ = [
     "make_seed_loader",
     "ours_epoch",
     "ours_images_per_s",
+    "profile_augment_stages",
     "seed_epoch",
     "seed_pipeline_images_per_s",
     "seed_transform",
@@ -276,3 +280,67 @@ def shard_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return seen
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the augmentation's time goes
+
+
+def profile_augment_stages(
+    *, batch_size: int = 256, size: int = 64, channels: int = 3, repeats: int = 5, seed: int = 0
+) -> dict[str, float]:
+    """Median milliseconds per stage of :func:`two_views` (seed recipe, strength 1) on random uint8
+    ``(batch_size, channels, size, size)`` images on the CPU, stages timed alternately round by
+    round: the crop (``grid_sample``), each eager photometric operation on the
+    whole batch (as a GPU runs them), the eager photometric chain with the CPU's row subsets, and
+    the compiled chain (its first call's seconds, compile included, under ``compile_first_call_s``).
+    The photometric stages get a fresh copy of the cropped batch (they consume it): the copy's time
+    is listed too."""
+    aug = importlib.import_module("harness.data.augment")
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, channels, size, size), dtype=torch.uint8, generator=generator)
+    recipes = aug.view_recipes("simclr", 1.0, channels=channels, image_size=size)
+    captured: dict[str, Any] = {}
+    pixels = aug._pixels
+
+    def capture(plan: Any, imgs: torch.Tensor, draws: Any, *, subsets: bool = False) -> torch.Tensor:
+        captured.update(plan=plan, draws=draws)
+        return imgs
+
+    aug._pixels = capture
+    try:
+        aug.augment(images, recipes, generator=generator, compiled=False)
+    finally:
+        aug._pixels = pixels
+    plan, draws = captured["plan"], captured["draws"]
+    cropped = aug._crop(plan, images, draws)
+    off = {field: False for field in ("brightness", "contrast", "saturation", "hue", "grayscale", "solarize")}
+    only = {
+        f"blur (kernel {plan.blur_kernel})": dataclasses.replace(plan, **off),
+        **{op: dataclasses.replace(plan, blur_kernel=0, **{**off, op: True}) for op in off if getattr(plan, op)},
+    }
+
+    def photometric(stage_plan: Any, subsets: bool) -> Callable[[], object]:
+        return lambda: aug._photometric(stage_plan, cropped.clone(), draws, subsets=subsets)
+
+    compiled = torch.compile(lambda x: aug._photometric(plan, x, draws))
+    start = time.perf_counter()
+    compiled(cropped.clone())
+    compile_s = time.perf_counter() - start
+    stages: dict[str, Callable[[], object]] = {
+        "crop (grid_sample)": lambda: aug._crop(plan, images, draws),
+        "copy of the cropped batch": lambda: cropped.clone(),
+        **{f"eager {name}, every row": photometric(p, False) for name, p in only.items()},
+        "eager chain, every row (GPU)": photometric(plan, False),
+        "eager chain, CPU row subsets": photometric(plan, True),
+        "compiled chain": lambda: compiled(cropped.clone()),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in stages}
+    for _ in range(repeats):
+        for name, run in stages.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    result = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
+    result["compile_first_call_s"] = compile_s
+    return result
