@@ -599,3 +599,18 @@ def test_augment__compiled_matches_eager(monkeypatch: pytest.MonkeyPatch) -> Non
     assert entry["failure"] is None and entry["first_call_s"] > 0
     for a, b, c in zip(got, expected, again):
         assert torch.allclose(a, b, atol=1e-5, rtol=0) and torch.equal(a, c)
+
+
+def test_profile_augment_stages__times_every_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.data.pipeline_bench import profile_augment_stages
+
+    # The compiled chain's own equality is checked above; here the eager function stands in for it.
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    times = profile_augment_stages(batch_size=4, size=20, repeats=1)
+    assert set(times) == {
+        "crop (grid_sample)", "copy of the cropped batch", "eager blur (kernel 3), every row",
+        "eager brightness, every row", "eager contrast, every row", "eager saturation, every row",
+        "eager hue, every row", "eager grayscale, every row", "eager chain, every row (GPU)",
+        "eager chain, CPU row subsets", "compiled chain", "compile_first_call_s",
+    }
+    assert all(value > 0 for value in times.values())
