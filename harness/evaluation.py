@@ -25,6 +25,7 @@ __all__ = [
     "feature_std",
     "knn_predict",
     "knn_top1",
+    "linear_head",
     "linear_probe",
 ]
 
@@ -177,24 +178,77 @@ def linear_probe(
     Runs on the features' device (works inside ``torch.no_grad()`` too). Top-5 means
     top-min(5, num_classes).
     """
+    classifier, mean, std = _fit_probe(
+        train_features, train_labels, num_classes, epochs, batch_size, lr, weight_decay, seed
+    )
+    device = train_features.device
+    test_x = (test_features.float().to(device) - mean) / std
+    test_y = test_labels.to(device)
+    with _one_cpu_thread(device), torch.no_grad():
+        logits = classifier(test_x)
+    top = logits.topk(min(5, num_classes), dim=1).indices  # (M, min(5, C))
+    hits = top == test_y[:, None]
+    return hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()
+
+
+def linear_head(
+    train_features: Tensor,
+    train_labels: Tensor,
+    *,
+    num_classes: int,
+    epochs: int = 50,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    relative_std_floor: float = 0.0,
+) -> nn.Linear:
+    """The classifier :func:`linear_probe` fits (same arguments, same steps), as a layer on the raw
+    features: the standardization is folded into it (``W / std``, ``b - (W / std) mean``), so
+    ``head(f)`` equals the probe's logits on ``(f - mean) / std``. Fine-tuning starts from it
+    (LP-FT, Kumar et al. 2022). Returned without gradients attached, on the features' device.
+
+    ``relative_std_floor`` > 0 treats the features whose standard deviation is below that fraction
+    of the median one as collapsed (standardized to 0, so their weights stay 0), as the probe does
+    for constant ones: folded, a nearly constant feature would get a weight of ``w / std`` (1e4 on
+    a 2-epoch SimCLR encoder), and any change of it while fine-tuning would swamp the logits."""
+    classifier, mean, std = _fit_probe(
+        train_features, train_labels, num_classes, epochs, batch_size, lr, weight_decay, seed, relative_std_floor
+    )
+    head = nn.Linear(classifier.in_features, num_classes, device=train_features.device)
+    with torch.no_grad():
+        weight = classifier.weight / std
+        head.weight.copy_(weight)
+        head.bias.copy_(classifier.bias - weight @ mean)
+    return head
+
+
+def _fit_probe(
+    train_features: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    relative_std_floor: float = 0.0,
+) -> tuple[nn.Linear, Tensor, Tensor]:
+    """The probe's classifier on standardized features and the (mean, std) it standardized with
+    (``std`` infinite for a feature under ``relative_std_floor`` times the median std: it maps to 0)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     device = train_features.device
     train_x = train_features.float()
     mean = train_x.mean(dim=0)
     std = train_x.std(dim=0).clamp_min(STD_FLOOR)
+    if relative_std_floor > 0:
+        std = torch.where(std < relative_std_floor * std.median(), torch.full_like(std, math.inf), std)
     train_x = (train_x - mean) / std
-    test_x = (test_features.float().to(device) - mean) / std
     train_y = train_labels.to(device)
-    test_y = test_labels.to(device)
-
     with _one_cpu_thread(device), torch.enable_grad():
         classifier = _train_probe(train_x, train_y, num_classes, epochs, batch_size, lr, weight_decay, seed)
-        with torch.no_grad():
-            logits = classifier(test_x)
-    top = logits.topk(min(5, num_classes), dim=1).indices  # (M, min(5, C))
-    hits = top == test_y[:, None]
-    return hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item()
+    return classifier, mean, std
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ from typing import Any
 
 __all__ = [
     "EMBEDDING_METHODS",
+    "HEAD_INITS",
+    "LEGACY_HEAD_INIT",
     "PROTOCOLS",
     "TRANSFER_PROTOCOLS",
     "Embedding",
@@ -36,6 +38,7 @@ __all__ = [
     "LinearFractions",
     "Task",
     "Transfer",
+    "head_init_of",
     "parse_evaluate",
 ]
 
@@ -43,6 +46,15 @@ __all__ = [
 PROTOCOLS: tuple[str, ...] = ("knn", "linear", "finetune", "few_shot_knn", "embedding")
 TRANSFER_PROTOCOLS: tuple[str, ...] = ("knn", "linear", "finetune")
 EMBEDDING_METHODS: tuple[str, ...] = ("tsne",)
+# How fine-tuning starts its linear head (name -> how the report says it): "probe" fits it on the frozen features first (the linear
+# probe's own fit, then everything is fine-tuned from it: LP-FT, Kumar et al. 2022); "zero" starts
+# it at zero. Fine-tuning from before the option existed started at zero (LEGACY_HEAD_INIT): a task
+# with that value keeps the key it had then, so stored results keep their hash and their meaning.
+HEAD_INITS: dict[str, str] = {
+    "probe": "at the linear probe's fit on the frozen features (LP-FT)",
+    "zero": "at zero",
+}
+LEGACY_HEAD_INIT = "zero"
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,15 @@ class FineTune:
     for the pre-trained layers (the usual discriminative fine-tuning ratio) keeps the features from
     being overwritten by the first noisy steps. The head always gets ``lr``. A randomly initialized
     encoder (random_init) is trained from scratch: its layers get the full rate (scale 1), so its
-    row is "training from scratch on the same labels"."""
+    row is "training from scratch on the same labels".
+
+    ``head_init`` "probe" (LP-FT, Kumar et al. 2022) first fits the head as the linear probe does
+    (``evaluation.linear_probe``'s fit on the frozen, unaugmented features of the same labeled
+    images, the trial's ``linear_epochs`` and seed), then fine-tunes everything from it: a zero
+    head sends the gradients of an untrained classifier through the encoder in the first steps,
+    which at short schedules destroys more of the pre-trained features than the head recovers
+    (docs/REPORTS.md, "Evaluation protocols"). "zero" starts the head at zero, as fine-tuning did
+    before the option existed."""
 
     fractions: tuple[float, ...] = (1.0,)
     epochs: int = 30
@@ -64,6 +84,7 @@ class FineTune:
     backbone_lr_scale: float = 0.1
     batch_size: int = 256
     augment: bool = True  # random resized crop (area 60-100%) and horizontal flip per step
+    head_init: str = "probe"
 
 
 @dataclass(frozen=True)
@@ -185,7 +206,16 @@ def _items(values: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 def _fine_tune_items(settings: FineTune) -> tuple[tuple[str, Any], ...]:
     values = asdict(settings)
     values.pop("fractions")
+    if values["head_init"] == LEGACY_HEAD_INIT:
+        # Absent from the key, as in the tasks stored before the option existed (same hash).
+        del values["head_init"]
     return _items(values)
+
+
+def head_init_of(settings: Mapping[str, Any]) -> str:
+    """How a fine-tuning task's head started, from its settings (a Task's or a stored task's
+    ``settings`` dict): "zero" when the setting is absent (stored before the option existed)."""
+    return str(settings.get("head_init", LEGACY_HEAD_INIT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +224,7 @@ def _fine_tune_items(settings: FineTune) -> tuple[tuple[str, Any], ...]:
 _SECTION_KEYS: dict[str, str] = {
     "label_seed": "an int >= 0 (draws the labeled fractions and few-shot sets)",
     "linear": "a mapping with fractions, epochs",
-    "finetune": "a mapping with fractions, epochs, lr, backbone_lr_scale, batch_size, augment",
+    "finetune": "a mapping with fractions, epochs, lr, backbone_lr_scale, batch_size, augment, head_init",
     "few_shot": "a mapping with shots, draws, k, t",
     "transfer": "a list of mappings with dataset, protocols, train_size, test_size",
     "embedding": "a mapping with points, method, perplexity",
@@ -321,7 +351,7 @@ def parse_evaluate(
 
 
 def _fine_tune(raw: Mapping[str, Any], where: str, problems: list[tuple[str, str]]) -> FineTune:
-    names = ("fractions", "epochs", "lr", "backbone_lr_scale", "batch_size", "augment")
+    names = ("fractions", "epochs", "lr", "backbone_lr_scale", "batch_size", "augment", "head_init")
     _unknown(raw, names, where, problems)
     defaults = FineTune()
     lr = raw.get("lr", defaults.lr)
@@ -336,6 +366,10 @@ def _fine_tune(raw: Mapping[str, Any], where: str, problems: list[tuple[str, str
     if not isinstance(augment, bool):
         problems.append((f"{where}.augment", f"expected true or false, found {_describe(augment)}"))
         augment = defaults.augment
+    head_init = raw.get("head_init", defaults.head_init)
+    if head_init not in HEAD_INITS:
+        problems.append((f"{where}.head_init", f"expected one of {', '.join(HEAD_INITS)}, found {_describe(head_init)}"))
+        head_init = defaults.head_init
     return FineTune(
         fractions=_fractions(raw.get("fractions", list(defaults.fractions)), f"{where}.fractions", problems),
         epochs=_int(raw.get("epochs", defaults.epochs), f"{where}.epochs", problems, minimum=1) or 1,
@@ -343,6 +377,7 @@ def _fine_tune(raw: Mapping[str, Any], where: str, problems: list[tuple[str, str
         backbone_lr_scale=float(scale),
         batch_size=_int(raw.get("batch_size", defaults.batch_size), f"{where}.batch_size", problems, minimum=1) or 1,
         augment=augment,
+        head_init=str(head_init),
     )
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from harness import evaluation
 from harness.data import ImageDataset, augment, balanced_subset_indices, load_dataset, normalize
 from harness.data.augment import ViewRecipe
-from harness.protocol_spec import Task
+from harness.protocol_spec import HEAD_INITS, Task, head_init_of
 
 __all__ = [
     "SUBSET_SEED",
@@ -53,6 +53,11 @@ _LUMA = (0.2989, 0.587, 0.114)
 # 28-pixel images.
 FINE_TUNE_VIEW = ViewRecipe(scale=(0.6, 1.0), log_ratio=(math.log(3 / 4), math.log(4 / 3)), flip_p=0.5)
 FINE_TUNE_MOMENTUM = 0.9
+# LP-FT's probe ignores features whose spread on the labeled images is under this fraction of the
+# median spread (evaluation.linear_head): on the 2-epoch SimCLR encoder of quickstart-evaluate, 75
+# of 256 features; folded into the head they got weights up to 9e3 and fine-tuning from that head
+# at 1% labels (lr 0.05) fell to 28.7% top-1, against 65.9% with them ignored (docs/REPORTS.md).
+PROBE_RELATIVE_STD_FLOOR = 0.1
 FEATURE_BATCH = 1024
 
 
@@ -165,6 +170,7 @@ class FineTuneResult:
     encoder: nn.Module  # the fine-tuned copy (the encoder passed in is left as it was)
     head: nn.Linear
     steps: int
+    initial_head: nn.Linear  # a copy of the head before the first step (zero, or the probe's fit)
 
 
 def fine_tune(
@@ -182,6 +188,8 @@ def fine_tune(
     backbone_lr_scale: float,
     batch_size: int = 256,
     augment_views: bool = True,
+    head_init: str = "zero",
+    probe_epochs: int = 50,
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> FineTuneResult:
@@ -190,12 +198,16 @@ def fine_tune(
 
     SGD with Nesterov momentum 0.9, no weight decay, cosine decay to 0 over ``epochs``; the head
     at ``lr * batch / 256``, the encoder's layers at ``backbone_lr_scale`` times that. The head
-    starts at zero (deterministic; the encoder receives gradients from the second step on). Batch
-    norm layers train (batch statistics). Shuffling and augmentation draw from generators seeded
-    by ``seed``.
+    starts (``head_init``) at zero ("zero": deterministic; the encoder receives gradients from the
+    second step on) or at the linear probe's fit ("probe", LP-FT: ``evaluation.linear_head`` on
+    the frozen encoder's unaugmented features of ``train_images``, ``probe_epochs`` epochs, seed
+    ``seed``). Batch norm layers train (batch statistics). Shuffling and augmentation draw from
+    generators seeded by ``seed``.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if head_init not in HEAD_INITS:
+        raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     if device is None:
         first = next(encoder.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -205,9 +217,19 @@ def fine_tune(
     with torch.no_grad():
         model.eval()
         feature_dim = model(normalize(train_images[:1], mean, std)).shape[1]
-    head = nn.Linear(feature_dim, num_classes, device=device)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
+    if head_init == "probe":
+        features = evaluation.extract_features(
+            model, train_images, mean=mean, std=std, batch_size=FEATURE_BATCH, device=device
+        )
+        head = evaluation.linear_head(
+            features, train_labels, num_classes=num_classes, epochs=probe_epochs, seed=seed,
+            relative_std_floor=PROBE_RELATIVE_STD_FLOOR,
+        )
+    else:
+        head = nn.Linear(feature_dim, num_classes, device=device)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    initial_head = copy.deepcopy(head)
     n = train_images.shape[0]
     batch = min(batch_size, n)
     head_lr = lr * batch / 256
@@ -248,7 +270,9 @@ def fine_tune(
         logits = head(features)
     top = logits.topk(min(5, num_classes), dim=1).indices
     hits = top == test_labels.to(device)[:, None]
-    return FineTuneResult(hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item(), model, head, step)
+    return FineTuneResult(
+        hits[:, 0].float().mean().item(), hits.any(dim=1).float().mean().item(), model, head, step, initial_head
+    )
 
 
 def tsne_embedding(features: Tensor, labels: Tensor, *, perplexity: float = 30.0, seed: int = 0) -> dict[str, Any]:
@@ -368,6 +392,8 @@ def run_task(
         index = label_fraction_indices(pool.labels, float(task.fraction or 1.0), seed=int(task.label_seed or 0))
         scale = 1.0 if from_scratch else float(task.setting("backbone_lr_scale"))
         epochs, lr = int(task.setting("epochs")), float(task.setting("lr"))
+        head_init = head_init_of(dict(task.settings))
+        probe_epochs = int(config.get("linear_epochs", 50))
         tuned = fine_tune(
             encoder,
             pool.images.index_select(0, index),
@@ -382,6 +408,8 @@ def run_task(
             backbone_lr_scale=scale,
             batch_size=int(task.setting("batch_size")),
             augment_views=bool(task.setting("augment")),
+            head_init=head_init,
+            probe_epochs=probe_epochs,
             seed=seed,
             device=device,
         )
@@ -391,6 +419,8 @@ def run_task(
             backbone_lr_scale_used=scale,
             from_scratch=from_scratch,
             steps=tuned.steps,
+            head_init=head_init,
+            **({"probe_epochs": probe_epochs} if head_init == "probe" else {}),
             optimizer="sgd nesterov momentum 0.9, no weight decay, cosine decay; lr per 256 images",
         )
     elif task.protocol == "few_shot_knn":

@@ -3,15 +3,17 @@ few-shot draws, input adaptation, fine-tuning against the frozen probe, and whol
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harness import evaluation, protocols
 from harness.backbones import small_cnn
 from harness.data import DATASETS, ImageDataset, balanced_subset_indices
-from harness.protocol_spec import FineTune, parse_evaluate
+from harness.protocol_spec import FineTune, head_init_of, parse_evaluate
 
 
 def _labels(n: int = 6000, classes: int = 10, seed: int = 0) -> torch.Tensor:
@@ -149,6 +151,56 @@ def test_fine_tune__backbone_scale_zero_freezes_the_encoder_parameters() -> None
     assert result.head.weight.abs().sum() > 0
 
 
+def test_linear_head__is_the_probes_classifier_with_the_standardization_folded_in() -> None:
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.arange(48) % 3
+    noise = torch.randn(48, 6, generator=generator)
+    noise[:, :3] += 1.5 * F.one_hot(labels, 3)  # classes overlap a little: the probe is not perfect
+    features = noise * torch.tensor([0.1, 1.0, 5.0, 0.5, 2.0, 1e-3]) + 3.0
+    head = evaluation.linear_head(features, labels, num_classes=3, epochs=4, seed=1)
+    classifier, mean, std = evaluation._fit_probe(features, labels, 3, 4, 256, 0.1, 0.0, 1)
+    # Independently in float64: the probe's logits on standardized features.
+    x = features.double()
+    expected = ((x - mean.double()) / std.double()) @ classifier.weight.double().T + classifier.bias.double()
+    got = x @ head.weight.double().T + head.bias.double()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # The same fit as linear_probe's: its top-1 is this head's accuracy.
+    top1, _ = evaluation.linear_probe(features, labels, features, labels, num_classes=3, epochs=4, seed=1)
+    assert top1 == (head(features).argmax(dim=1) == labels).float().mean().item()
+    # A relative floor: the feature of spread 1e-3 (median ~1) is ignored, the others are fitted.
+    floored = evaluation.linear_head(features, labels, num_classes=3, epochs=4, seed=1, relative_std_floor=0.1)
+    assert torch.all(floored.weight[:, 5] == 0) and torch.all(floored.weight[:, :5] != 0)
+    assert not torch.all(head.weight[:, 5] == 0)
+
+
+def test_fine_tune__probe_head_init_starts_at_the_probes_fit_and_still_moves_the_encoder() -> None:
+    torch.manual_seed(0)
+    encoder, _ = small_cnn(1, 16)
+    images, labels = _blobs(32, 3)
+    result = protocols.fine_tune(
+        encoder, images, labels, images, labels, num_classes=4, mean=(0.3,), std=(0.3,), epochs=2, lr=0.5,
+        backbone_lr_scale=0.1, batch_size=16, head_init="probe", probe_epochs=3, seed=2,
+    )
+    features = evaluation.extract_features(encoder, images, mean=(0.3,), std=(0.3,))
+    probe = evaluation.linear_head(
+        features, labels, num_classes=4, epochs=3, seed=2, relative_std_floor=protocols.PROBE_RELATIVE_STD_FLOOR
+    )
+    assert torch.equal(result.initial_head.weight, probe.weight) and torch.equal(result.initial_head.bias, probe.bias)
+    assert not torch.equal(result.head.weight, probe.weight)
+    tuned = dict(result.encoder.named_parameters())
+    assert all(not torch.allclose(p, tuned[name]) for name, p in encoder.named_parameters())
+    zero = protocols.fine_tune(
+        encoder, images, labels, images, labels, num_classes=4, mean=(0.3,), std=(0.3,), epochs=1, lr=0.5,
+        backbone_lr_scale=0.1, batch_size=16, head_init="zero",
+    )
+    assert zero.initial_head.weight.abs().sum() == 0 and zero.initial_head.bias.abs().sum() == 0
+    with pytest.raises(ValueError, match="head_init must be one of probe, zero, got 'warm'"):
+        protocols.fine_tune(
+            encoder, images, labels, images, labels, num_classes=4, mean=(0.3,), std=(0.3,), epochs=1, lr=0.5,
+            backbone_lr_scale=0.1, head_init="warm",
+        )
+
+
 def test_tsne_embedding__two_coordinates_per_point_and_deterministic() -> None:
     features = torch.randn(60, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(60) % 3
@@ -241,3 +293,21 @@ def test_parse_evaluate__tasks_and_problems() -> None:
     assert parse_evaluate({}, datasets=[])[1] == [
         ("evaluate", "declares no protocol; expected at least one of linear, finetune, few_shot, transfer, embedding")
     ]
+
+
+def test_parse_evaluate__head_init_default_probe_zero_keeps_the_stored_key_and_bad_values() -> None:
+    plan, _ = parse_evaluate({"finetune": {"fractions": [0.01]}}, datasets=[])
+    assert plan is not None and plan.tasks()[0].setting("head_init") == "probe"
+    plan, _ = parse_evaluate(
+        {"finetune": {"fractions": [0.01], "epochs": 5, "batch_size": 64, "lr": 0.4, "head_init": "zero"}}, datasets=[]
+    )
+    assert plan is not None
+    # The key a fine-tuning task had before head_init existed (as stored in harness_evaluation).
+    assert plan.tasks()[0].key == (
+        '{"dataset":null,"fraction":0.01,"label_seed":0,"protocol":"finetune","settings":{"augment":true,'
+        '"backbone_lr_scale":0.1,"batch_size":64,"epochs":5,"lr":0.4},"shots":null}'
+    )
+    stored = json.loads(plan.tasks()[0].key)["settings"]
+    assert head_init_of(stored) == "zero" and head_init_of({**stored, "head_init": "probe"}) == "probe"
+    _, problems = parse_evaluate({"finetune": {"head_init": "warm"}}, datasets=[])
+    assert problems == [("evaluate.finetune.head_init", "expected one of probe, zero, found 'warm'")]

@@ -140,6 +140,7 @@ def test_report__evaluation_section_tables_and_figures(database: Database, tmp_p
     for heading in ("### Label efficiency", "### Few-shot k-NN", "### Transfer", "### Embeddings", "### Failed evaluations"):
         assert heading in section
     assert "Label fractions are class-balanced draws" in section and "label seed 0" in section
+    assert "the head starts at zero;" in section  # tasks stored before head_init existed
     assert "digits: none; normalized with the statistics of fashion-mnist" in section
     assert "| 3-shot k-NN (%) |" in section and "(draws sd 2.0)" in section
     assert "| digits · k-NN (%) |" in section

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from harness.protocol_spec import HEAD_INITS, head_init_of
 from harness.reports.collapse import collapse_reasons
 from harness.reports.data import ReportData, group_order, plain_value
 from harness.reports.document import Cell, Table
@@ -845,10 +846,12 @@ def evaluation_protocol_text(data: ReportData) -> str:
         epochs = sorted({f.get("epochs") for f in fine if f.get("epochs") is not None})
         lrs = sorted({f.get("lr") for f in fine if f.get("lr") is not None})
         scales = sorted({f.get("backbone_lr_scale") for f in fine if f.get("backbone_lr_scale") is not None})
+        starts = [text for h, text in HEAD_INITS.items() if h in {head_init_of(f) for f in fine}]
         parts.append(
             f"fine-tuning trains the whole encoder and a linear head for {_listing(epochs)} epochs (SGD, Nesterov "
             f"momentum 0.9, cosine decay, lr {_listing(lrs)} per 256 images for the head and {_listing(scales)} times "
-            "that for the pre-trained layers; random_init is trained from scratch at the full rate)"
+            f"that for the pre-trained layers; the head starts {' or '.join(starts)}; random_init is trained from "
+            "scratch at the full rate)"
         )
     if (evaluations["protocol"] == "linear").any():
         parts.append("the linear probe is the trial's own (Adam on frozen, cached, standardized features)")
