@@ -392,7 +392,9 @@ def run_task(
         index = label_fraction_indices(pool.labels, float(task.fraction or 1.0), seed=int(task.label_seed or 0))
         scale = 1.0 if from_scratch else float(task.setting("backbone_lr_scale"))
         epochs, lr = int(task.setting("epochs")), float(task.setting("lr"))
-        head_init = head_init_of(dict(task.settings))
+        # Training from scratch starts its head at zero: a probe's fit on random features, folded
+        # onto their small scale, sent the from-scratch runs to chance (docs/REPORTS.md).
+        head_init = "zero" if from_scratch else head_init_of(dict(task.settings))
         probe_epochs = int(config.get("linear_epochs", 50))
         tuned = fine_tune(
             encoder,
@@ -419,7 +421,7 @@ def run_task(
             backbone_lr_scale_used=scale,
             from_scratch=from_scratch,
             steps=tuned.steps,
-            head_init=head_init,
+            head_init_used=head_init,
             **({"probe_epochs": probe_epochs} if head_init == "probe" else {}),
             optimizer="sgd nesterov momentum 0.9, no weight decay, cosine decay; lr per 256 images",
         )

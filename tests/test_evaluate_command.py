@@ -75,9 +75,10 @@ def test_run_evaluations__stores_each_protocol_once_names_trials_without_weights
     fine = frame[frame["protocol"] == "finetune"]
     assert set(fine["fraction"]) == {0.05} and set(fine["epochs"]) == {1} and set(fine["lr"]) == {0.05}
     assert fine["task"].iloc[0]["settings"]["backbone_lr_scale"] == 0.1
-    assert fine["task"].iloc[0]["settings"]["head_init"] == "probe" and fine["details"].iloc[0]["head_init"] == "probe"
     scratch = fine.merge(trials[["trial_id", "method"]], on="trial_id")
     assert {m: d["backbone_lr_scale_used"] for m, d in zip(scratch["method"], scratch["details"])} == {"simclr": 0.1, "random_init": 1.0}
+    assert set(fine["task"].map(lambda t: t["settings"]["head_init"])) == {"probe"}
+    assert {m: d["head_init_used"] for m, d in zip(scratch["method"], scratch["details"])} == {"simclr": "probe", "random_init": "zero"}
     failed = frame[frame["status"] == "failed"]
     assert set(failed["dataset"]) == {"mnist"} and all(failed["transfer"])
     assert all("DatasetNotFoundError" in reason for reason in failed["reason"])
