@@ -851,7 +851,7 @@ def evaluation_protocol_text(data: ReportData) -> str:
             f"fine-tuning trains the whole encoder and a linear head for {_listing(epochs)} epochs (SGD, Nesterov "
             f"momentum 0.9, cosine decay, lr {_listing(lrs)} per 256 images for the head and {_listing(scales)} times "
             f"that for the pre-trained layers; the head starts {' or '.join(starts)}; random_init is trained from "
-            "scratch at the full rate)"
+            "scratch at the full rate, from a zero head)"
         )
     if (evaluations["protocol"] == "linear").any():
         parts.append("the linear probe is the trial's own (Adam on frozen, cached, standardized features)")
