@@ -609,6 +609,7 @@ def _train(
                         mean=data.mean,
                         std=data.std,
                         preset=config.aug_preset,
+                        compiled=config.compile_augmentation,
                     )
                     batch_labels = labels[index]
                     if world > 1:

@@ -61,6 +61,25 @@ def test_run_trial__same_seed_gives_the_same_result() -> None:
     assert first.summary["knn_top1"] == second.summary["knn_top1"]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_run_trial__compile_augmentation_reaches_every_training_batch(
+    monkeypatch: pytest.MonkeyPatch, compiled: bool
+) -> None:
+    seen: list[object] = []
+    make_views = train.make_views
+
+    def recording(*args: object, **kwargs: object) -> object:
+        if "compiled" in kwargs:  # the training batches (evaluation's views are always eager)
+            seen.append(kwargs["compiled"])
+        # The compiled chain itself is tested against the eager one in tests/test_augment.py.
+        return make_views(*args, **{**kwargs, "compiled": False})
+
+    monkeypatch.setattr(train, "make_views", recording)
+    record = train.run_trial(_tiny(epochs=1, compile_augmentation=compiled), progress=False)
+    assert record.status == "complete", record.reason
+    assert seen == [compiled] * 3  # 96 images at batch 32
+
+
 def test_run_trial__divergence_is_a_failed_record_with_the_step() -> None:
     record = train.run_trial(_tiny(optimizer="sgd", lr=1e30, epochs=1), progress=False)
     assert record.status == "failed"
