@@ -273,6 +273,10 @@ def test_with_current_keeping_knobs__the_file_as_it_is_now_decides_how_a_trial_i
     now = with_current_keeping_knobs(stored, study)
     assert (now.checkpoint_epochs, now.checkpoint_minutes, now.save_weights) == (1, 5.0, True)
     assert now.config_hash == stored.config_hash
+    # Every knob outside the identity but the seed and the device follows the file as it is now.
+    stored = resolve({"method": "simclr", "devices_per_trial": 2, "compile_augmentation": True, "seed": 3})
+    now = with_current_keeping_knobs(stored, study)
+    assert (now.devices_per_trial, now.compile_augmentation, now.seed) == (1, False, 3)
 
 
 def test_harness_weights__lists_prints_copies_and_checks_the_sha256(
