@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -88,7 +88,7 @@ def mean_over_ranks(value: Tensor) -> Tensor:
     return value / dist.get_world_size()
 
 
-def average_gradients(parameters: Callable[[], Iterator[nn.Parameter]] | list[nn.Parameter]) -> None:
+def average_gradients(parameters: Callable[[], Iterable[nn.Parameter]] | Iterable[nn.Parameter]) -> None:
     """DistributedDataParallel's reduction, done by hand: every gradient replaced by its mean over
     the ranks (for loops that do not run the model through DDP's forward). The gradients are
     flattened into one buffer per device and dtype, so a step costs one all-reduce per buffer

@@ -214,9 +214,6 @@ def fine_tune(
     device = torch.device(device)
     model = copy.deepcopy(encoder).to(device)
     train_images, train_labels = train_images.to(device), train_labels.to(device)
-    with torch.no_grad():
-        model.eval()
-        feature_dim = model(normalize(train_images[:1], mean, std)).shape[1]
     if head_init == "probe":
         features = evaluation.extract_features(
             model, train_images, mean=mean, std=std, batch_size=FEATURE_BATCH, device=device
@@ -226,6 +223,9 @@ def fine_tune(
             relative_std_floor=PROBE_RELATIVE_STD_FLOOR,
         )
     else:
+        with torch.no_grad():
+            model.eval()
+            feature_dim = model(normalize(train_images[:1], mean, std)).shape[1]
         head = nn.Linear(feature_dim, num_classes, device=device)
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)

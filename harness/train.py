@@ -622,7 +622,7 @@ def _train(
                         loss = method.training_loss(views, batch_labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    distributed.average_gradients(method.optimizer_parameters())
+                    distributed.average_gradients(method.optimizer_parameters)  # a no-op on one process
                     optimizer.step()
                     method.after_optimizer_step(step)
                     losses[step] = loss.detach().float()
