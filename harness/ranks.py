@@ -135,7 +135,7 @@ def run_on_ranks(
     try:
         # Started with SIGINT/SIGTERM ignored (inherited through exec), so that a signal while a
         # rank imports its modules is no traceback; rank 0 takes them up once its handlers are set.
-        with _ignoring_signals():
+        with _handling_signals(signal.SIG_IGN):
             for process in processes:
                 process.start()
         with watch.forwarding_signals():
@@ -167,16 +167,18 @@ def run_on_ranks(
 
 
 @contextlib.contextmanager
-def _ignoring_signals() -> Iterator[None]:
+def _handling_signals(handler: Any) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` (a function or ``signal.SIG_IGN``) inside the block, then
+    back to what they were; nothing changes off the main thread (only it may set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, restored in previous.items():
+            signal.signal(signum, restored)
 
 
 def _provenance(device: str, world: int, collected: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -197,17 +199,8 @@ class _Watch:
         self.forwarded = False
         self.interrupted = False
 
-    @contextlib.contextmanager
-    def forwarding_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    def forwarding_signals(self) -> contextlib.AbstractContextManager[None]:
+        return _handling_signals(self._on_signal)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self.signum is None:
