@@ -401,11 +401,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(SpecError([f"{args.study}: the YAML is nested too deeply to read"]), file=sys.stderr)
         return 2
     if overrides:
-        print(
-            f"overrides: {', '.join(f'{o.key}={o.value_text}' for o in overrides)}; "
-            f"running them as study {study.name} (the file's own study is not touched)",
-            flush=True,
-        )
+        from harness.overrides import changes_results
+
+        given = ", ".join(f"{o.key}={o.value_text}" for o in overrides)
+        if any(changes_results(o) for o in overrides) or any(o.path == ("study",) for o in overrides):
+            print(f"overrides: {given}; running them as study {study.name} (the file's own study is not touched)", flush=True)
+        else:
+            print(
+                f"overrides: {given}; they change how trials run, not their results, so this is study "
+                f"{study.name} itself: its finished trials are kept and the pending ones run with them",
+                flush=True,
+            )
     from harness.spec import DEFAULTS
 
     wanted_device = args.device or study.fixed.get("device", DEFAULTS.device)

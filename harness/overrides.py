@@ -9,6 +9,10 @@
 - An overridden run is a different study: unless ``--set study=NAME`` names it, it is called
   ``NAME.set.KEY-VALUE...`` (so a CPU smoke run of a GPU study never mixes with its results). The
   study stored in the database is the file as run: the overrides applied, and a comment saying so.
+- Except for knobs outside a configuration's identity (``devices_per_trial``,
+  ``compile_augmentation``, the checkpoint knobs, ...): they say how trials run, not what they
+  compute, so ``--set`` of those alone keeps the study's name and its results, as setting them in
+  the file's ``fixed:`` does (the pending trials run with the new value).
 
 Stdlib and yaml only (no torch), like ``harness.spec``.
 """
@@ -73,10 +77,26 @@ def parse_override(text: str) -> Override:
     return Override(key=key, path=parts, value=value, value_text=value_text.strip())
 
 
+def changes_results(override: Override) -> bool:
+    """Whether ``override`` can change what a trial computes: anything but a ``fixed:`` knob
+    outside the identity (the seed excepted: ``--set seed=`` is a configuration of its own)."""
+    return not (
+        override.path[0] == "fixed"
+        and len(override.path) == 2
+        and override.path[1] in spec.HASH_EXCLUDED
+        and override.path[1] != "seed"
+    )
+
+
 def derived_name(name: str, overrides: Sequence[Override]) -> str:
     """The study name of an overridden run: ``NAME.set.KEY-VALUE.KEY-VALUE`` in the order given,
     characters a study name may not hold replaced; a short hash of the exact overrides is added
-    when anything was replaced or the name would be long, so two different runs never share one."""
+    when anything was replaced or the name would be long, so two different runs never share one.
+    Overrides that cannot change results (:func:`changes_results`) are left out of the name, and
+    with only those ``name`` is kept."""
+    overrides = [o for o in overrides if changes_results(o)]
+    if not overrides:
+        return name
     parts = [f"{o.key}-{o.value_text}" for o in overrides]
     plain = f"{name}.set." + ".".join(parts)
     safe = _NAME_UNSAFE.sub("_", plain)

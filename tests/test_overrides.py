@@ -120,7 +120,7 @@ def test_derived_name__readable_when_it_can_be_unique_always() -> None:
     def o(key: str, text: str) -> Override:
         return Override(key, ("fixed", key), None, text)
 
-    assert derived_name("q", [o("epochs", "1"), o("device", "cpu")]) == "q.set.epochs-1.device-cpu"
+    assert derived_name("q", [o("epochs", "1"), o("temperature", "0.1")]) == "q.set.epochs-1.temperature-0.1"
     odd = derived_name("q", [o("data_root", "/data/x")])
     other = derived_name("q", [o("data_root", "/data_x")])
     assert odd.startswith("q.set.data_root-_data_x.") and odd != other
@@ -149,3 +149,38 @@ def test_cli__run_set_prints_the_study_it_becomes_and_errors_exit_2(
     assert "study cli-tiny.set.epochs-2.knn_k-3 (grid): 3 configuration(s)" in out
     assert cli.main(["run", str(study_file), "--set", "epochs=two", "--dry-run"]) == 2
     assert "--set epochs: found 'two', expected an integer" in capsys.readouterr().err
+
+
+def test_derived_name__knobs_outside_the_identity_keep_the_study() -> None:
+    from harness.overrides import Override
+
+    def o(key: str, text: str) -> Override:
+        return Override(key, ("fixed", key), None, text)
+
+    assert derived_name("q", [o("devices_per_trial", "2"), o("checkpoint_minutes", "1")]) == "q"
+    assert derived_name("q", [o("compile_augmentation", "true"), o("epochs", "1")]) == "q.set.epochs-1"
+    assert derived_name("q", [o("seed", "3")]) == "q.set.seed-3"
+
+
+def test_cli__run_set_of_a_knob_outside_the_identity_resumes_the_same_study(
+    study_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db_path = tmp_path / "h.db"
+    study, _ = load_study_with_overrides(study_file, [])
+    run_study(study, RunOptions(db=str(db_path)), run_trial=fake_trainer, echo=lambda _: None)
+    db = Database(db_path)
+    before = db.run(lambda s: sorted((t.id, t.status, t.config_hash) for t in s.scalars(select(TrialRow))))
+    db.dispose()
+    assert cli.main(["run", str(study_file), "--db", str(db_path), "--set", "checkpoint_minutes=1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "so this is study cli-tiny itself" in out
+    assert "study cli-tiny (grid)" in out
+    overridden, _ = load_study_with_overrides(study_file, ["checkpoint_minutes=1", "save_weights=false"])
+    assert overridden.name == "cli-tiny"
+    run_study(overridden, RunOptions(db=str(db_path)), run_trial=fake_trainer, echo=lambda _: None)
+    db = Database(db_path)
+    names = db.run(lambda s: [r.name for r in s.scalars(select(StudyRow))])
+    after = db.run(lambda s: sorted((t.id, t.status, t.config_hash) for t in s.scalars(select(TrialRow))))
+    db.dispose()
+    assert names == ["cli-tiny"]
+    assert after == before  # nothing rerun, nothing added
