@@ -424,7 +424,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if problem is not None:
         where = "--device" if args.device else f"{args.study}: fixed.device"
         return _error("run", f"{where}: {problem}; nothing was run or written", 2)
-    launcher_problem = _launcher_problem(args)
+    launcher_problem = _launcher_problem(args) or _ranks_problem(study, args)
     if launcher_problem:
         return _error("run", launcher_problem, 2)
     if args.dry_run:
@@ -536,6 +536,22 @@ def _launcher_problem(args: argparse.Namespace) -> str | None:
     if args.max_trials is not None:
         return "--max-trials cannot be shared by Slurm jobs; leave it out with --launcher slurm"
     return sqlite_refusal(args.db)
+
+
+def _ranks_problem(study: Any, args: argparse.Namespace) -> str | None:
+    """``--workers N`` with trials of ``devices_per_trial`` > 1: both place processes on devices
+    (worker i on cuda:i, a trial's ranks on cuda:B to cuda:B+N-1), so together they would share
+    GPUs, or oversubscribe the cores; refused before anything is written."""
+    if args.workers <= 1:
+        return None
+    values = [study.fixed.get("devices_per_trial", 1), *(p.get("devices_per_trial", 1) for p in study.points)]
+    widest = max(v for v in values if isinstance(v, int))
+    if widest <= 1:
+        return None
+    return (
+        f"--workers {args.workers}: {args.study} runs trials on devices_per_trial = {widest} processes each; "
+        "use one worker (a trial's ranks already use the devices), or lower devices_per_trial"
+    )
 
 
 def _submit_slurm(study: Any, options: Any, args: argparse.Namespace) -> int:

@@ -259,3 +259,22 @@ def test_rank_devices__one_cuda_device_per_rank_or_gloo_on_the_cpu(monkeypatch: 
         "devices_per_trial: 4 CUDA devices needed (cuda:1 to cuda:4), this machine has 4 (cuda:0 to cuda:3); "
         "lower devices_per_trial or use device: cpu (gloo)"
     )
+
+
+def test_cli_run__workers_with_devices_per_trial_is_refused_naming_both(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness import cli
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "study": "s", "dataset": "synthetic", "fixed": {"batch_size": 32}, "grid": {"devices_per_trial": [1, 2]},
+        "seeds": [0],
+    }))
+    db = tmp_path / "h.db"
+    assert cli.main(["run", str(path), "--db", str(db), "--workers", "2", "--force-workers"]) == 2
+    assert (
+        f"--workers 2: {path} runs trials on devices_per_trial = 2 processes each; use one worker"
+        in capsys.readouterr().err
+    )
+    assert not db.exists()
