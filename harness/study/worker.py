@@ -540,27 +540,22 @@ def worker_loop(ctx: WorkerContext, source: TrialSource) -> None:
 
 
 @contextmanager
-def interrupt_signals(
-    signals: tuple[int, ...] = INTERRUPT_SIGNALS, on_signal: Callable[[int], None] | None = None
-) -> Iterator[None]:
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler stopping the job) both interrupt the worker: the
-    first one raises KeyboardInterrupt, which hands the current trial back; later ones are ignored,
-    so that handing back is not itself interrupted (the parent of ``--workers N`` forwards a
-    signal that the terminal may also have sent to the workers directly). A Slurm job adds the
-    signals that announce a time limit or preemption (``signals``) and learns which one came
-    (``on_signal``, called before the interrupt is raised)."""
+def interrupt_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler stopping the job, Slurm's preemption and time
+    limit included) both interrupt the worker: the first one raises KeyboardInterrupt, which hands
+    the current trial back; later ones are ignored, so that handing back is not itself interrupted
+    (the parent of ``--workers N`` forwards a signal that the terminal may also have sent to the
+    workers directly)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
-        for sig in signals:
+        for sig in INTERRUPT_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        if on_signal is not None:
-            on_signal(signum)
         raise Interrupted(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    previous = {sig: signal.signal(sig, handler) for sig in INTERRUPT_SIGNALS}
     try:
         yield
     finally:
@@ -568,20 +563,12 @@ def interrupt_signals(
             signal.signal(sig, old)
 
 
-def run_worker(
-    ctx: WorkerContext,
-    kind: StudyKind,
-    *,
-    stop_requested: Callable[[], bool] | None = None,
-    signals: tuple[int, ...] = INTERRUPT_SIGNALS,
-    on_signal: Callable[[int], None] | None = None,
-) -> int:
+def run_worker(ctx: WorkerContext, kind: StudyKind, *, stop_requested: Callable[[], bool] | None = None) -> int:
     """One worker's whole life: 0 when the study has nothing left for it, 128 + the signal after an
     interrupt (130 after Ctrl-C, 143 after SIGTERM).
     ``stop_requested``: whether an interrupt arrived while this process was starting (a spawned
-    worker ignores signals until its handlers are in place; its parent raises this flag too).
-    ``signals``, ``on_signal``: see ``interrupt_signals``."""
-    with interrupt_signals(signals, on_signal):
+    worker ignores signals until its handlers are in place; its parent raises this flag too)."""
+    with interrupt_signals():
         try:
             if stop_requested is not None and stop_requested():
                 raise KeyboardInterrupt
