@@ -52,6 +52,61 @@ def extract_features(
     eval mode (BN running statistics) without gradients, under bf16 autocast on CUDA; its previous
     training mode is restored. ``device`` defaults to the encoder's.
     """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        chunks = [out.float() for out in _identity_view_outputs(encoder, images_uint8, mean, std, batch_size, device)]
+    finally:
+        encoder.train(was_training)
+    if not chunks:
+        raise ValueError("no images to extract features from")
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def recompute_batch_norm(
+    encoder: nn.Module,
+    images_uint8: Tensor,
+    *,
+    mean: float | Sequence[float] | Tensor,
+    std: float | Sequence[float] | Tensor,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+) -> int:
+    """Replace the running statistics of every batch norm in ``encoder`` by their exact averages
+    over the identity views of ``images_uint8`` ``(N, C, H, W)``, in one pass in training mode
+    without gradients (momentum ``None``: the cumulative average of the batches' statistics, as
+    ``torch.optim.swa_utils.update_bn`` does). Weights are not touched. Returns the number of
+    batch norms updated; their momentum and the encoder's mode are restored."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    was_training = encoder.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    encoder.train()
+    try:
+        for _ in _identity_view_outputs(encoder, images_uint8, mean, std, batch_size, device):
+            pass
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        encoder.train(was_training)
+    return len(norms)
+
+
+def _identity_view_outputs(
+    encoder: nn.Module,
+    images_uint8: Tensor,
+    mean: float | Sequence[float] | Tensor,
+    std: float | Sequence[float] | Tensor,
+    batch_size: int,
+    device: torch.device | str | None,
+) -> Iterator[Tensor]:
+    """``encoder`` applied to the identity views ``(x / 255 - mean) / std`` of ``images_uint8``, batch
+    by batch, in the encoder's current mode (bf16 autocast on CUDA)."""
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
         raise ValueError(
             f"images must be uint8 (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}"
@@ -66,23 +121,14 @@ def extract_features(
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        chunks = []
-        # Images on another device (host memory, a memory-mapped shard) are streamed: the next
-        # chunks are gathered and copied while this one runs.
-        slices = [slice(start, start + batch_size) for start in range(0, images_uint8.shape[0], batch_size)]
-        for batch in iter_batches(images_uint8, slices, device):
-            # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction, one division.
-            x = (batch.float() - shift) / scale
-            with autocast:
-                chunks.append(encoder(x).float())
-    finally:
-        encoder.train(was_training)
-    if not chunks:
-        raise ValueError("no images to extract features from")
-    return torch.cat(chunks)
+    # Images on another device (host memory, a memory-mapped shard) are streamed: the next
+    # chunks are gathered and copied while this one runs.
+    slices = [slice(start, start + batch_size) for start in range(0, images_uint8.shape[0], batch_size)]
+    for batch in iter_batches(images_uint8, slices, device):
+        # (x / 255 - mean) / std == (x - 255 mean) / (255 std): one subtraction, one division.
+        x = (batch.float() - shift) / scale
+        with autocast:
+            yield encoder(x)
 
 
 def _channel_tensor(value: float | Sequence[float] | Tensor, channels: int, device: torch.device) -> Tensor:

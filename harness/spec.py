@@ -371,6 +371,14 @@ class TrialConfig:
         group="method",
         legacy=False,
     )
+    random_init_recompute_bn: bool = knob(
+        False,
+        "recompute the random encoder's batch-norm statistics on the pretraining images (one pass in "
+        "training mode, no gradient step) before it is evaluated; false keeps their initial values "
+        "(mean 0, variance 1), which were never computed on images",
+        group="method",
+        legacy=False,
+    )
     simsiam_stop_gradient: bool = knob(
         True,
         "stop-gradient on SimSiam's target branch; false is the collapse ablation of Chen & He 2021, sec. 4.1",

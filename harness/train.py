@@ -518,6 +518,12 @@ def _train(
     steps_per_epoch = n // config.batch_size
     total_steps = steps_per_epoch * config.epochs
     if not method.trainable or total_steps == 0:
+        if config.random_init_recompute_bn:
+            # random_init's calibrated floor: every trained run, even one whose loss stays flat,
+            # moves its batch-norm statistics onto the images; this gives the random encoder the same.
+            evaluation.recompute_batch_norm(
+                method.backbone, images, mean=data.mean, std=data.std, batch_size=EVAL_BATCH_SIZE, device=device
+            )
         summary.update(train_img_per_s=None, train_seconds=0.0, peak_mem_bytes=None)
         return
     base_lr = scaled_lr(config.lr, config.batch_size)

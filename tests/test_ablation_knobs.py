@@ -1,5 +1,6 @@
 """The knobs added for the issue-18 studies: SimSiam without stop-gradient or predictor, DINO's head
-batch norm, and evaluating the projection instead of the backbone (``eval_features``)."""
+batch norm, evaluating the projection instead of the backbone (``eval_features``), and random
+init with its batch-norm statistics recomputed on the images (``random_init_recompute_bn``)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,47 @@ def test_eval_features__projector_evaluates_the_projection() -> None:
                 x = (context.test.images.float() / 255 - mean) / std
                 torch.testing.assert_close(extracted, method.embed(x), rtol=1e-4, atol=1e-5)
             assert extracted.shape[1] == width
+
+
+def test_recompute_batch_norm__running_statistics_are_the_exact_batch_averages() -> None:
+    from harness.evaluation import recompute_batch_norm
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, bias=False)
+    encoder = nn.Sequential(conv, nn.BatchNorm2d(4, momentum=0.3), nn.ReLU(), nn.Flatten())
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8)
+    weights = conv.weight.detach().clone()
+    encoder.eval()
+    assert recompute_batch_norm(encoder, images, mean=0.5, std=0.25, batch_size=4) == 1
+    # Independently: the conv outputs of the identity views, batch by batch (3 equal batches).
+    with torch.no_grad():
+        outputs = conv((images.float() / 255 - 0.5) / 0.25).chunk(3)
+    expected_mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.transpose(0, 1).reshape(4, -1).var(dim=1) for o in outputs]).mean(0)
+    norm = encoder[1]
+    torch.testing.assert_close(norm.running_mean, expected_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.running_var, expected_var, rtol=1e-5, atol=1e-6)
+    assert norm.momentum == 0.3 and not encoder.training  # restored
+    assert torch.equal(conv.weight, weights)
+
+
+def test_random_init__recompute_bn_knob_calibrates_the_floor_and_only_it() -> None:
+    knobs = {"dataset": "synthetic", "train_size": 64, "test_size": 32, "batch_size": 32, "device": "cpu", "method": "random_init"}
+    initial = train._build(resolve(knobs), torch.device("cpu"))
+    calibrated_config = resolve({**knobs, "random_init_recompute_bn": True})
+    # Part of what the floor is (a configuration of its own), left out of every stored hash while false.
+    assert calibrated_config.config_hash != resolve(knobs).config_hash
+    assert resolve({**knobs, "random_init_recompute_bn": False}).config_hash == resolve(knobs).config_hash
+    calibrated = train._build(calibrated_config, torch.device("cpu"))
+    train._train(calibrated, {}, None, False)
+    train._train(initial, {}, None, False)
+    norms = [m for m in calibrated.method.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    untouched = [m for m in initial.method.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 1 for m in norms)  # one batch of 64 images
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in untouched)
+    assert not torch.allclose(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
+    # The weights are the same random init: only the statistics moved.
+    for a, b in zip(calibrated.method.backbone.parameters(), initial.method.backbone.parameters()):
+        assert torch.equal(a, b)
+    # A method that trains ignores the knob (it is random_init's).
+    assert resolve({**knobs, "method": "simclr", "random_init_recompute_bn": True}).random_init_recompute_bn is False

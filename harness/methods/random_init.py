@@ -10,7 +10,7 @@ from harness.spec import MethodSpec
 SPEC = MethodSpec(
     name="random_init",
     paper="the encoder at its random initialization (e.g. Caron et al. 2021, Table 4)",
-    knobs={},
+    knobs={"random_init_recompute_bn": ...},
     colour="#9a9a9a",
     trains=False,
     baseline=True,
@@ -20,7 +20,9 @@ SPEC = MethodSpec(
 class RandomInit(Method):
     """The backbone as initialized (seeded by ``seed``), evaluated like every trained method
     (e.g. Caron et al. 2021, Table 4's "random weights" row). Not trained: the training loop skips
-    methods with ``trainable = False``. ``embed`` gives the backbone features. State: none."""
+    methods with ``trainable = False``. ``embed`` gives the backbone features. State: none.
+    Knob: ``random_init_recompute_bn`` (true: the batch norms' running statistics are recomputed
+    on the pretraining images before evaluation, the calibrated floor; docs/FINDINGS.md)."""
 
     spec = SPEC
 
