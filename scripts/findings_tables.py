@@ -49,9 +49,12 @@ COLUMNS: tuple[tuple[str, str, float, int], ...] = (
 
 def cell(values: Iterable[float], scale: float, decimals: int) -> str:
     """'mean ± sd [low, high]' (95% t-interval of the mean); the mean alone for one seed."""
-    interval = t_interval(float(v) * scale for v in values)
-    if math.isnan(interval.mean):
+    # A metric the configuration does not have (random init's loss) is None, or NaN in a column
+    # that other configurations fill.
+    present = [float(v) * scale for v in values if v is not None and not math.isnan(float(v))]
+    if not present:
         return "–"
+    interval = t_interval(present)
     text = f"{interval.mean:.{decimals}f}"
     if interval.exists:
         text += f" ± {interval.std:.{decimals}f} [{interval.low:.{decimals}f}, {interval.high:.{decimals}f}]"
