@@ -35,6 +35,7 @@ from harness.study.slurm import (
     SlurmOptions,
     _use_allotted_cpus,
     executor_parameters,
+    pinned_checkpoint_dir,
     sbatch_lines,
     slurm_states,
     sqlite_refusal,
@@ -177,6 +178,20 @@ def test_executor_parameters__only_what_was_asked(tmp_path: Path) -> None:
         "array_parallelism": 4,
     }
     assert sbatch_lines(study, SlurmOptions(jobs=4))[0].startswith("slurm job array of 4 job(s)")
+
+
+def test_pinned_checkpoint_dir__absolute_on_the_submitting_machine_unless_the_study_sets_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness.study.worker import RunOptions
+
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://u@db.example/harness"
+    study = load_study(_write_study(tmp_path))
+    assert pinned_checkpoint_dir(study, RunOptions(db=url)) == str(tmp_path / "results" / "harness-checkpoints")
+    assert pinned_checkpoint_dir(study, RunOptions(db=url, checkpoint_dir="ckpt")) == str(tmp_path / "ckpt")
+    own = load_study(_write_study(tmp_path, name="own", checkpoint_dir="/scratch/me"))
+    assert pinned_checkpoint_dir(own, RunOptions(db=url)) is None
 
 
 def test_slurm_states__one_squeue_call_per_array_and_its_states_parsed() -> None:

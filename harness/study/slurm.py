@@ -43,7 +43,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from harness.db import Database, SlurmJobRow, StudyRow, resolve_url, utcnow
 from harness.spec import Study
-from harness.study import store
+from harness.study import artifacts, store
 from harness.study.kinds import kind_of
 from harness.study.worker import RunOptions, TrialBudget, WorkerContext, run_worker
 
@@ -295,7 +295,7 @@ def submit(
         executor.update_parameters(**executor_parameters(study, slurm))
         worker = SlurmWorker(
             study=study,
-            options=replace(options, workers=1, progress=False),
+            options=replace(options, workers=1, progress=False, checkpoint_dir=pinned_checkpoint_dir(study, options)),
             study_id=report.study_id,
             row_ids=report.row_ids,
             started=utcnow(),
@@ -315,6 +315,20 @@ def submit(
     echo(f"submitted {len(ids)} Slurm job(s) for study {study.name}: {', '.join(ids)} (logs in {folder})")
     echo(f"follow them with `harness status {study.name}`; stop them with `harness cancel {study.name}`")
     return ids
+
+
+def pinned_checkpoint_dir(study: Study, options: RunOptions) -> str | None:
+    """The checkpoint root the jobs use, made absolute here, on the submitting machine: a job's
+    working directory is Slurm's choice (``/tmp`` on a node where the submission folder does not
+    exist), and a requeued job that looked for its trial's checkpoint under another directory
+    would start the trial again from zero. ``--checkpoint-dir`` made absolute, else the default
+    root (beside a SQLite file, else ``results/harness-checkpoints`` under this directory); None
+    leaves a study's own ``checkpoint_dir`` knob in charge."""
+    if options.checkpoint_dir is not None:
+        return str(Path(options.checkpoint_dir).expanduser().absolute())
+    if study.fixed.get("checkpoint_dir") or any(p.get("checkpoint_dir") for p in study.points):
+        return None
+    return str(artifacts.checkpoint_root(options.db))
 
 
 @dataclass(frozen=True)
