@@ -196,6 +196,53 @@ def test_crop_grid__matches_affine_grid() -> None:
     assert torch.allclose(crop_grid(sx, sy, cx, cy, (12, 20)), expected, atol=1e-6)
 
 
+def _crop_draws(n: int, seed: int) -> torch.Tensor:
+    """``(4, n)`` crops as ``_Draws.crop`` holds them (scale x with the flip's sign, scale y, centre
+    x, centre y): random sizes from 1/50 to the whole axis (areas down to 4e-4, aspect ratios up
+    to 50), random positions, half flipped, then the extremes: the whole image, plain and flipped,
+    and thin crops pushed into each corner."""
+    g = gen(seed)
+    size = torch.exp(torch.empty(2, n).uniform_(math.log(0.02), 0.0, generator=g))
+    centre = (1 - size) * (2 * torch.rand(2, n, generator=g) - 1)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    crops = torch.stack((sign * size[0], size[1], centre[0], centre[1]))
+    extremes = torch.tensor([
+        [1.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0],
+        [0.02, 1.0, 0.98, 0.0], [-1.0, 0.02, 0.0, -0.98], [0.05, 0.05, -0.95, 0.95], [-0.05, 0.05, 0.95, -0.95],
+    ])
+    return torch.cat((crops, extremes.T), dim=1)
+
+
+@pytest.mark.parametrize(
+    ("source", "out_size", "channels"),
+    [((20, 20), (20, 20), 3), ((28, 28), (12, 12), 1), ((16, 24), (40, 30), 3), ((64, 64), (64, 64), 3),
+     ((224, 224), (96, 96), 3)],
+)
+def test_crop_separable__matches_grid_sample(source: tuple[int, int], out_size: tuple[int, int], channels: int) -> None:
+    """The compiled stage's crop (row gathers + column matrix product) samples what ``grid_sample``
+    samples: equal to float rounding, down- and upsampling, rectangular, flipped, the smallest
+    crops and those touching the borders. The two compute a source coordinate up to its last bit
+    (ATen rounds its unnormalization its own way), and a shift of ``d`` pixels moves a sample of
+    random uint8 noise by up to ``255 d``: after the normalization's ``1 / 127.5`` that bounds the
+    difference by ``2 ulp(side - 1)``: 7.6e-6 at 64 px, 3.1e-5 at 224."""
+    batch, n_views = 7, 2
+    x = torch.randint(0, 256, (batch, channels, *source), dtype=torch.uint8, generator=gen(3))
+    crop = _crop_draws(n_views * batch - 6, seed=sum(source) + out_size[0])
+    plan = AUG._Plan(n_views, out_size, 0, False, False, False, False, False, False)
+    draws = type("CropDraws", (), {"crop": crop})()
+    expected = AUG._crop(plan, x, draws)
+    got = AUG._crop_separable(plan, x, draws)
+    assert got.shape == expected.shape == (n_views * batch, channels, *out_size)
+    ulp = 2.0 ** (math.floor(math.log2(max(source) - 1)) - 23)  # of the largest coordinate
+    assert (got - expected).abs().max().item() / 127.5 < max(1e-5, 2 * ulp)
+    # The full crop is the image itself when the sizes agree; flipped, the mirrored image.
+    if out_size == source:
+        whole, mirrored = got[n_views * batch - 6 : n_views * batch - 4]
+        sample = (n_views * batch - 6) % batch
+        assert torch.allclose(whole, x[sample].float(), atol=1e-3)
+        assert torch.allclose(mirrored, x[(sample + 1) % batch].float().flip(-1), atol=1e-3)
+
+
 def test_augment__full_crop_without_flip_is_identity() -> None:
     x = images()
     # A recipe that is not an identity (blur drawn with sigma ~ 0) still samples the full image exactly.
@@ -608,9 +655,10 @@ def test_profile_augment_stages__times_every_stage(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch, "compile", lambda fn: fn)
     times = profile_augment_stages(batch_size=4, size=20, repeats=1)
     assert set(times) == {
-        "crop (grid_sample)", "copy of the cropped batch", "eager blur (kernel 3), every row",
-        "eager brightness, every row", "eager contrast, every row", "eager saturation, every row",
-        "eager hue, every row", "eager grayscale, every row", "eager chain, every row (GPU)",
-        "eager chain, CPU row subsets", "compiled chain", "compile_first_call_s",
+        "crop (grid_sample)", "crop, separable, eager", "crop, separable, compiled", "copy of the cropped batch",
+        "eager blur (kernel 3), every row", "eager brightness, every row", "eager contrast, every row",
+        "eager saturation, every row", "eager hue, every row", "eager grayscale, every row",
+        "eager chain, every row (GPU)", "eager chain, CPU row subsets", "compiled chain",
+        "compiled stage (separable crop + chain)", "compile_first_call_s", "compile_stage_first_call_s",
     }
     assert all(value > 0 for value in times.values())

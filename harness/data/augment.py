@@ -5,7 +5,8 @@ one ``(V*B, C, H', W')`` float batch and applies, with per-sample random paramet
 call from the generator:
 
 1. random resized crop and horizontal flip, as one axis-aligned affine grid + ``grid_sample``
-   (the flip is a negative x scale, so it costs nothing);
+   (the flip is a negative x scale, so it costs nothing; the compiled stage interpolates the same
+   samples per axis, rows by gathers and columns by a batched matrix product);
 2. Gaussian blur, a separable filter with a per-sample sigma (delta kernel when not drawn);
 3. colour jitter: brightness, contrast, saturation, hue (identity factors when not drawn);
 4. random grayscale (colour images);
@@ -295,13 +296,26 @@ def crop_grid(
     normalized coordinates; a negative ``scale_x`` flips horizontally.
     """
     h, w = out_size
-    device, dtype = scale_x.device, scale_x.dtype
-    base_x = (torch.arange(w, device=device, dtype=dtype) * 2 + 1) / w - 1
-    base_y = (torch.arange(h, device=device, dtype=dtype) * 2 + 1) / h - 1
-    gx = torch.addcmul(center_x[:, None], scale_x[:, None], base_x[None, :])
-    gy = torch.addcmul(center_y[:, None], scale_y[:, None], base_y[None, :])
+    gx = _crop_axis(scale_x, center_x, w)
+    gy = _crop_axis(scale_y, center_y, h)
     n = scale_x.shape[0]
     return torch.stack((gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)), dim=-1)
+
+
+def _crop_axis(scale: torch.Tensor, center: torch.Tensor, size: int) -> torch.Tensor:
+    """Normalized source coordinates ``(N, size)`` of one axis of the crop: the centres of ``size``
+    output pixels (``align_corners=False``) mapped by ``center + scale * t``. The crop's geometry,
+    shared by :func:`crop_grid` and :func:`_crop_separable`."""
+    base = (torch.arange(size, device=scale.device, dtype=scale.dtype) * 2 + 1) / size - 1
+    return torch.addcmul(center[:, None], scale[:, None], base[None, :])
+
+
+def _source_pixels(scale: torch.Tensor, center: torch.Tensor, size: int, source: int) -> torch.Tensor:
+    """Pixel coordinates ``(N, size)`` in a source axis of ``source`` pixels that ``grid_sample``
+    (``align_corners=False``, ``padding_mode="border"``) samples for :func:`_crop_axis`: unnormalized,
+    then clamped to the first and last pixel centres (the border mode). Written as ATen's CPU
+    kernel writes it, ``(g + 1) * (source / 2) - 0.5``, so that both round alike."""
+    return ((_crop_axis(scale, center, size) + 1) * (source / 2) - 0.5).clamp(0, source - 1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -611,14 +625,51 @@ def _pixels(plan: _Plan, images: torch.Tensor, d: _Draws, *, subsets: bool = Fal
 
 def _crop(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tensor:
     """Step 1, crop + flip: float ``(V*B, C, H', W')`` in [0, 255]. Sampling stays inside the
-    image, so the padding mode only matters for rounding at the edges. Kept out of the compiled
-    stage: ATen's grid_sample kernel is ~1.7x faster on the CPU than inductor's decomposition of
-    it (measured; docs/PERFORMANCE.md)."""
+    image (the crop's width and height are at most the image's, its centre at most
+    ``1 - size`` off centre), so the border padding mode only matters for rounding at the edges.
+    The eager stage's crop, one ATen kernel; the compiled stage computes the same samples with
+    :func:`_crop_separable` (inductor decomposes ``grid_sample`` into scalar gathers, slower on
+    the CPU than this kernel; docs/PERFORMANCE.md)."""
     source = images.to(torch.float32)
     if plan.n_views > 1:
         source = source.repeat(plan.n_views, 1, 1, 1)
     grid = crop_grid(*d.crop.unbind(0), plan.out_size)
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _crop_separable(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tensor:
+    """:func:`_crop`'s output (the same bilinear samples up to float rounding) computed per axis,
+    for the compiled stage: bilinear interpolation of an axis-aligned crop is separable, so the
+    rows are interpolated first, each output row the blend of two source rows (two gathers of
+    whole rows, vectorized along them, straight from the uint8 source: no float copy, no
+    ``repeat`` per view), then the columns by one batched matrix product with the tent weights
+    ``max(0, 1 - |x - i|)`` of each output column ``x`` over the source columns ``i`` (the flip
+    is a reversed ``x``). ``grid_sample``'s border mode is the clamp of the coordinates in
+    :func:`_source_pixels`. Inductor fuses the gathers, the blend and the weights into a few
+    loops; ATen's ``grid_sample`` inside a compiled graph is decomposed into scalar gathers
+    (slower: docs/PERFORMANCE.md)."""
+    scale_x, scale_y, center_x, center_y = d.crop.unbind(0)
+    batch, channels, height, width = images.shape
+    out_h, out_w = plan.out_size
+    n = scale_x.shape[0]
+    device = images.device
+    # Rows: view v of sample b (batch row v * batch + b) reads rows of source sample b.
+    y = _source_pixels(scale_y, center_y, out_h, height)
+    top = y.floor()
+    weight = (y - top)[:, None, :, None]
+    top_row = top.long()
+    bottom_row = (top_row + 1).clamp_max(height - 1)
+    plane = (torch.arange(n, device=device) % batch)[:, None] * channels + torch.arange(channels, device=device)
+    first = (plane * height)[:, :, None]  # (N, C, 1): the flat index of each plane's row 0
+    flat = images.reshape(batch * channels * height, width)
+    upper = flat[first + top_row[:, None, :]].to(torch.float32)  # (N, C, H', W)
+    lower = flat[first + bottom_row[:, None, :]].to(torch.float32)
+    rows = upper + weight * (lower - upper)
+    # Columns: (N, C * H', W) @ (N, W, W').
+    x = _source_pixels(scale_x, center_x, out_w, width)
+    source_x = torch.arange(width, device=device, dtype=torch.float32)
+    tent = (1 - (x[:, None, :] - source_x[None, :, None]).abs()).clamp_min(0)
+    return torch.bmm(rows.reshape(n, channels * out_h, width), tent).view(n, channels, out_h, out_w)
 
 
 def _photometric(plan: _Plan, x: torch.Tensor, d: _Draws, *, subsets: bool = False) -> torch.Tensor:
@@ -709,21 +760,20 @@ def compiled_augmentation() -> list[dict[str, object]]:
 
 
 def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.Tensor | None:
-    """The pixel stage's output with its photometric part (blur to normalization) compiled, or
-    None when that could not compile (warned once per plan: the caller then runs the eager one)."""
+    """The pixel stage's output compiled whole (the separable crop, then blur to normalization),
+    or None when that could not compile (warned once per plan: the caller then runs the eager one)."""
     entry = _COMPILED_PLANS.get(plan)
     if entry is None:
 
-        def stage(cropped: torch.Tensor, draws: _Draws) -> torch.Tensor:
-            return _photometric(plan, cropped, draws)
+        def stage(images: torch.Tensor, draws: _Draws) -> torch.Tensor:
+            return _photometric(plan, _crop_separable(plan, images, draws), draws)
 
         entry = _COMPILED_PLANS[plan] = _Compiled(torch.compile(stage))
     if entry.failure is not None:
         return None
-    cropped = _crop(plan, images, draws)
     start = time.perf_counter()
     try:
-        out = entry.fn(cropped, draws)
+        out = entry.fn(images, draws)
     except Exception as error:  # any compiler failure means "use the eager stage"
         entry.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         warnings.warn(

@@ -291,11 +291,13 @@ def profile_augment_stages(
 ) -> dict[str, float]:
     """Median milliseconds per stage of :func:`two_views` (seed recipe, strength 1) on random uint8
     ``(batch_size, channels, size, size)`` images on the CPU, stages timed alternately round by
-    round: the crop (``grid_sample``), each eager photometric operation on the
-    whole batch (as a GPU runs them), the eager photometric chain with the CPU's row subsets, and
-    the compiled chain (its first call's seconds, compile included, under ``compile_first_call_s``).
-    The photometric stages get a fresh copy of the cropped batch (they consume it): the copy's time
-    is listed too."""
+    round: the eager crop (``grid_sample``), the separable crop (row gathers + a column matrix
+    product) eager and compiled, each eager photometric operation on the whole batch (as a GPU
+    runs them), the eager photometric chain with the CPU's row subsets, the compiled chain alone,
+    and the whole compiled stage (separable crop + chain, what ``compiled=True`` runs). The first
+    calls' seconds, compile included, are under ``compile_first_call_s`` (the chain) and
+    ``compile_stage_first_call_s`` (the whole stage). The photometric stages get a fresh copy of
+    the cropped batch (they consume it): the copy's time is listed too."""
     aug = importlib.import_module("harness.data.augment")
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, channels, size, size), dtype=torch.uint8, generator=generator)
@@ -324,16 +326,25 @@ def profile_augment_stages(
         return lambda: aug._photometric(stage_plan, cropped.clone(), draws, subsets=subsets)
 
     compiled = torch.compile(lambda x: aug._photometric(plan, x, draws))
-    start = time.perf_counter()
-    compiled(cropped.clone())
-    compile_s = time.perf_counter() - start
+    compiled_crop = torch.compile(lambda x: aug._crop_separable(plan, x, draws))
+    compiled_stage = torch.compile(lambda x: aug._photometric(plan, aug._crop_separable(plan, x, draws), draws))
+    first_call: dict[str, float] = {}
+    for key, run in (("compile_first_call_s", lambda: compiled(cropped.clone())),
+                     ("compile_stage_first_call_s", lambda: compiled_stage(images))):
+        start = time.perf_counter()
+        run()
+        first_call[key] = time.perf_counter() - start
+    compiled_crop(images)
     stages: dict[str, Callable[[], object]] = {
         "crop (grid_sample)": lambda: aug._crop(plan, images, draws),
+        "crop, separable, eager": lambda: aug._crop_separable(plan, images, draws),
+        "crop, separable, compiled": lambda: compiled_crop(images),
         "copy of the cropped batch": lambda: cropped.clone(),
         **{f"eager {name}, every row": photometric(p, False) for name, p in only.items()},
         "eager chain, every row (GPU)": photometric(plan, False),
         "eager chain, CPU row subsets": photometric(plan, True),
         "compiled chain": lambda: compiled(cropped.clone()),
+        "compiled stage (separable crop + chain)": lambda: compiled_stage(images),
     }
     seconds: dict[str, list[float]] = {name: [] for name in stages}
     for _ in range(repeats):
@@ -342,5 +353,5 @@ def profile_augment_stages(
             run()
             seconds[name].append(time.perf_counter() - start)
     result = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
-    result["compile_first_call_s"] = compile_s
+    result.update(first_call)
     return result
