@@ -1,16 +1,20 @@
 """Encoder factories: ``BACKBONES[name](in_channels, image_size) -> (module, feature_dim)``.
 
 Each module maps float ``(B, C, H, W)`` to features ``(B, feature_dim)``. Adding a backbone is one
-factory plus one line in :data:`BACKBONES`.
+factory plus one line in :data:`BACKBONES`. Besides these, ``timm:NAME`` builds timm's architecture
+``NAME`` (:func:`timm_backbone`, the optional ``timm`` extra).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from harness.spec import TIMM_PREFIX, timm_model_name
 
 __all__ = [
     "BACKBONES",
@@ -22,6 +26,7 @@ __all__ = [
     "resnet18",
     "resnet50",
     "small_cnn",
+    "timm_backbone",
     "vit_patch_size",
     "vit_small",
 ]
@@ -283,12 +288,65 @@ BACKBONES: dict[str, BackboneFactory] = {
 }
 
 
+# What timm.create_model may be given for the input, most specific first: ViT-like models take the
+# size they are built for (their position embeddings) and, for multi-crop's smaller local views, a
+# dynamic size (position embeddings interpolated per input, as vit_small does); CNNs take neither.
+_TIMM_SIZE_ARGUMENTS = ("img_size", "dynamic_img_size")
+
+
+def timm_backbone(
+    model: str, in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True
+) -> tuple[nn.Module, int]:
+    """timm's architecture ``model`` as an encoder: ``timm.create_model(model, pretrained=False,
+    num_classes=0, in_chans=in_channels)``, randomly initialized (no weights are ever downloaded),
+    built for ``image_size`` where the model takes an input size (ViTs, Swin: also with
+    ``dynamic_img_size``, so that other input sizes work). Features: the pooled pre-logits that
+    timm's model returns with ``num_classes=0``, of the size it reports (``head_hidden_size``,
+    which is ``num_features`` unless the head has a hidden layer, as MobileNetV3's).
+    ``fused_stem`` is accepted for the common signature; timm's layers are used as they are.
+
+    Raises ImportError (timm not installed) or ValueError (a name timm does not know, with the
+    closest names), both naming the backbone."""
+    label = f"{TIMM_PREFIX}{model}"
+    _check(label, in_channels, image_size, 1)
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(
+            f"backbone {label!r} needs the timm package, which is not installed here ({error}); "
+            "install the `timm` extra: pip install -e '.[timm]' (or pip install timm)"
+        ) from error
+    if not timm.is_model(model):
+        close = difflib.get_close_matches(model, timm.list_models(), n=3)
+        hint = f"; closest: {', '.join(TIMM_PREFIX + c for c in close)}" if close else ""
+        raise ValueError(f"backbone {label!r}: timm {timm.__version__} has no model {model!r}{hint}")
+    size_arguments: dict[str, object] = {"img_size": image_size, "dynamic_img_size": True}
+    while True:
+        try:
+            module = timm.create_model(model, pretrained=False, num_classes=0, in_chans=in_channels, **size_arguments)
+            break
+        except TypeError as error:
+            # Drop the size arguments the model's constructor does not take, one at a time.
+            refused = [key for key in _TIMM_SIZE_ARGUMENTS if key in size_arguments and repr(key) in str(error)]
+            if not refused:
+                raise
+            del size_arguments[refused[0]]
+    module.image_size = image_size  # what plain_copy rebuilds it for
+    return module, int(getattr(module, "head_hidden_size", None) or module.num_features)
+
+
 def build_backbone(
     name: str, in_channels: int = 1, image_size: int = 28, *, fused_stem: bool = True
 ) -> tuple[nn.Module, int]:
-    """``BACKBONES[name](in_channels, image_size)``, with a clear error for an unknown name."""
+    """``BACKBONES[name](in_channels, image_size)``, or :func:`timm_backbone` for ``timm:NAME``,
+    with a clear error for an unknown name."""
+    model = timm_model_name(name)
+    if model is not None:
+        return timm_backbone(model, in_channels, image_size, fused_stem=fused_stem)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
+        raise ValueError(
+            f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}, or {TIMM_PREFIX}NAME"
+        )
     return BACKBONES[name](in_channels=in_channels, image_size=image_size, fused_stem=fused_stem)
 
 

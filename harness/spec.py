@@ -35,6 +35,23 @@ from harness.protocol_spec import EvaluationPlan, parse_evaluate
 # Knob declarations
 
 BACKBONE_NAMES: tuple[str, ...] = ("small_cnn", "resnet18", "resnet50", "vit_small")
+# `timm:NAME`: any architecture of the optional `timm` package (the `timm` extra), built without
+# pretrained weights. Validation checks the form only (importing timm would import torch); whether
+# timm is installed and knows NAME is checked when the trial builds its encoder.
+TIMM_PREFIX = "timm:"
+_TIMM_MODEL = re.compile(r"[A-Za-z0-9_]+")
+
+
+def timm_model_name(backbone: str) -> str | None:
+    """``NAME`` of a ``timm:NAME`` backbone, None for the harness's own backbones."""
+    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
+
+
+def _is_timm_backbone(value: Any) -> bool:
+    name = timm_model_name(value) if isinstance(value, str) else None
+    return name is not None and _TIMM_MODEL.fullmatch(name) is not None
+
+
 DATASET_NAMES: tuple[str, ...] = (
     "fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "synthetic", "digits", "imagefolder", "imagenet100",
 )
@@ -123,7 +140,7 @@ class Knob:
     default: Any
     meaning: str
     group: str
-    check: Check | None = None
+    check: Check | None = None  # with choices: the form of the values accepted besides them
     choices: Sequence[str] | Callable[[], Sequence[str]] = ()
     label: str = ""
     # The value that reproduces the behaviour from before the knob existed. A configuration whose
@@ -157,6 +174,8 @@ class Knob:
         """What a value must be, e.g. "an integer >= 2 or null (the whole split)"."""
         if self.options:
             text = f"one of {', '.join(self.options)}"
+            if self.check is not None:  # a named choice, or a value of the check's form
+                text += f", or {self.check.expected}"
         elif self.check is not None and self.check.whole:
             text = self.check.expected
         elif self.check is not None:
@@ -219,9 +238,15 @@ class TrialConfig:
     backbone: str = knob(
         "small_cnn",
         "encoder: `small_cnn` (the seed notebook's CNN), `resnet18`/`resnet50` (CIFAR stem below 128 px, "
-        "ImageNet stem from 128 px) or `vit_small` (ViT-S, patch 4/8/16 at <64/<160/>=160 px)",
+        "ImageNet stem from 128 px), `vit_small` (ViT-S, patch 4/8/16 at <64/<160/>=160 px), or "
+        "`timm:NAME`, any timm architecture, randomly initialized (needs the `timm` extra; docs/DATA.md)",
         group="what",
         choices=BACKBONE_NAMES,
+        check=Check(
+            _is_timm_backbone,
+            "timm:NAME (a timm architecture: letters, digits and _, no `.tag`: no pretrained weights are loaded)",
+            whole=True,
+        ),
     )
     dataset: str = knob(
         "fashion-mnist",
@@ -759,7 +784,7 @@ def check_knob(name: str, value: Any) -> str | None:
     if value is None:
         return None if declared.optional else declared.expected
     options = declared.options
-    if options:
+    if options and (value in options or declared.check is None):
         return None if value in options else declared.expected
     if declared.check is None:
         return None

@@ -324,10 +324,12 @@ def test_vit_small__other_sizes_interpolate_the_position_embeddings() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone", ["resnet50", "vit_small"])
+@pytest.mark.parametrize("backbone", ["resnet50", "vit_small", "timm:resnet18"])
 def test_backbones__every_method_trains_and_embeds_with_the_new_backbones(backbone: str) -> None:
     """The method contract on small inputs: a finite loss, gradients in every backbone parameter,
-    a state-dict round trip, and eval-mode features of the declared size."""
+    a state-dict round trip, and eval-mode features of the declared size (timm: where installed)."""
+    if backbone.startswith("timm:"):
+        _timm()
     from harness.data import make_views
     from harness.methods import METHODS
     from harness.spec import METHOD_NAMES, resolve
@@ -360,7 +362,122 @@ def test_backbones__every_method_trains_and_embeds_with_the_new_backbones(backbo
             method.eval(), clone.eval()
             with torch.no_grad():
                 features = method.backbone(views[0])
-                assert features.shape == (4, {"resnet50": 2048, "vit_small": 384}[backbone])
+                assert features.shape == (4, {"resnet50": 2048, "vit_small": 384, "timm:resnet18": 512}[backbone])
                 assert torch.equal(features, clone.backbone(views[0])), name
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# timm:NAME backbones (the optional `timm` extra; skipped where timm is not installed)
+
+# A CNN, a ViT (built for its input size, dynamic sizes allowed) and a model whose pooled features
+# come out of a hidden head layer (MobileNetV3: head_hidden_size 1024 != num_features 288).
+TIMM_MODELS = ("resnet18", "vit_tiny_patch16_224", "mobilenetv3_small_050")
+
+
+def _timm() -> object:
+    return pytest.importorskip("timm", reason="the timm extra is not installed")
+
+
+@pytest.mark.parametrize("model", TIMM_MODELS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_timm_backbone__contract(model: str, channels: int) -> None:
+    """Features of the declared size (what timm's own model returns with num_classes=0), finite,
+    gradients in every parameter; random initialization, reproducible from the torch seed."""
+    timm = _timm()
+    torch.manual_seed(0)
+    module, dim = build_backbone(f"timm:{model}", channels, 32)
+    x = torch.randn(2, channels, 32, 32)
+    out = module(x)
+    assert out.shape == (2, dim) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    reference = timm.create_model(model, pretrained=False, num_classes=0, in_chans=channels, **(
+        {"img_size": 32} if "vit" in model else {}))
+    assert reference(x).shape == (2, dim)
+    out.square().mean().backward()
+    for pname, param in module.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), pname
+    torch.manual_seed(0)
+    again, _ = build_backbone(f"timm:{model}", channels, 32)
+    torch.manual_seed(1)
+    other, _ = build_backbone(f"timm:{model}", channels, 32)
+    first = next(module.parameters())
+    assert torch.equal(first, next(again.parameters())) and not torch.equal(first, next(other.parameters()))
+
+
+def test_timm_backbone__never_loads_pretrained_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    timm = _timm()
+    calls: list[dict[str, object]] = []
+    create = timm.create_model
+
+    def spy(name: str, **kwargs: object) -> nn.Module:
+        calls.append(kwargs)
+        return create(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    build_backbone("timm:resnet18", 3, 32)
+    build_backbone("timm:vit_tiny_patch16_224", 3, 32)
+    assert calls and all(kwargs["pretrained"] is False and kwargs["num_classes"] == 0 for kwargs in calls)
+    # The ViT takes the input size and dynamic sizes; the ResNet's constructor takes neither.
+    assert calls[0].keys() == {"pretrained", "num_classes", "in_chans"}
+    assert {"img_size": 32, "dynamic_img_size": True}.items() <= calls[-1].items()
+
+
+def test_timm_backbone__vit_takes_other_input_sizes() -> None:
+    """Multi-crop's local views are smaller than the size built for: timm interpolates the
+    position embeddings (dynamic_img_size), as vit_small does."""
+    _timm()
+    module, dim = build_backbone("timm:vit_tiny_patch16_224", 3, 64)
+    assert module(torch.randn(2, 3, 32, 32)).shape == module(torch.randn(2, 3, 64, 64)).shape == (2, dim)
+
+
+def test_timm_backbone__unknown_name_names_the_backbone_and_close_names() -> None:
+    timm = _timm()
+    with pytest.raises(ValueError, match=r"backbone 'timm:resnet19': timm .* has no model 'resnet19'; closest: .*timm:resnet18"):
+        build_backbone("timm:resnet19")
+    assert timm.is_model("resnet18")
+
+
+def test_timm_backbone__without_timm_names_the_backbone_and_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` meets where it is not installed
+    with pytest.raises(ImportError, match=r"backbone 'timm:resnet18' needs the timm package.*the `timm` extra"):
+        build_backbone("timm:resnet18", 3, 32)
+
+
+def test_timm_backbone__bad_arguments() -> None:
+    with pytest.raises(ValueError, match="timm:resnet18: in_channels"):
+        build_backbone("timm:resnet18", 0, 32)
+
+
+def test_run_trial__unusable_timm_backbone_is_a_failed_trial_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from harness import train
+    from harness.spec import resolve
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    config = resolve({
+        "dataset": "synthetic", "backbone": "timm:resnet18", "epochs": 1, "batch_size": 16, "train_size": 64,
+        "test_size": 32, "proj_hidden_dim": 16, "proj_dim": 8,
+    })
+    record = train.run_trial(config, progress=False)
+    assert record.status == "failed"
+    assert "backbone 'timm:resnet18' needs the timm package" in record.reason
+
+
+def test_plain_copy__timm_backbone_loads_into_timms_own_model() -> None:
+    """The encoder file's tensors load, strictly, into the model timm builds from its name."""
+    timm = _timm()
+    from harness.backbones import plain_copy
+
+    torch.manual_seed(0)
+    module, _ = build_backbone("timm:resnet18", 1, 28)
+    module(torch.randn(4, 1, 28, 28))
+    module.eval()
+    plain = plain_copy("timm:resnet18", module)
+    theirs = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1).eval()
+    theirs.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(theirs(x), module(x))

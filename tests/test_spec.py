@@ -338,6 +338,27 @@ def test_load_study__names_are_known_with_suggestions(
     assert f"did you mean {suggestion!r}" in problem
 
 
+@pytest.mark.parametrize("value", ["timm:", "timm:vit_small_patch16_224.augreg_in21k", "timm:res net", "timm:a/b"])
+def test_load_study__timm_backbone_form_is_checked(tmp_path: Path, value: str) -> None:
+    problem = one_problem(tmp_path, GRID.replace("epochs: 1", f"backbone: '{value}'"), "fixed.backbone")
+    assert "timm:NAME" in problem and "vit_small" in problem
+
+
+def test_load_study__timm_backbone_validates_without_importing_timm_or_torch(tmp_path: Path) -> None:
+    """Whether timm is installed and knows the name is the trial's business (a failed trial with
+    the reason); validation only checks the form, torch-free."""
+    study = tmp_path / "study.yaml"
+    study.write_text(GRID.replace("epochs: 1", "backbone: timm:resnet18"))
+    code = (
+        "import sys; from harness.spec import load_study; "
+        f"spec = load_study({str(study)!r}); "
+        "assert {t.backbone for t in spec.trials()} == {'timm:resnet18'}; "
+        "sys.exit(1 if {'torch', 'timm'} & set(sys.modules) else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_load_study__top_level_dataset_is_checked(tmp_path: Path) -> None:
     one_problem(tmp_path, GRID.replace("dataset: synthetic", "dataset: imagenet"), "dataset", "imagenet")
 

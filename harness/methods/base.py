@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from harness.backbones import BACKBONES
+from harness.backbones import build_backbone
 from harness.spec import MethodSpec, TrialConfig
 
 
@@ -63,7 +63,7 @@ class Method(nn.Module):
             raise ValueError(f"configuration for method {config.method!r} given to {type(self).__name__}")
         self.config = config
         self.num_classes = num_classes
-        self.backbone, self.feature_dim = BACKBONES[config.backbone](in_channels, image_size)
+        self.backbone, self.feature_dim = build_backbone(config.backbone, in_channels, image_size)
         # Schedule counters (see the module docstring): steps taken, steps of the whole run.
         self.steps_done = 0
         self.total_steps: int | None = None
