@@ -988,6 +988,21 @@ def test_dino_multicrop__one_pair_equals_dino_and_lists_equal_stacks(impl: str) 
     assert_rel_close(listed, dino_multicrop(student, teacher, center, impl=impl), 1e-12)
 
 
+@pytest.mark.parametrize("views", [2, 5])
+def test_dino_multicrop__stacked_and_listed_students_get_the_same_gradient(views: int) -> None:
+    # A (V, N, K) student goes into the fast kernel whole (one gradient tensor), a list view by view.
+    made = LOSS_SPECS["dino_multicrop"].inputs({"N": 6, "K": 9, "V": views}, dtype=torch.float64)
+    student, teacher, center = made.args
+    stacked, (stacked_grad,) = value_and_grads(dino_multicrop, [student, teacher, center], made.kwargs)
+    crops = [crop.detach().clone().requires_grad_() for crop in student]
+    listed = dino_multicrop(crops, teacher, center, **made.kwargs)
+    listed_grads = torch.autograd.grad(listed, crops)
+    assert_rel_close(listed, stacked, 1e-12, what="value")
+    assert_rel_close(torch.stack(listed_grads), stacked_grad, 1e-12, what="grad")
+    _, (want,) = value_and_grads(formula_dino_multicrop, [student, teacher, center], made.kwargs)
+    assert_rel_close(stacked_grad, want, 1e-8, what="grad vs formula")
+
+
 @pytest.mark.parametrize("epsilon", [0.001, 0.005, 0.05])
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 10.0])

@@ -52,8 +52,9 @@ def dino(
         student_temp, teacher_temp: τ_s and τ_t.
         impl: ``"reference"`` (both distributions materialized, autograd through ``log_softmax``)
             or ``"fast"`` (the teacher softmax under ``no_grad``; the cross-entropy as one custom
-            autograd function with one exponential per logit, whose backward pass is
-            ``(softmax(s / τ_s) - t) / (N τ_s)`` in one elementwise pass).
+            autograd function around one fused softmax of the student, which also gives the row
+            log-sum-exp; its backward pass is ``(softmax(s / τ_s) - t) / (N τ_s)`` in two
+            elementwise passes).
 
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
@@ -111,7 +112,8 @@ def dino_multicrop(
         impl: ``"reference"`` (pair by pair, both distributions materialized, as the official code
             and the public implementations) or ``"fast"`` (the teacher softmax once per crop; the
             cross-entropies from per-view sums, ``V + G`` dot products instead of ``G · (V - 1)``
-            log-softmax products; one exponential per student logit, forward and backward).
+            log-softmax products; one fused softmax per student crop, no exponential in the
+            backward pass; a ``(V, N, K)`` student gets one ``(V, N, K)`` gradient).
 
     Returns:
         A scalar; float32 for 16-bit inputs, else the input dtype.
@@ -149,7 +151,10 @@ def dino_multicrop(
         ]
         return torch.stack(terms).mean()
     targets = [_teacher_distribution(t, center, teacher_temp) for t in teachers]
-    return paired_soft_cross_entropy(students, targets, 1.0 / student_temp, skip_same_index=True)
+    # A (V, N, K) student tensor goes in whole, so its gradient is one tensor, not V slices that
+    # autograd would stack again (a full copy).
+    source = upcast(student, dtype) if isinstance(student, Tensor) else students
+    return paired_soft_cross_entropy(source, targets, 1.0 / student_temp, skip_same_index=True)
 
 
 def _crops(name: str, what: str, crops: Tensor | Sequence[Tensor]) -> list[Tensor]:

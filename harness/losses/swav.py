@@ -113,9 +113,11 @@ def _sinkhorn_linear(blocks: list[tuple[Tensor, Tensor]], epsilon: float, iterat
     """Codes of the first block's rows, the Sinkhorn rounds (≥ 1) running over the rows of all
     blocks (the batch, then a queue) in the linear domain; None where that would lose precision.
 
-    Each block is ``(P, rowmax)`` with ``P = exp((s - rowmax) / ε)`` (:func:`_linear_kernel`), every
-    row's largest entry 1. The row shifts only matter in the first column normalization, through
-    the row weights ``w = exp((rowmax - max) / ε)``: the column sums are ``Pᵀ w``; after that the
+    Each block is ``(P, shift)`` with ``P = exp((s - shift) / ε)`` and a per-row shift at or above
+    the row maximum (:func:`_linear_kernel`: the row maximum, every row's largest entry 1; the
+    multi-crop loss: the prediction softmax's log-sum-exp · τ, largest entry ≥ K^(-τ/ε)). The row
+    shifts only matter in the first column normalization, through the row weights
+    ``w = exp((shift - max shift) / ε)``: the column sums are ``Pᵀ w``; after that the
     row scaling absorbs them, and the rounds run on scaling vectors, ``Q = diag(r) P diag(c)``, one
     matrix-vector product per half-round. A row weight or an entry that underflows loses at most
     ``rows · tiny`` of a column sum, so while every column sum stays above that floor the codes keep
@@ -308,15 +310,16 @@ def _swapped_prediction(
         return torch.stack(terms).mean()
     power = _kernel_power(temperature, epsilon)
 
-    def codes_from(scores: list[Tensor], exps: list[Tensor], rowmaxes: list[Tensor]) -> list[Tensor]:
+    def codes_from(scores: list[Tensor], probs: list[Tensor], shifts: list[Tensor]) -> list[Tensor]:
         codes = []
         for i in range(n_global):
             queue_i = None if queue is None else queue[i].detach().to(scores[i].dtype)
             result = None
             if iterations > 0:
-                # exp((s - rowmax) / ε) = exp((s - rowmax) / τ) ** (τ / ε): a square at the defaults.
+                # The prediction softmax is exp((s - shift) / τ) (shift: the row log-sum-exp · τ),
+                # so exp((s - shift) / ε) is its power τ / ε: a square at the defaults.
                 kernel = (
-                    (exps[i].clone() if power == 1 else torch.pow(exps[i], power), rowmaxes[i])
+                    (probs[i].clone() if power == 1 else torch.pow(probs[i], power), shifts[i])
                     if power is not None
                     else _linear_kernel(scores[i], epsilon)
                 )
