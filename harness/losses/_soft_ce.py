@@ -14,7 +14,7 @@ Written per view instead of per pair (the official loops and the public implemen
   ``G · V``. Each dot product is blockwise (:func:`harness.losses._common.blockwise_dot`), so
   float32 keeps about 1e-7 relative.
 - The forward pass runs the fused softmax kernel once per view on the scaled scores
-  (``p = softmax(scale · s)``: measured 0.77-0.87 of the time of the shift, ``exp_`` and sum it
+  (``p = softmax(scale · s)``, in place on the CPU: measured 0.77-0.87 of the time of the shift, ``exp_`` and sum it
   replaced on standard-normal scores, 0.1 where many exponentials are float32 subnormals, which
   ``exp_`` computes slowly; docs/LOSSES.md) and reads the row log-sum-exp off it without another exponential: at the row
   maximum ``p = 1 / Σ_k exp(x_k - max)``, so ``lse = max - log(max_k p)`` (``max_k p ≥ 1/K``). The
@@ -107,15 +107,7 @@ class _PairedSoftCE(torch.autograd.Function):
         lses: list[Tensor] = []
         shifts: list[Tensor] = []
         for s in views:
-            # The fused softmax kernel (its own vectorized exponential, measured 5-10x faster than
-            # `exp_` on these shapes: docs/LOSSES.md) on a scaled copy that lives only for the call.
-            x = s * scale
-            p = torch.softmax(x, dim=1)
-            # The row log-sum-exp without another exponential: at the row maximum
-            # softmax = exp(0) / Σ exp(x - max), so lse = max + log Σ = max - log(max of p), and
-            # max p ≥ 1/K never underflows.
-            lse = x.amax(dim=1).sub_(p.amax(dim=1).log_())
-            del x
+            p, lse = _softmax_and_lse(s, scale)
             probs.append(p)
             lses.append(lse)
             shifts.append(lse / scale)
@@ -184,6 +176,27 @@ class _PairedSoftCE(torch.autograd.Function):
         view_grads: tuple[Tensor | None, ...] = (out,) if stacked else tuple(grads)
         # Nothing for the six options, and the given targets never receive a gradient.
         return (None,) * 6 + view_grads + (None,) * n_given
+
+
+def _softmax_and_lse(s: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``softmax(scale · s)`` by rows and its row log-sum-exp.
+
+    The fused softmax kernel (its vectorized exponential is faster than ``exp_``: docs/LOSSES.md).
+    On the CPU it runs in place on the scaled copy, which becomes the result: the kernel reads a row
+    for its maximum, writes ``exp(x - max)`` over it and rescales it, so in place is exact (tested
+    against the reference), and no second ``(N, K)`` buffer exists (a transient copy per view
+    measured up to two score matrices more peak memory). Elsewhere the out-of-place kernel. The
+    log-sum-exp needs no other exponential: at the row maximum
+    ``softmax = exp(0) / Σ exp(x - max)``, so ``lse = max - log(max of p)``, and ``max p ≥ 1/K``
+    never underflows; ``max(scale · s) = scale · max(s)`` exactly (rounding is monotonic).
+    """
+    if s.device.type == "cpu":
+        p = torch.mul(s, scale)
+        torch.softmax(p, dim=1, out=p)
+    else:
+        p = torch.softmax(s * scale, dim=1)
+    lse = s.amax(dim=1).mul_(scale).sub_(p.amax(dim=1).log_())
+    return p, lse
 
 
 def _paired_mass(masses: Tensor, v: int, pairing: _Pairing) -> Tensor:
