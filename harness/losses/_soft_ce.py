@@ -190,6 +190,7 @@ def _softmax_and_lse(s: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     ``softmax = exp(0) / Σ exp(x - max)``, so ``lse = max - log(max of p)``, and ``max p ≥ 1/K``
     never underflows; ``max(scale · s) = scale · max(s)`` exactly (rounding is monotonic).
     """
+    s = s.contiguous()  # the scaled copy then is too: the in-place kernel sees rows in order
     if s.device.type == "cpu":
         p = torch.mul(s, scale)
         torch.softmax(p, dim=1, out=p)
