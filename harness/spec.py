@@ -396,6 +396,15 @@ class TrialConfig:
         group="method",
         legacy=False,
     )
+    supervised_views: int = knob(
+        2,
+        "augmented views per image the supervised baseline trains on: 2 = both views, the same images, "
+        "views and steps as the self-supervised methods (Chen et al. 2020, sec. 6); 1 = one view, "
+        "standard supervised training (the reference of the seed's cost table)",
+        group="method",
+        check=within(1, 2),
+        legacy=2,
+    )
     random_init_recompute_bn: bool = knob(
         False,
         "recompute the random encoder's batch-norm statistics on the pretraining images (one pass in "

@@ -611,6 +611,7 @@ def _train(
                         method.view_recipe,
                         config.aug_strength,
                         n_local=method.n_local_crops,
+                        n_views=method.n_views,
                         generator=context.generator,
                         mean=data.mean,
                         std=data.std,

@@ -144,3 +144,26 @@ def test_random_init__recompute_bn_knob_calibrates_the_floor_and_only_it() -> No
         assert torch.equal(a, b)
     # A method that trains ignores the knob (it is random_init's).
     assert resolve({**knobs, "method": "simclr", "random_init_recompute_bn": True}).random_init_recompute_bn is False
+
+
+def test_supervised__one_view_trains_on_the_first_view_only_and_makes_only_it() -> None:
+    from harness.data.augment import make_views
+
+    two_config, two = _build(method="supervised")
+    one_config, one = _build(method="supervised", supervised_views=1)
+    assert (two.n_views, one.n_views) == (2, 1)
+    assert one_config.config_hash != two_config.config_hash
+    assert resolve({"method": "supervised", "supervised_views": 2}).config_hash == resolve({"method": "supervised"}).config_hash
+    views, labels = _views(), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    one.load_state_dict(two.state_dict())
+    expected = F.cross_entropy(one.classifier(one.backbone(views[0])), labels)
+    torch.testing.assert_close(one.training_loss(views, labels), expected)
+    both = F.cross_entropy(two.classifier(two.backbone(torch.cat(views))), labels.repeat(2))
+    torch.testing.assert_close(two.training_loss(views, labels), both)
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    made = make_views(images, "simclr", 1.0, n_views=1, generator=torch.Generator().manual_seed(0), mean=0.5, std=0.5)
+    assert len(made) == 1 and made[0].shape == (8, 1, 28, 28)
+    # The first view of a one-view call is the first view's recipe applied alone: at strength 0
+    # (no randomness) it equals the two-view call's first view exactly.
+    plain = [make_views(images, "simclr", 0.0, n_views=n, mean=0.5, std=0.5)[0] for n in (1, 2)]
+    torch.testing.assert_close(plain[0], plain[1], rtol=0, atol=0)

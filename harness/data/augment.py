@@ -862,17 +862,28 @@ def make_views(
     std: float | Sequence[float] | None = None,
     preset: str = "seed",
     compiled: bool | None = None,
+    n_views: int = 2,
 ) -> list[torch.Tensor]:
     """The views the training loop feeds to a method: ``[v1, v2]`` for ``simclr``/``byol``, and
     ``[g1, g2, l1, ..., l_n_local]`` for ``multicrop``. All float32, normalized, on the images' device.
+    ``n_views=1``: only ``[v1]`` of a two-view recipe, made alone (a method that trains on one view,
+    the one-view supervised baseline, pays for one view's augmentation, not two).
     """
     _check_recipe(recipe)
+    if n_views not in (1, 2):
+        raise ValueError(f"n_views must be 1 or 2, got {n_views}")
     if recipe == "multicrop":
+        if n_views != 2:
+            raise ValueError(f"n_views={n_views}: recipe='multicrop' always makes its two global views")
         return multi_crop(
             images, strength, n_local=n_local, generator=generator, mean=mean, std=std, preset=preset, compiled=compiled
         )
     if n_local != 0:
         raise ValueError(f"n_local={n_local} needs recipe='multicrop', got recipe={recipe!r}")
+    if n_views == 1:
+        _check_images(images)
+        first, _ = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2], preset=preset)
+        return list(augment(images, (first,), generator=generator, mean=mean, std=std, compiled=compiled))
     return list(
         two_views(
             images, strength, generator=generator, recipe=recipe, mean=mean, std=std, preset=preset, compiled=compiled

@@ -79,6 +79,11 @@ class Method(nn.Module):
     def n_local_crops(self) -> int:
         return 0
 
+    @property
+    def n_views(self) -> int:
+        """Views of a two-view recipe that ``training_loss`` reads (1: only the first is made)."""
+        return 2
+
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
         """Scalar loss of one batch. ``views``: normalized float ``(B, C, H, W)`` each, the global
         views first, then the local crops (possibly smaller H, W); ``labels``: int64 ``(B,)``."""

@@ -13,7 +13,7 @@ from harness.spec import MethodSpec, TrialConfig
 SPEC = MethodSpec(
     name="supervised",
     paper="cross-entropy training of the encoder and a linear classifier on the labels",
-    knobs={},
+    knobs={"supervised_views": ...},
     colour="#222222",
     uses_labels=True,
     baseline=True,
@@ -23,7 +23,8 @@ SPEC = MethodSpec(
 class Supervised(Method):
     """Cross-entropy of a linear classifier on the backbone, over both augmented views of each
     image: the same backbone, images, views and optimizer steps as the self-supervised methods
-    (the supervised baseline of Chen et al. 2020, sec. 6, with their augmentation).
+    (the supervised baseline of Chen et al. 2020, sec. 6, with their augmentation); with
+    ``supervised_views: 1`` over the first view only, standard supervised training.
     ``embed`` gives the backbone features. State: the classifier ``(num_classes, feature_dim)``."""
 
     spec = SPEC
@@ -32,10 +33,14 @@ class Supervised(Method):
         super().__init__(config, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
+    @property
+    def n_views(self) -> int:
+        return self.config.supervised_views
+
     def _logits(self, x: Tensor) -> Tensor:
         return self.classifier(self.backbone(x))
 
     def training_loss(self, views: list[Tensor], labels: Tensor) -> Tensor:
-        logits = list(gather(*encode_views(self._logits, views[:2])))  # (N, num_classes) each
+        logits = list(gather(*encode_views(self._logits, views[: self.n_views])))  # (N, num_classes) each
         (labels,) = gather(labels)
         return F.cross_entropy(torch.cat(logits), labels.repeat(len(logits)))
