@@ -11,6 +11,11 @@ with n, mean ± sd and the 95% t-interval over seeds (harness.reports.statistics
 arithmetic), k-NN against the study's random-init baseline where it has one, and the seeds the
 reports flag as collapsed (harness.reports.collapse).
 
+A cost table (``<!-- findings-table study=cpu-cost by=method,supervised_views kind=cost -->``) has
+training throughput and peak memory instead, each also as a multiple of standard supervised
+training (the supervised row with one view, else the supervised row): time per image
+(reference throughput / throughput) and memory (memory / reference memory).
+
     python scripts/findings_tables.py            # rewrite docs/FINDINGS.md
     python scripts/findings_tables.py --check    # exit 1 when a table differs from its database
 """
@@ -29,12 +34,14 @@ import pandas as pd
 from harness.reports.collapse import collapse_reasons
 from harness.reports.statistics import t_interval
 from harness.results import trials_frame
+from harness.spec import KNOBS, METHOD_KNOBS, METHOD_SPECIFIC_KNOBS
 
 REPO = Path(__file__).resolve().parent.parent
 FINDINGS = REPO / "docs" / "FINDINGS.md"
 BASELINES = REPO / "results" / "baselines"
 BLOCK = re.compile(
-    r"(?P<open><!-- findings-table study=(?P<study>[\w.-]+) by=(?P<by>[\w,]+) -->\n)(?P<body>.*?)(?P<close><!-- end findings-table -->)",
+    r"(?P<open><!-- findings-table study=(?P<study>[\w.-]+) by=(?P<by>[\w,]+)(?: kind=(?P<kind>cost))? -->\n)"
+    r"(?P<body>.*?)(?P<close><!-- end findings-table -->)",
     re.S,
 )
 # (column heading, frame column, scale, decimals)
@@ -68,7 +75,7 @@ def status_line(frame: pd.DataFrame) -> str:
     return f"Study status: {complete} of {total} trials complete" + (f" ({others})." if others else ".")
 
 
-def table(study: str, by: list[str]) -> str:
+def _frame(study: str, by: list[str]) -> pd.DataFrame:
     database = BASELINES / f"{study}.db"
     if not database.exists():
         raise SystemExit(f"{FINDINGS}: findings-table study={study}: no database {database}")
@@ -78,6 +85,17 @@ def table(study: str, by: list[str]) -> str:
     unknown = [key for key in by if key not in frame.columns]
     if unknown:
         raise SystemExit(f"{FINDINGS}: findings-table study={study}: by={','.join(unknown)} is not a knob of its trials")
+    # A trial stored before a knob existed has no value for it: it ran with the knob's legacy value
+    # if its method reads the knob (and stays without one if it does not).
+    for key in by:
+        if key in KNOBS and key in METHOD_SPECIFIC_KNOBS and frame[key].isna().any():
+            reads = frame["method"].map(lambda method, key=key: key in METHOD_KNOBS.get(method, ()))
+            frame.loc[frame[key].isna() & reads, key] = KNOBS[key].legacy
+    return frame
+
+
+def table(study: str, by: list[str]) -> str:
+    frame = _frame(study, by)
     complete = frame[frame["status"] == "complete"]
     baseline = complete[complete["method"] == "random_init"]["knn_top1"]
     floor = float(baseline.mean()) if len(baseline) else None
@@ -101,9 +119,50 @@ def table(study: str, by: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cost_table(study: str, by: list[str]) -> str:
+    frame = _frame(study, by)
+    complete = frame[frame["status"] == "complete"]
+    supervised = complete[complete["method"] == "supervised"]
+    if "supervised_views" in supervised.columns and (supervised["supervised_views"] == 1).any():
+        supervised = supervised[supervised["supervised_views"] == 1]
+    if supervised.empty:
+        raise SystemExit(f"{FINDINGS}: findings-table study={study} kind=cost: no complete supervised trial to compare with")
+    reference_rate = float(supervised["train_img_per_s"].mean())
+    reference_memory = float(supervised["peak_mem_bytes"].mean())
+    mib = 1.0 / 2**20
+    lines = [
+        status_line(frame),
+        "",
+        "| " + " | ".join([*by, "n", "throughput (img/s)", "time per image (x supervised)", "peak memory (MiB)",
+                          "memory (x supervised)"]) + " |",
+        "|" + " --- |" * (len(by) + 5),
+    ]
+    for key, group in complete.groupby(by, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        rate, memory = float(group["train_img_per_s"].mean()), float(group["peak_mem_bytes"].mean())
+        cells = [_key_text(k) for k in key] + [str(len(group))]
+        cells += [
+            cell(group["train_img_per_s"], 1.0, 0),
+            f"{reference_rate / rate:.2f}",
+            cell(group["peak_mem_bytes"], mib, 1),
+            f"{memory / reference_memory:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _key_text(value: object) -> str:
+    """A knob's value in a row key; a knob a method does not read is stored as nothing: '–'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def regenerate(text: str) -> str:
     def replace(match: re.Match[str]) -> str:
-        return match["open"] + table(match["study"], match["by"].split(",")) + match["close"]
+        by = match["by"].split(",")
+        body = cost_table(match["study"], by) if match["kind"] == "cost" else table(match["study"], by)
+        return match["open"] + body + match["close"]
 
     return BLOCK.sub(replace, text)
 
