@@ -51,8 +51,8 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, i
         temperature: τ > 0.
         impl: ``"reference"`` (logits ``[q·k, q queueᵀ] / τ`` concatenated into ``(N, 1 + K)``, then a
             cross-entropy with target 0) or ``"fast"`` (τ folded into q, no concatenation: a custom
-            autograd function turns ``q queueᵀ`` into its softmax in place and keeps only that
-            ``(N, K)`` matrix for the backward pass).
+            autograd function turns ``q queueᵀ`` into its softmax in place, joins the positive
+            through the log-sum-exps and keeps only that ``(N, K)`` matrix for the backward pass).
 
     Returns:
         A scalar: ``mean_i [ log(exp(q_i·k_i/τ) + Σ_j exp(q_i·queue_j/τ)) - q_i·k_i/τ ]``; float32 for
@@ -87,36 +87,43 @@ def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tenso
 
 
 class _InfoNCE(torch.autograd.Function):
-    """``q`` already scaled to norm 1/τ, ``k`` unit-norm: the logits are plain dot products."""
+    """``q`` already scaled to norm 1/τ, ``k`` unit-norm: the logits are plain dot products.
+
+    The queue's logits go through the fused softmax kernel, in place on the CPU (its vectorized
+    exponential is faster than ``sub_`` + ``exp_`` + ``sum``; docs/LOSSES.md), and the positive
+    joins through the log-sum-exps: ``lse_neg = max - log(max p)`` (``max p ≥ 1/K`` never
+    underflows), ``lse = logaddexp(lse_neg, l_pos)``. The ``(N, 1 + K)`` concatenation of the
+    reference is never written, and the ``(N, K)`` softmax is the only matrix kept for backward.
+    """
 
     @staticmethod
     def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
         l_pos = (q * k).sum(dim=1)
-        p_neg = q @ queue.T
-        # One max over the positive and the queue, then the softmax in place: the (N, 1 + K)
-        # concatenation of the reference is never written.
-        m = torch.maximum(p_neg.amax(dim=1), l_pos)
-        e_neg = p_neg.sub_(m.unsqueeze(1)).exp_()
-        e_pos = (l_pos - m).exp()
-        total = e_neg.sum(dim=1) + e_pos
-        # The softmax is never normalized in place (a full pass over (N, K)): the backward pass
-        # scales the (N, D) products by 1 / total instead.
-        ctx.save_for_backward(q, k, queue, e_neg, total, e_pos / total)
-        return (m + total.log() - l_pos).mean()
+        logits = q @ queue.T
+        top = logits.amax(dim=1)
+        if logits.device.type == "cpu":
+            p_neg = torch.softmax(logits, dim=1, out=logits)
+        else:
+            p_neg = torch.softmax(logits, dim=1)
+        lse_neg = top.sub_(p_neg.amax(dim=1).log_())
+        lse = torch.logaddexp(lse_neg, l_pos)
+        # d loss / d l_neg = p_neg * exp(lse_neg - lse): the softmax over the queue, rescaled by the
+        # queue's share of the whole partition function; d / d l_pos = exp(l_pos - lse) - 1.
+        ctx.save_for_backward(q, k, queue, p_neg, (lse_neg - lse).exp_(), (l_pos - lse).exp_())
+        return (lse - l_pos).mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        q, k, queue, e_neg, total, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
+        q, k, queue, p_neg, share_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
         with autocast_disabled(q):
             scale = grad / q.shape[0]
-            # d/d l_pos = p_pos - 1, d/d l_neg = e_neg / total (per anchor, times the mean's 1/N).
             w_pos = ((p_pos - 1) * scale).unsqueeze(1)
-            w_neg = (scale / total).unsqueeze(1)
+            w_neg = (share_neg * scale).unsqueeze(1)
             needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-            grad_q = torch.mm(e_neg, queue).mul_(w_neg).add_(k * w_pos) if needs[0] else None
+            grad_q = torch.mm(p_neg, queue).mul_(w_neg).add_(k * w_pos) if needs[0] else None
             grad_k = q * w_pos if needs[1] else None
-            grad_queue = e_neg.T @ (q * w_neg) if needs[2] else None
+            grad_queue = p_neg.T @ (q * w_neg) if needs[2] else None
             return grad_q, grad_k, grad_queue
 
 
