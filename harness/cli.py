@@ -427,6 +427,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     launcher_problem = _launcher_problem(args) or _ranks_problem(study, args)
     if launcher_problem:
         return _error("run", launcher_problem, 2)
+    if not args.dry_run and args.launcher == "local" and args.workers == 1:
+        # This process trains: load the training code (torch's decompositions, ~0.4 s) now, while
+        # "loading torch" is on screen, rather than after the study is announced. A Ctrl-C that
+        # lands inside torch's own imports can be swallowed by them, so the fewer of those run
+        # after the announcement, the more reliably a Ctrl-C then hands the study back.
+        import harness.train  # noqa: F401
     if args.dry_run:
         existing = None
         try:
