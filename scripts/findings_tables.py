@@ -58,14 +58,17 @@ def cell(values: Iterable[float], scale: float, decimals: int) -> str:
     """'mean ± sd [low, high]' (95% t-interval of the mean); the mean alone for one seed."""
     # A metric the configuration does not have (random init's loss) is None, or NaN in a column
     # that other configurations fill.
+    values = list(values)
     present = [float(v) * scale for v in values if v is not None and not math.isnan(float(v))]
     if not present:
         return "–"
     interval = t_interval(present)
+    # A seed without the value (diverged: NaN) is named, not silently left out of the mean.
+    missing = f" ({len(values) - len(present)} of {len(values)} missing)" if len(present) < len(values) else ""
     text = f"{interval.mean:.{decimals}f}"
     if interval.exists:
         text += f" ± {interval.std:.{decimals}f} [{interval.low:.{decimals}f}, {interval.high:.{decimals}f}]"
-    return text
+    return text + missing
 
 
 def status_line(frame: pd.DataFrame) -> str:
@@ -105,9 +108,9 @@ def table(study: str, by: list[str]) -> str:
         "| " + " | ".join([*by, "n", COLUMNS[0][0], "vs random init", *(c[0] for c in COLUMNS[1:]), "collapsed seeds"]) + " |",
         "|" + " --- |" * (len(by) + len(COLUMNS) + 3),
     ]
-    for key, group in complete.groupby(by, sort=False):
+    for key, group in complete.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
-        cells = [str(k) for k in key] + [str(len(group))]
+        cells = [_key_text(knob, k) for knob, k in zip(by, key)] + [str(len(group))]
         for index, (_, column, scale, decimals) in enumerate(COLUMNS):
             cells.append(cell(group[column], scale, decimals))
             if index == 0:
@@ -140,22 +143,24 @@ def cost_table(study: str, by: list[str]) -> str:
     for key, group in complete.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         rate, memory = float(group["train_img_per_s"].mean()), float(group["peak_mem_bytes"].mean())
-        cells = [_key_text(k) for k in key] + [str(len(group))]
+        cells = [_key_text(knob, k) for knob, k in zip(by, key)] + [str(len(group))]
         cells += [
             cell(group["train_img_per_s"], 1.0, 0),
-            f"{reference_rate / rate:.2f}",
+            f"{reference_rate / rate:.2f}" if rate > 0 else "–",
             cell(group["peak_mem_bytes"], mib, 1),
-            f"{memory / reference_memory:.2f}",
+            f"{memory / reference_memory:.2f}" if math.isfinite(memory) and reference_memory > 0 else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _key_text(value: object) -> str:
-    """A knob's value in a row key; a knob a method does not read is stored as nothing: '–'."""
+def _key_text(knob: str, value: object) -> str:
+    """A knob's value in a row key, as its type writes it (an integer knob read back as a float from
+    a column with gaps is still an integer); a knob a method does not read is stored as nothing: '–'."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+    integer = knob in KNOBS and KNOBS[knob].base_type is int
+    return str(int(value)) if integer and isinstance(value, float) and value.is_integer() else str(value)
 
 
 def regenerate(text: str) -> str:

@@ -160,6 +160,8 @@ def test_derived_name__knobs_outside_the_identity_keep_the_study() -> None:
     assert derived_name("q", [o("devices_per_trial", "2"), o("checkpoint_minutes", "1")]) == "q"
     assert derived_name("q", [o("compile_augmentation", "true"), o("epochs", "1")]) == "q.set.epochs-1"
     assert derived_name("q", [o("seed", "3")]) == "q.set.seed-3"
+    # The device is outside the identity but not the numbers (bf16 autocast on CUDA): its own study.
+    assert derived_name("q", [o("device", "cpu")]) == "q.set.device-cpu"
 
 
 def test_cli__run_set_of_a_knob_outside_the_identity_resumes_the_same_study(

@@ -191,7 +191,9 @@ def test_pinned_checkpoint_dir__absolute_on_the_submitting_machine_unless_the_st
     assert pinned_checkpoint_dir(study, RunOptions(db=url)) == str(tmp_path / "results" / "harness-checkpoints")
     assert pinned_checkpoint_dir(study, RunOptions(db=url, checkpoint_dir="ckpt")) == str(tmp_path / "ckpt")
     own = load_study(_write_study(tmp_path, name="own", checkpoint_dir="/scratch/me"))
-    assert pinned_checkpoint_dir(own, RunOptions(db=url)) is None
+    assert pinned_checkpoint_dir(own, RunOptions(db=url)) == "/scratch/me"
+    relative = load_study(_write_study(tmp_path, name="relative", checkpoint_dir="ckpt/here"))
+    assert pinned_checkpoint_dir(relative, RunOptions(db=url)) == str(tmp_path / "ckpt" / "here")
 
 
 def test_slurm_states__one_squeue_call_per_array_and_its_states_parsed() -> None:

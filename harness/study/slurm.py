@@ -321,13 +321,17 @@ def pinned_checkpoint_dir(study: Study, options: RunOptions) -> str | None:
     """The checkpoint root the jobs use, made absolute here, on the submitting machine: a job's
     working directory is Slurm's choice (``/tmp`` on a node where the submission folder does not
     exist), and a requeued job that looked for its trial's checkpoint under another directory
-    would start the trial again from zero. ``--checkpoint-dir`` made absolute, else the default
-    root (beside a SQLite file, else ``results/harness-checkpoints`` under this directory); None
-    leaves a study's own ``checkpoint_dir`` knob in charge."""
+    would start the trial again from zero. ``--checkpoint-dir`` made absolute, else the study's
+    ``fixed.checkpoint_dir`` made absolute, else the default root (beside a SQLite file, else
+    ``results/harness-checkpoints`` under this directory); None where the study varies it per
+    point."""
     if options.checkpoint_dir is not None:
         return str(Path(options.checkpoint_dir).expanduser().absolute())
-    if study.fixed.get("checkpoint_dir") or any(p.get("checkpoint_dir") for p in study.points):
-        return None
+    if any(p.get("checkpoint_dir") for p in study.points):
+        return None  # varied per point: each trial's own value (absolute paths work anywhere)
+    own = study.fixed.get("checkpoint_dir")
+    if own:
+        return str(Path(own).expanduser().absolute())
     return str(artifacts.checkpoint_root(options.db))
 
 
