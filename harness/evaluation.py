@@ -73,11 +73,14 @@ def recompute_batch_norm(
     batch_size: int = 1024,
     device: torch.device | str | None = None,
 ) -> int:
-    """Replace the running statistics of every batch norm in ``encoder`` by their exact averages
-    over the identity views of ``images_uint8`` ``(N, C, H, W)``, in one pass in training mode
-    without gradients (momentum ``None``: the cumulative average of the batches' statistics, as
-    ``torch.optim.swa_utils.update_bn`` does). Weights are not touched. Returns the number of
-    batch norms updated; their momentum and the encoder's mode are restored."""
+    """Replace the running statistics of every batch norm in ``encoder`` by the average of the
+    batches' statistics over the identity views of ``images_uint8`` ``(N, C, H, W)``, in one pass
+    in training mode without gradients (momentum ``None``: each batch's mean and unbiased variance
+    weighted equally, ``torch.optim.swa_utils.update_bn``'s definition; with a last batch smaller
+    than ``batch_size`` it weighs as much as the others, and the variance is the mean of the
+    batches' variances). Weights are not touched. Returns the number of batch norms updated (0 for
+    an encoder without any, e.g. a ViT: nothing changes); their momentum and the encoder's mode
+    are restored."""
     norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0

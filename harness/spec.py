@@ -409,7 +409,8 @@ class TrialConfig:
         False,
         "recompute the random encoder's batch-norm statistics on the pretraining images (one pass in "
         "training mode, no gradient step) before it is evaluated; false keeps their initial values "
-        "(mean 0, variance 1), which were never computed on images",
+        "(mean 0, variance 1), which were never computed on images; no effect on a backbone without "
+        "batch norm (vit_small)",
         group="method",
         legacy=False,
     )

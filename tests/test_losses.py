@@ -1161,3 +1161,13 @@ def test_declarations__every_loss_reaches_the_bench_cases_and_the_contract_tests
             assert declared.batch_key in params and declared.width_key in params, (name, params)
         made = declared.inputs(declared.test_params_for(declared.min_batch + 1, 3))
         assert all(t.requires_grad for t in made.grad_inputs)
+
+
+@pytest.mark.parametrize("k", [3000, 65536])
+def test_softmax__in_place_on_the_cpu_equals_out_of_place(k: int) -> None:
+    """The fast InfoNCE and soft cross-entropy run ``torch.softmax(x, dim=1, out=x)`` on the CPU, an
+    aliasing PyTorch does not document: a kernel change that broke it would fail here first."""
+    x = torch.randn(8, k, generator=torch.Generator().manual_seed(0)) * 20
+    expected = torch.softmax(x, dim=1)
+    torch.softmax(x, dim=1, out=x)
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=0)

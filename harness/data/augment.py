@@ -647,7 +647,9 @@ def _crop_separable(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tenso
     is a reversed ``x``). ``grid_sample``'s border mode is the clamp of the coordinates in
     :func:`_source_pixels`. Inductor fuses the gathers, the blend and the weights into a few
     loops; ATen's ``grid_sample`` inside a compiled graph is decomposed into scalar gathers
-    (slower: docs/PERFORMANCE.md)."""
+    (slower: docs/PERFORMANCE.md). On CUDA with TF32 matrix products allowed (the training loop
+    allows them), the column product rounds its inputs to TF32's 10-bit mantissa: about 0.1-0.25
+    grey levels, not float32 rounding (not measured here: no GPU)."""
     scale_x, scale_y, center_x, center_y = d.crop.unbind(0)
     batch, channels, height, width = images.shape
     out_h, out_w = plan.out_size
