@@ -10,7 +10,7 @@
   ``NAME.set.KEY-VALUE...`` (so a CPU smoke run of a GPU study never mixes with its results). The
   study stored in the database is the file as run: the overrides applied, and a comment saying so.
 - Except for the knobs that say how a trial is run and kept, not what it computes
-  (:data:`KEEPS_NAME`: ``devices_per_trial``, ``compile_augmentation``, ``resident_share``, the
+  (:data:`harness.spec.KEEPING_KNOBS`: ``devices_per_trial``, ``compile_augmentation``, ``resident_share``, the
   checkpoint knobs): ``--set`` of those alone keeps the study's name and its results, as setting
   them in the file's ``fixed:`` does (the pending trials run with the new value). Not ``device``:
   it is outside the identity, but a CUDA trial computes in bf16 autocast where a CPU one does not,
@@ -80,15 +80,12 @@ def parse_override(text: str) -> Override:
     return Override(key=key, path=parts, value=value, value_text=value_text.strip())
 
 
-# Knobs outside the identity that cannot change a trial's numbers: all of them but the seed (a
-# configuration of its own) and the device (bf16 autocast on CUDA, float32 on the CPU).
-KEEPS_NAME: frozenset[str] = spec.HASH_EXCLUDED - {"seed", "device"}
-
-
 def changes_results(override: Override) -> bool:
     """Whether ``override`` can change what a trial computes: anything but a ``fixed:`` knob of
-    :data:`KEEPS_NAME`."""
-    return not (override.path[0] == "fixed" and len(override.path) == 2 and override.path[1] in KEEPS_NAME)
+    :data:`harness.spec.KEEPING_KNOBS`."""
+    return not (
+        override.path[0] == "fixed" and len(override.path) == 2 and override.path[1] in spec.KEEPING_KNOBS
+    )
 
 
 def derived_name(name: str, overrides: Sequence[Override]) -> str:

@@ -594,6 +594,14 @@ KNOBS: dict[str, Knob] = declared_knobs()
 KNOB_NAMES: tuple[str, ...] = tuple(KNOBS)
 DEFAULTS: TrialConfig = TrialConfig()
 HASH_EXCLUDED: frozenset[str] = frozenset(name for name, k in KNOBS.items() if not k.identity)
+# Knobs that say how a trial is run and kept, not what it computes: those outside the identity
+# but the seed (part of a trial's key) and the device (it decides the precision: bf16 autocast on
+# CUDA, float32 on the CPU; `harness run --device` chooses it per run). A pending trial runs with
+# the values its study file has when it runs (harness.study.artifacts), and `--set` of only these
+# keeps the study's own name (harness.overrides).
+KEEPING_KNOBS: tuple[str, ...] = tuple(
+    name for name, k in KNOBS.items() if not k.identity and name not in ("seed", "device")
+)
 
 
 def identity_of(config: Mapping[str, Any], knobs: Mapping[str, Knob] | None = None) -> dict[str, Any]:

@@ -807,10 +807,25 @@ def two_views(
     1 the seed notebook's SimCLR recipe (see docs/DATA.md). ``recipe`` is ``"simclr"``,
     ``"byol"`` (asymmetric blur/solarize) or ``"multicrop"`` (its two global views).
     """
-    _check_images(images)
-    first, second = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2], preset=preset)
-    v1, v2 = augment(images, (first, second), generator=generator, mean=mean, std=std, compiled=compiled)
+    v1, v2 = _recipe_views(images, recipe, strength, 2, generator, mean, std, preset, compiled)
     return v1, v2
+
+
+def _recipe_views(
+    images: torch.Tensor,
+    recipe: str,
+    strength: float,
+    count: int,
+    generator: torch.Generator | None,
+    mean: float | Sequence[float] | None,
+    std: float | Sequence[float] | None,
+    preset: str,
+    compiled: bool | None,
+) -> list[torch.Tensor]:
+    """The first ``count`` (1 or 2) of ``recipe``'s two (global) views, made together."""
+    _check_images(images)
+    recipes = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2], preset=preset)
+    return augment(images, recipes[:count], generator=generator, mean=mean, std=std, compiled=compiled)
 
 
 def multi_crop(
@@ -882,12 +897,4 @@ def make_views(
         )
     if n_local != 0:
         raise ValueError(f"n_local={n_local} needs recipe='multicrop', got recipe={recipe!r}")
-    if n_views == 1:
-        _check_images(images)
-        first, _ = view_recipes(recipe, strength, channels=images.shape[1], image_size=images.shape[2], preset=preset)
-        return list(augment(images, (first,), generator=generator, mean=mean, std=std, compiled=compiled))
-    return list(
-        two_views(
-            images, strength, generator=generator, recipe=recipe, mean=mean, std=std, preset=preset, compiled=compiled
-        )
-    )
+    return _recipe_views(images, recipe, strength, n_views, generator, mean, std, preset, compiled)

@@ -136,3 +136,25 @@ def blockwise_dot(a: Tensor, b: Tensor, *, dtype: torch.dtype | None = None) -> 
         parts = [torch.dot(x, y) for x, y in zip(a.split(DOT_BLOCK), b.split(DOT_BLOCK))]
         result = torch.stack(parts).sum(dtype=torch.float64)
     return result.to(dtype or a.dtype)
+
+
+def softmax_and_lse(s: Tensor, scale: float = 1.0, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """``softmax(scale · s)`` by rows of ``(N, K)`` scores, and its row log-sum-exp ``(N,)``.
+
+    The fused softmax kernel: its vectorized exponential is faster than ``exp_`` (docs/LOSSES.md).
+    On the CPU it runs in place, on a scaled copy of ``s``, or on ``s`` itself when the caller owns
+    it (``overwrite``, with ``scale`` 1): the kernel reads a row for its maximum, writes
+    ``exp(x - max)`` over it and rescales it, so in place is exact (tests/test_losses.py guards
+    the aliasing), and no second ``(N, K)`` buffer exists. Elsewhere the out-of-place kernel. The
+    log-sum-exp needs no other exponential: at the row maximum ``p = exp(0) / Σ exp(x - max)``, so
+    ``lse = max - log(max p)``, and ``max p ≥ 1/K`` never underflows; ``max(scale · s) =
+    scale · max(s)`` exactly (rounding is monotonic).
+    """
+    s = s.contiguous()  # the scaled copy then is too: the in-place kernel sees rows in order
+    top = s.amax(dim=1)  # before an in-place softmax overwrites s
+    if s.device.type == "cpu":
+        p = s if overwrite and scale == 1.0 else torch.mul(s, scale)
+        torch.softmax(p, dim=1, out=p)
+    else:
+        p = torch.softmax(s * scale, dim=1)
+    return p, top.mul_(scale).sub_(p.amax(dim=1).log_())

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from harness.losses._common import autocast_disabled, blockwise_dot
+from harness.losses._common import autocast_disabled, blockwise_dot, softmax_and_lse
 
 # (views, probs, shifts) -> targets, with probs = exp(scale · (view - shift)) row by row: called
 # under no_grad inside the forward pass.
@@ -107,7 +107,7 @@ class _PairedSoftCE(torch.autograd.Function):
         lses: list[Tensor] = []
         shifts: list[Tensor] = []
         for s in views:
-            p, lse = _softmax_and_lse(s, scale)
+            p, lse = softmax_and_lse(s, scale)
             probs.append(p)
             lses.append(lse)
             shifts.append(lse / scale)
@@ -176,28 +176,6 @@ class _PairedSoftCE(torch.autograd.Function):
         view_grads: tuple[Tensor | None, ...] = (out,) if stacked else tuple(grads)
         # Nothing for the six options, and the given targets never receive a gradient.
         return (None,) * 6 + view_grads + (None,) * n_given
-
-
-def _softmax_and_lse(s: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``softmax(scale · s)`` by rows and its row log-sum-exp.
-
-    The fused softmax kernel (its vectorized exponential is faster than ``exp_``: docs/LOSSES.md).
-    On the CPU it runs in place on the scaled copy, which becomes the result: the kernel reads a row
-    for its maximum, writes ``exp(x - max)`` over it and rescales it, so in place is exact (tested
-    against the reference), and no second ``(N, K)`` buffer exists (a transient copy per view
-    measured up to two score matrices more peak memory). Elsewhere the out-of-place kernel. The
-    log-sum-exp needs no other exponential: at the row maximum
-    ``softmax = exp(0) / Σ exp(x - max)``, so ``lse = max - log(max of p)``, and ``max p ≥ 1/K``
-    never underflows; ``max(scale · s) = scale · max(s)`` exactly (rounding is monotonic).
-    """
-    s = s.contiguous()  # the scaled copy then is too: the in-place kernel sees rows in order
-    if s.device.type == "cpu":
-        p = torch.mul(s, scale)
-        torch.softmax(p, dim=1, out=p)
-    else:
-        p = torch.softmax(s * scale, dim=1)
-    lse = s.amax(dim=1).mul_(scale).sub_(p.amax(dim=1).log_())
-    return p, lse
 
 
 def _paired_mass(masses: Tensor, v: int, pairing: _Pairing) -> Tensor:

@@ -22,6 +22,7 @@ from harness.losses._common import (
     check_same_shape,
     compute_dtype,
     normalize_scaled,
+    softmax_and_lse,
     upcast,
 )
 from harness.losses.declaration import (
@@ -99,13 +100,7 @@ class _InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
         l_pos = (q * k).sum(dim=1)
-        logits = q @ queue.T
-        top = logits.amax(dim=1)
-        if logits.device.type == "cpu":
-            p_neg = torch.softmax(logits, dim=1, out=logits)
-        else:
-            p_neg = torch.softmax(logits, dim=1)
-        lse_neg = top.sub_(p_neg.amax(dim=1).log_())
+        p_neg, lse_neg = softmax_and_lse(q @ queue.T, overwrite=True)
         lse = torch.logaddexp(lse_neg, l_pos)
         # d loss / d l_neg = p_neg * exp(lse_neg - lse): the softmax over the queue, rescaled by the
         # queue's share of the whole partition function; d / d l_pos = exp(l_pos - lse) - 1.

@@ -11,16 +11,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from harness.db import sqlite_file
-from harness.spec import KNOBS, Study, TrialConfig, method_declarations
+from harness.spec import KEEPING_KNOBS, KNOBS, Study, TrialConfig, method_declarations
 
 CurvePoint = tuple[float, int, str, float]
-# Knobs outside a trial's identity say how it is run and kept, not what it computes: a trial runs
-# with the values its study file has when it runs, not those stored when it was registered (so
-# turning on checkpoints, two devices or the compiled augmentation applies to the pending trials).
-# Not the seed (part of the trial's key) nor the device (`harness run --device` decides it).
-KEEPING_KNOBS: tuple[str, ...] = tuple(
-    name for name, knob in KNOBS.items() if not knob.identity and name not in ("seed", "device")
-)
 # Beside the default database, and under the working directory for a server database.
 SERVER_DATABASE_ROOT = Path("results") / "harness-checkpoints"
 
