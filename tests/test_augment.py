@@ -229,7 +229,7 @@ def test_crop_separable__matches_grid_sample(source: tuple[int, int], out_size: 
     x = torch.randint(0, 256, (batch, channels, *source), dtype=torch.uint8, generator=gen(3))
     crop = _crop_draws(n_views * batch - 6, seed=sum(source) + out_size[0])
     plan = AUG._Plan(n_views, out_size, 0, False, False, False, False, False, False)
-    draws = type("CropDraws", (), {"crop": crop})()
+    draws = type("CropDraws", (), {"crop": crop, "sigma": torch.zeros(crop.shape[1])})()
     expected = AUG._crop(plan, x, draws)
     got = AUG._crop_separable(plan, x, draws)
     assert got.shape == expected.shape == (n_views * batch, channels, *out_size)
@@ -241,6 +241,35 @@ def test_crop_separable__matches_grid_sample(source: tuple[int, int], out_size: 
         sample = (n_views * batch - 6) % batch
         assert torch.allclose(whole, x[sample].float(), atol=1e-3)
         assert torch.allclose(mirrored, x[(sample + 1) % batch].float().flip(-1), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("source", "out_size", "kernel"),
+    [((20, 20), (20, 20), 3), ((64, 64), (64, 64), 7), ((96, 96), (32, 32), 3), ((224, 224), (96, 96), 9),
+     ((16, 24), (40, 30), 5), ((12, 12), (4, 4), 23)],
+)
+def test_crop_separable__with_blur_matches_crop_then_blur(
+    source: tuple[int, int], out_size: tuple[int, int], kernel: int
+) -> None:
+    """With a blur in the plan, the compiled stage's crop applies it too (per axis, a band of
+    source pixels per output pixel): the same as ``grid_sample`` then :func:`gaussian_blur`, for
+    per-sample sigmas from 0 (not drawn: the plain crop) to 5, down- and upsampling, the extreme
+    crops, and a kernel larger than the output (gaussian_blur shrinks it). Bounded as the plain
+    crop, plus float rounding of the taps' sums (1e-5 after the normalization)."""
+    batch, n_views, channels = 5, 2, 3
+    x = torch.randint(0, 256, (batch, channels, *source), dtype=torch.uint8, generator=gen(4))
+    crop = _crop_draws(n_views * batch - 6, seed=sum(source) + kernel)
+    sigma = torch.rand(crop.shape[1], generator=gen(5)) * 5
+    sigma[::3] = 0.0
+    plan = AUG._Plan(n_views, out_size, kernel, False, False, False, False, False, False)
+    draws = type("CropDraws", (), {"crop": crop, "sigma": sigma})()
+    expected = gaussian_blur(AUG._crop(plan, x, draws), sigma, kernel)
+    got = AUG._crop_separable(plan, x, draws)
+    assert got.shape == expected.shape
+    ulp = 2.0 ** (math.floor(math.log2(max(source) - 1)) - 23)
+    assert (got - expected).abs().max().item() / 127.5 < max(1e-5, 2 * ulp) + 1e-5
+    plain = AUG._crop_separable(AUG._Plan(n_views, out_size, 0, False, False, False, False, False, False), x, draws)
+    assert torch.allclose(got[::3], plain[::3], atol=1e-3, rtol=0)
 
 
 def test_augment__full_crop_without_flip_is_identity() -> None:
@@ -617,6 +646,31 @@ def test_augment__compile_failure_falls_back_to_eager(monkeypatch: pytest.Monkey
         augment(x, _all_ops_recipes(), generator=gen(1), compiled=True)
 
 
+def test_compiled_pixels__pieces_cover_every_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage's pieces (here 3 + 3 + 1 images per view, the stage run eagerly in place of its
+    compiled form) write every row of the output once, each with its own image and draws."""
+    monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    monkeypatch.setattr(AUG, "_CPU_PIECE_BYTES", 3 * 3 * 20 * 20 * 4)
+    x = images(3, n=7, size=20)
+    expected = augment(x, _all_ops_recipes(), generator=gen(2), compiled=False)
+    got = augment(x, _all_ops_recipes(), generator=gen(2), compiled=True)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("batch", "limit_images", "expected"),
+    [(256, 256, 256), (256, 128, 128), (256, 100, 64), (255, 100, 85), (7, 3, 3), (100, 1000, 100), (5, 0.5, 1)],
+)
+def test_piece_size__fewest_cache_sized_pieces_equal_when_possible(
+    monkeypatch: pytest.MonkeyPatch, batch: int, limit_images: float, expected: int
+) -> None:
+    per_image = 1000
+    monkeypatch.setattr(AUG, "_CPU_PIECE_BYTES", int(limit_images * per_image))
+    assert AUG._piece_size(batch, per_image) == expected
+
+
 def test_use_compiled_augmentation__sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[object] = []
     monkeypatch.setattr(AUG, "_compiled_pixels", lambda plan, imgs, draws: calls.append(plan))
@@ -639,6 +693,8 @@ def test_augment__compiled_matches_eager(monkeypatch: pytest.MonkeyPatch) -> Non
     rounding, deterministic, its first call's time recorded."""
     monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
     x = images(3, n=8, size=20)
+    # In pieces of 4 images, as a batch larger than the cache runs.
+    monkeypatch.setattr(AUG, "_CPU_PIECE_BYTES", 4 * 3 * 20 * 20 * 4)
     expected = augment(x, _all_ops_recipes(), generator=gen(2), compiled=False)
     got = augment(x, _all_ops_recipes(), generator=gen(2), compiled=True)
     again = augment(x, _all_ops_recipes(), generator=gen(2), compiled=True)
@@ -653,12 +709,15 @@ def test_profile_augment_stages__times_every_stage(monkeypatch: pytest.MonkeyPat
 
     # The compiled chain's own equality is checked above; here the eager function stands in for it.
     monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
     times = profile_augment_stages(batch_size=4, size=20, repeats=1)
     assert set(times) == {
-        "crop (grid_sample)", "crop, separable, eager", "crop, separable, compiled", "copy of the cropped batch",
+        "crop (grid_sample)", "crop, separable, eager", "crop, separable, compiled",
+        "crop + blur (kernel 3), separable, compiled", "copy of the cropped batch",
         "eager blur (kernel 3), every row", "eager brightness, every row", "eager contrast, every row",
         "eager saturation, every row", "eager hue, every row", "eager grayscale, every row",
-        "eager chain, every row (GPU)", "eager chain, CPU row subsets", "compiled chain",
-        "compiled stage (separable crop + chain)", "compile_first_call_s", "compile_stage_first_call_s",
+        "eager chain, every row (GPU)", "eager chain, CPU row subsets", "compiled chain (blur as its own pass)",
+        "compiled stage, whole batch", "compiled stage in pieces (compiled=True)", "compile_first_call_s",
+        "compile_stage_first_call_s",
     }
     assert all(value > 0 for value in times.values())

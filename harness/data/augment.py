@@ -27,7 +27,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -310,12 +310,34 @@ def _crop_axis(scale: torch.Tensor, center: torch.Tensor, size: int) -> torch.Te
     return torch.addcmul(center[:, None], scale[:, None], base[None, :])
 
 
-def _source_pixels(scale: torch.Tensor, center: torch.Tensor, size: int, source: int) -> torch.Tensor:
+def _source_pixels(
+    scale: torch.Tensor, center: torch.Tensor, size: int, source: int, offset: int = 0
+) -> torch.Tensor:
     """Pixel coordinates ``(N, size)`` in a source axis of ``source`` pixels that ``grid_sample``
     (``align_corners=False``, ``padding_mode="border"``) samples for :func:`_crop_axis`: unnormalized,
     then clamped to the first and last pixel centres (the border mode). Written as ATen's CPU
-    kernel writes it, ``(g + 1) * (source / 2) - 0.5``, so that both round alike."""
-    return ((_crop_axis(scale, center, size) + 1) * (source / 2) - 0.5).clamp(0, source - 1)
+    kernel writes it, ``(g + 1) * (source / 2) - 0.5``, so that both round alike.
+
+    ``offset``: the coordinates of output pixel ``reflect(i + offset)`` instead of ``i``, the pixel
+    that tap ``offset`` of a blur with reflect padding reads at output pixel ``i`` (computed in
+    float from a ramp: no index gathers, which inductor would not vectorize)."""
+    index = torch.arange(size, device=scale.device, dtype=scale.dtype)
+    if offset:
+        index = (index + offset).abs()
+        index = torch.where(index > size - 1, 2 * (size - 1) - index, index)
+    base = (index * 2 + 1) / size - 1
+    return ((torch.addcmul(center[:, None], scale[:, None], base[None, :]) + 1) * (source / 2) - 0.5).clamp(0, source - 1)
+
+
+def _gaussian_taps(sigma: torch.Tensor, half: int, dtype: torch.dtype) -> torch.Tensor:
+    """Normalized Gaussian taps ``(N, 2 half + 1)`` for per-sample ``sigma`` ``(N,)``, torchvision's
+    ``exp(-t^2 / (2 sigma^2))``; ``sigma <= 0`` (not drawn) gives the delta kernel."""
+    taps = torch.arange(-half, half + 1, device=sigma.device, dtype=dtype)
+    safe = sigma.clamp_min(1e-6)[:, None]
+    weights = torch.exp(-(taps[None, :] ** 2) / (2 * safe * safe))
+    delta = (taps == 0).to(dtype)[None, :].expand_as(weights)
+    weights = torch.where(sigma[:, None] > 0, weights, delta)
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -331,13 +353,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     if half <= 0:
         return x
     kernel_size = 2 * half + 1
-    taps = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
-    safe = sigma.clamp_min(1e-6)[:, None]
-    weights = torch.exp(-(taps[None, :] ** 2) / (2 * safe * safe))
     # sigma <= 0 means "not drawn": a delta kernel keeps the pixel exactly.
-    delta = (taps == 0).to(x.dtype)[None, :].expand_as(weights)
-    weights = torch.where(sigma[:, None] > 0, weights, delta)
-    weights = weights / weights.sum(dim=1, keepdim=True)
+    weights = _gaussian_taps(sigma, half, x.dtype)
     height, width = x.shape[-2:]
     # Pad both dims once (what torchvision's 2-D conv sees), then filter rows and columns.
     padded = F.pad(x, (half, half, half, half), mode="reflect")
@@ -600,6 +617,13 @@ class _Draws:
     scale: torch.Tensor
     shift: torch.Tensor
 
+    def rows(self, index: slice) -> _Draws:
+        """The draws of the batch rows ``index`` (the normalization is shared)."""
+        return _Draws(**{
+            name: value if name in ("scale", "shift") else value[..., index]
+            for name, value in ((f, getattr(self, f)) for f in self.__dataclass_fields__)
+        })
+
 
 def _on_subset(
     x: torch.Tensor, selected: torch.Tensor, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -638,40 +662,71 @@ def _crop(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tensor:
 
 
 def _crop_separable(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tensor:
-    """:func:`_crop`'s output (the same bilinear samples up to float rounding) computed per axis,
-    for the compiled stage: bilinear interpolation of an axis-aligned crop is separable, so the
-    rows are interpolated first, each output row the blend of two source rows (two gathers of
-    whole rows, vectorized along them, straight from the uint8 source: no float copy, no
-    ``repeat`` per view), then the columns by one batched matrix product with the tent weights
-    ``max(0, 1 - |x - i|)`` of each output column ``x`` over the source columns ``i`` (the flip
-    is a reversed ``x``). ``grid_sample``'s border mode is the clamp of the coordinates in
-    :func:`_source_pixels`. Inductor fuses the gathers, the blend and the weights into a few
-    loops; ATen's ``grid_sample`` inside a compiled graph is decomposed into scalar gathers
-    (slower: docs/PERFORMANCE.md). On CUDA with TF32 matrix products allowed (the training loop
-    allows them), the column product rounds its inputs to TF32's 10-bit mantissa: about 0.1-0.25
-    grey levels, not float32 rounding (not measured here: no GPU)."""
+    """:func:`_crop`'s output, then the blur of :func:`gaussian_blur` when ``plan`` has one (the
+    same values up to float rounding), computed per axis for the compiled stage.
+
+    Bilinear interpolation of an axis-aligned crop is a linear map per axis, and so is the
+    separable blur that follows it: each output pixel is a weighted sum of a few source pixels along
+    each axis, so the two are applied together, once per axis. Along the rows, each output row is
+    the sum of a band of :func:`_axis_band` source rows (two without blur): whole-row gathers,
+    vectorized along them, straight from the uint8 source, with no float copy and no ``repeat``
+    per view. Along the columns, one batched matrix product with each sample's ``(W, W')`` matrix
+    of column weights. Inductor fuses the gathers and the weights into a few loops; ATen's
+    ``grid_sample`` inside a compiled graph is decomposed into scalar gathers, and a blur after the
+    crop is a second pass that inductor inlines tap by tap (both slower: docs/PERFORMANCE.md).
+    ``grid_sample``'s border mode is the clamp of the coordinates in :func:`_source_pixels`, the
+    blur's reflect padding their ``offset``. On CUDA with TF32 matrix products allowed (the training
+    loop allows them), the column product rounds its inputs to TF32's 10-bit mantissa: about
+    0.1-0.25 grey levels, not float32 rounding (not measured here: no GPU)."""
     scale_x, scale_y, center_x, center_y = d.crop.unbind(0)
     batch, channels, height, width = images.shape
     out_h, out_w = plan.out_size
     n = scale_x.shape[0]
     device = images.device
+    # gaussian_blur's kernel, shrunk as it shrinks it for small outputs (reflect needs half < size).
+    half = min(plan.blur_kernel // 2, out_h - 1, out_w - 1) if plan.blur_kernel else 0
+    taps = _gaussian_taps(d.sigma, half, torch.float32)
     # Rows: view v of sample b (batch row v * batch + b) reads rows of source sample b.
-    y = _source_pixels(scale_y, center_y, out_h, height)
-    top = y.floor()
-    weight = (y - top)[:, None, :, None]
-    top_row = top.long()
-    bottom_row = (top_row + 1).clamp_max(height - 1)
+    row_weights, row_index = _axis_band(scale_y, center_y, out_h, height, taps)
     plane = (torch.arange(n, device=device) % batch)[:, None] * channels + torch.arange(channels, device=device)
     first = (plane * height)[:, :, None]  # (N, C, 1): the flat index of each plane's row 0
     flat = images.reshape(batch * channels * height, width)
-    upper = flat[first + top_row[:, None, :]].to(torch.float32)  # (N, C, H', W)
-    lower = flat[first + bottom_row[:, None, :]].to(torch.float32)
-    rows = upper + weight * (lower - upper)
-    # Columns: (N, C * H', W) @ (N, W, W').
-    x = _source_pixels(scale_x, center_x, out_w, width)
+    rows = None
+    for k in range(row_index.shape[2]):
+        term = flat[first + row_index[:, None, :, k]].to(torch.float32) * row_weights[:, None, :, k, None]
+        rows = term if rows is None else rows + term
+    # Columns: (N, C * H', W) @ (N, W, W'), the tents max(0, 1 - |x - i|) of each tap's source
+    # coordinate x over the source columns i, weighted by the taps (the flip is a reversed x).
     source_x = torch.arange(width, device=device, dtype=torch.float32)
-    tent = (1 - (x[:, None, :] - source_x[None, :, None]).abs()).clamp_min(0)
-    return torch.bmm(rows.reshape(n, channels * out_h, width), tent).view(n, channels, out_h, out_w)
+    columns = None
+    for tap in range(-half, half + 1):
+        x = _source_pixels(scale_x, center_x, out_w, width, tap)
+        term = taps[:, tap + half, None, None] * (1 - (x[:, None, :] - source_x[None, :, None]).abs()).clamp_min(0)
+        columns = term if columns is None else columns + term
+    assert rows is not None and columns is not None
+    return torch.bmm(rows.reshape(n, channels * out_h, width), columns).view(n, channels, out_h, out_w)
+
+
+def _axis_band(
+    scale: torch.Tensor, center: torch.Tensor, size: int, source: int, taps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The source pixels of one axis that each output pixel of the crop, blurred with ``taps``
+    ``(N, T)``, is a weighted sum of: ``(weights, index)``, both ``(N, size, K)``, ``index`` the
+    band of ``K`` consecutive source pixels from the lowest one any tap reads (clamped to the last
+    pixel, where its weight is 0). The band is static (a compiled stage is specialized on it): the
+    ``T`` taps' coordinates are ``T - 1`` output pixels apart at most, ``source / size`` source
+    pixels each for a crop at most the image's size, and each tap's tent reads two neighbours."""
+    half = taps.shape[1] // 2
+    coordinates = [_source_pixels(scale, center, size, source, tap) for tap in range(-half, half + 1)]
+    start = torch.stack(coordinates).amin(dim=0).floor()
+    width = min(source, math.ceil(2 * half * source / size) + 2)
+    pixels = start[:, :, None] + torch.arange(width, device=scale.device, dtype=torch.float32)
+    weights = None
+    for tap, coordinate in enumerate(coordinates):
+        term = taps[:, tap, None, None] * (1 - (coordinate[:, :, None] - pixels).abs()).clamp_min(0)
+        weights = term if weights is None else weights + term
+    assert weights is not None
+    return weights, pixels.long().clamp_max(source - 1)
 
 
 def _photometric(plan: _Plan, x: torch.Tensor, d: _Draws, *, subsets: bool = False) -> torch.Tensor:
@@ -741,6 +796,9 @@ class _Compiled:
 
 
 _COMPILED_PLANS: dict[_Plan, _Compiled] = {}
+# Output bytes per piece of the compiled stage on the CPU: a few MiB, within the L2/L3 caches of a
+# server core (the pieces' sizes were measured at 64 px: docs/PERFORMANCE.md).
+_CPU_PIECE_BYTES = 6 << 20
 
 
 def use_compiled_augmentation(enabled: bool = True) -> None:
@@ -762,20 +820,38 @@ def compiled_augmentation() -> list[dict[str, object]]:
 
 
 def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.Tensor | None:
-    """The pixel stage's output compiled whole (the separable crop, then blur to normalization),
-    or None when that could not compile (warned once per plan: the caller then runs the eager one)."""
-    entry = _COMPILED_PLANS.get(plan)
+    """The pixel stage's output compiled whole (the crop with the blur, then jitter to
+    normalization), or None when that could not compile (warned once per plan: the caller then runs
+    the eager one).
+
+    On the CPU the stage runs on pieces of at most :data:`_CPU_PIECE_BYTES` of output, each view's
+    rows cut into equal pieces, written into one output batch: a piece's few passes (the colour
+    jitter's per-image contrast mean splits them) then stay in the cache, where the whole batch's
+    passes would each go to memory (``harness bench``'s stage profile measures it). On a GPU each
+    view is one piece."""
+    batch, channels = images.shape[:2]
+    out_h, out_w = plan.out_size
+    piece_plan = replace(plan, n_views=1)
+    entry = _COMPILED_PLANS.get(piece_plan)
     if entry is None:
+        linear_plan = replace(piece_plan, blur_kernel=0)
 
-        def stage(images: torch.Tensor, draws: _Draws) -> torch.Tensor:
-            return _photometric(plan, _crop_separable(plan, images, draws), draws)
+        def stage(images: torch.Tensor, draws: _Draws, out: torch.Tensor) -> None:
+            # The blur is folded into the crop's per-axis weights (_crop_separable).
+            out.copy_(_photometric(linear_plan, _crop_separable(piece_plan, images, draws), draws))
 
-        entry = _COMPILED_PLANS[plan] = _Compiled(torch.compile(stage))
+        entry = _COMPILED_PLANS[piece_plan] = _Compiled(torch.compile(stage))
     if entry.failure is not None:
         return None
+    out = torch.empty((plan.n_views * batch, channels, out_h, out_w), device=images.device)
+    per_image = channels * out_h * out_w * out.element_size()
+    size = batch if images.device.type != "cpu" else _piece_size(batch, per_image)
     start = time.perf_counter()
     try:
-        out = entry.fn(images, draws)
+        for view in range(plan.n_views):
+            for first in range(0, batch, size):
+                rows = slice(view * batch + first, view * batch + min(batch, first + size))
+                entry.fn(images[first : first + size], draws.rows(rows), out[rows])
     except Exception as error:  # any compiler failure means "use the eager stage"
         entry.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         warnings.warn(
@@ -788,6 +864,15 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     if entry.first_call_s is None:
         entry.first_call_s = time.perf_counter() - start
     return out
+
+
+def _piece_size(batch: int, per_image: int) -> int:
+    """Images per piece of the compiled stage on the CPU: the fewest pieces of at most
+    :data:`_CPU_PIECE_BYTES`, or up to twice as many when that makes them equal (each piece size is
+    one more compiled specialization)."""
+    fewest = max(1, -(-batch * per_image // _CPU_PIECE_BYTES))
+    equal = next((count for count in range(fewest, 2 * fewest + 1) if batch % count == 0), fewest)
+    return -(-batch // equal)
 
 
 def two_views(

@@ -292,12 +292,14 @@ def profile_augment_stages(
     """Median milliseconds per stage of :func:`two_views` (seed recipe, strength 1) on random uint8
     ``(batch_size, channels, size, size)`` images on the CPU, stages timed alternately round by
     round: the eager crop (``grid_sample``), the separable crop (row gathers + a column matrix
-    product) eager and compiled, each eager photometric operation on the whole batch (as a GPU
-    runs them), the eager photometric chain with the CPU's row subsets, the compiled chain alone,
-    and the whole compiled stage (separable crop + chain, what ``compiled=True`` runs). The first
-    calls' seconds, compile included, are under ``compile_first_call_s`` (the chain) and
-    ``compile_stage_first_call_s`` (the whole stage). The photometric stages get a fresh copy of
-    the cropped batch (they consume it): the copy's time is listed too."""
+    product) eager and compiled, and compiled with the blur folded into it; each eager photometric
+    operation on the whole batch (as a GPU runs them), the eager photometric chain with the CPU's
+    row subsets, the compiled chain alone (blur included, as a separate pass); the compiled stage
+    on the whole batch (the crop with the blur, then the rest of the chain), and the same in the
+    cache-sized pieces that ``compiled=True`` runs. The first calls' seconds, compile included,
+    are under ``compile_first_call_s`` (the chain) and ``compile_stage_first_call_s`` (the whole
+    stage). The photometric stages get a fresh copy of the cropped batch (they consume it): the
+    copy's time is listed too."""
     aug = importlib.import_module("harness.data.augment")
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, channels, size, size), dtype=torch.uint8, generator=generator)
@@ -325,9 +327,11 @@ def profile_augment_stages(
     def photometric(stage_plan: Any, subsets: bool) -> Callable[[], object]:
         return lambda: aug._photometric(stage_plan, cropped.clone(), draws, subsets=subsets)
 
+    unblurred = dataclasses.replace(plan, blur_kernel=0)
     compiled = torch.compile(lambda x: aug._photometric(plan, x, draws))
-    compiled_crop = torch.compile(lambda x: aug._crop_separable(plan, x, draws))
-    compiled_stage = torch.compile(lambda x: aug._photometric(plan, aug._crop_separable(plan, x, draws), draws))
+    compiled_crop = torch.compile(lambda x: aug._crop_separable(unblurred, x, draws))
+    compiled_crop_blur = torch.compile(lambda x: aug._crop_separable(plan, x, draws))
+    compiled_stage = torch.compile(lambda x: aug._photometric(unblurred, aug._crop_separable(plan, x, draws), draws))
     first_call: dict[str, float] = {}
     for key, run in (("compile_first_call_s", lambda: compiled(cropped.clone())),
                      ("compile_stage_first_call_s", lambda: compiled_stage(images))):
@@ -335,16 +339,20 @@ def profile_augment_stages(
         run()
         first_call[key] = time.perf_counter() - start
     compiled_crop(images)
+    compiled_crop_blur(images)
+    aug._compiled_pixels(plan, images, draws)
     stages: dict[str, Callable[[], object]] = {
         "crop (grid_sample)": lambda: aug._crop(plan, images, draws),
-        "crop, separable, eager": lambda: aug._crop_separable(plan, images, draws),
+        "crop, separable, eager": lambda: aug._crop_separable(unblurred, images, draws),
         "crop, separable, compiled": lambda: compiled_crop(images),
+        f"crop + blur (kernel {plan.blur_kernel}), separable, compiled": lambda: compiled_crop_blur(images),
         "copy of the cropped batch": lambda: cropped.clone(),
         **{f"eager {name}, every row": photometric(p, False) for name, p in only.items()},
         "eager chain, every row (GPU)": photometric(plan, False),
         "eager chain, CPU row subsets": photometric(plan, True),
-        "compiled chain": lambda: compiled(cropped.clone()),
-        "compiled stage (separable crop + chain)": lambda: compiled_stage(images),
+        "compiled chain (blur as its own pass)": lambda: compiled(cropped.clone()),
+        "compiled stage, whole batch": lambda: compiled_stage(images),
+        "compiled stage in pieces (compiled=True)": lambda: aug._compiled_pixels(plan, images, draws),
     }
     seconds: dict[str, list[float]] = {name: [] for name in stages}
     for _ in range(repeats):
