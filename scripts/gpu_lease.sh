@@ -7,6 +7,7 @@
 #   throughput.md   every method at batch 512 with resnet18 against the seed loop (+ .json)
 #   bench.txt       `harness bench --device cuda`: every loss kernel, reference vs fast
 #   pipeline.txt    the batched augmentation against the seed's PIL pipeline
+#   shard_pipeline.txt  two views at 224 px from a prepared shard, eager and compiled (+ .json)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu-lease-out}"
@@ -35,4 +36,6 @@ echo "bench exit $?" >>"$out/bench.txt"
 
 timeout 60 python3 -m harness bench pipeline --device cuda --db "sqlite:////tmp/gpu-bench.db" >"$out/pipeline.txt" 2>&1
 echo "pipeline exit $?" >>"$out/pipeline.txt"
+timeout 150 python3 scripts/shard_pipeline.py "$out" --device cuda --image-size 224 >"$out/shard_pipeline.txt" 2>&1
+echo "shard_pipeline exit $?" >>"$out/shard_pipeline.txt"
 tail -n 5 "$out"/*.txt "$out"/*.log

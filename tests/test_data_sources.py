@@ -291,3 +291,18 @@ def test_harness_data_prepare__cli_prepares_then_reports_up_to_date(tmp_path: Pa
     assert second.returncode == 0 and "up to date" in second.stdout
     missing = subprocess.run([*command[:7], str(tmp_path / "nowhere"), *command[8:]], capture_output=True, text=True, env=env, check=False)
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_shard_pipeline_rates__measures_a_prepared_shard_on_the_device(tmp_path: Path) -> None:
+    """The GPU goal's measurement (scripts/shard_pipeline.py), here eager on the CPU at 24 px:
+    the generated folder is written at 8/7 of the size, prepared, and every epoch sees every image."""
+    from harness.data.pipeline_bench import shard_pipeline_rates
+
+    figures = shard_pipeline_rates(
+        tmp_path, image_size=24, n_images=48, batch_size=16, device="cpu", epochs=1, compiled=False, workers=1
+    )
+    assert figures["image_size"] == 24 and figures["n_images"] == 48 and figures["device"].startswith("cpu")
+    assert figures["eager_images_per_s"] > 0 and figures["eager_first_epoch_s"] > 0
+    assert "compiled_images_per_s" not in figures
+    assert {p.suffix for p in (tmp_path / "train").rglob("*.*")} == {".jpg"}
+    assert (tmp_path / "shard-24").is_dir()

@@ -38,6 +38,7 @@ __all__ = [
     "seed_pipeline_images_per_s",
     "seed_transform",
     "shard_epoch",
+    "shard_pipeline_rates",
     "write_benchmark_folder",
 ]
 
@@ -363,3 +364,65 @@ def profile_augment_stages(
     result = {name: 1000 * statistics.median(values) for name, values in seconds.items()}
     result.update(first_call)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# A prepared shard at a given resolution on a device (issue 14's GPU goal: 224 px, two views)
+
+
+def shard_pipeline_rates(
+    root: str | Path,
+    *,
+    image_size: int = 224,
+    n_images: int = 2048,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    epochs: int = 3,
+    compiled: bool = True,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Images per second (two views, augmentation included) delivered from a prepared shard,
+    resident on ``device``: the generated JPEG folder (``n_images`` at ``image_size * 8 / 7`` px,
+    as ImageNet's 256 for 224) is written under ``root``, prepared at ``image_size`` and moved to
+    the device whole, then :func:`shard_epoch` runs ``epochs`` timed epochs after one warm-up
+    (which compiles, when ``compiled``), eager and compiled alternating. The median epoch's rate
+    is reported with the device's name."""
+    from harness.data.shards import open_shard, prepare_shard
+    from harness.provenance import device_name
+
+    device = torch.device(device)
+    folder = write_benchmark_folder(root, n_images, size=image_size * 8 // 7)
+    shard_dir = Path(root) / f"shard-{image_size}"
+    prepare_shard(folder, shard_dir, resolution=image_size, workers=workers, progress=False)
+    images, _, _ = open_shard(shard_dir, source=folder)
+    on_device = torch.from_numpy(images).to(device)
+    modes = {"eager": False, **({"compiled": True} if compiled else {})}
+    generator = torch.Generator(device=device).manual_seed(0)
+    order_generator = torch.Generator().manual_seed(0)
+
+    def epoch(mode: bool) -> int:
+        return shard_epoch(on_device, batch_size=batch_size, generator=generator, order_generator=order_generator,
+                           device=device, compiled=mode)
+
+    first: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    for name, mode in modes.items():
+        start = time.perf_counter()
+        epoch(mode)
+        first[name] = time.perf_counter() - start
+    for _ in range(epochs):
+        for name, mode in modes.items():
+            start = time.perf_counter()
+            assert epoch(mode) == n_images
+            seconds[name].append(time.perf_counter() - start)
+    figures: dict[str, Any] = {
+        "device": device_name(str(device)),
+        "image_size": image_size,
+        "n_images": n_images,
+        "batch_size": batch_size,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name in modes:
+        figures[f"{name}_images_per_s"] = round(n_images / statistics.median(seconds[name]), 1)
+        figures[f"{name}_first_epoch_s"] = round(first[name], 2)
+    return figures
