@@ -13,6 +13,7 @@ transposed), and ``to_ours`` maps its value onto ours where the libraries differ
 The peers' own center updates (DINO) are switched off: the kernels compare the loss alone.
 
     PYTHONPATH=. .venv/bin/python tests/benchmarks/peers.py --threads 1
+    PYTHONPATH=. python tests/benchmarks/peers.py --device cuda --shapes cuda   (a lent GPU)
 """
 
 from __future__ import annotations
@@ -234,9 +235,12 @@ class Row:
     value_rel_diff: float
 
 
-def side_by_side(case: Case, rounds: int = 7, memory: bool = True) -> list[Row]:
-    """Forward+backward of ``fast`` and of every installed peer on one case, float32, interleaved."""
-    inputs = case.inputs("cpu", torch.float32)
+def side_by_side(
+    case: Case, rounds: int = 7, memory: bool = True, device: torch.device = torch.device("cpu")
+) -> list[Row]:
+    """Forward+backward of ``fast`` and of every installed peer on one case, float32, interleaved,
+    on ``device`` (CUDA timings synchronize the device around each call)."""
+    inputs = case.inputs(device, torch.float32)
     thunks: dict[str, Thunk] = {"fast": lambda: case.call("fast", inputs)}
     maps: dict[str, Callable[[float], float]] = {"fast": lambda value: value}
     for peer in peers_for(case.kernel.name):
@@ -248,13 +252,12 @@ def side_by_side(case: Case, rounds: int = 7, memory: bool = True) -> list[Row]:
         return []
     ours = float(thunks["fast"]().detach())
     calls = {impl: forward_backward(thunk, inputs) for impl, thunk in thunks.items()}
-    cpu = torch.device("cpu")
-    timings = time_interleaved(calls, cpu, rounds=rounds, min_round_s=0.05, warmup=1)
+    timings = time_interleaved(calls, device, rounds=rounds, min_round_s=0.05, warmup=1)
     peers = [impl for impl in timings if impl != "fast"]
     best = min(peers, key=lambda impl: timings[impl].median_s)
     rows = []
     for impl, timing in timings.items():
-        peak = peak_extra_bytes(calls[impl], cpu) if memory else None
+        peak = peak_extra_bytes(calls[impl], device) if memory else None
         value = maps[impl](float(thunks[impl]().detach()))
         rows.append(
             Row(
@@ -274,20 +277,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--kernels", default=",".join(sorted({peer.kernel for peer in PEERS})))
-    parser.add_argument("--shapes", default="cpu", choices=["quick", "cpu"])
+    parser.add_argument("--shapes", default="cpu", choices=["quick", "cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     missing = [library for library in LIBRARIES if not available(library)]
     if missing:
         print(f"not installed (skipped): {', '.join(missing)}", file=sys.stderr)
     torch.set_num_threads(args.threads)
     steady_allocator()
-    print(f"threads={args.threads}, float32, forward+backward, torch {torch.__version__}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={args.threads}"
+    print(f"{where}, float32, forward+backward, torch {torch.__version__}")
     print("| kernel | case | impl | median ms | peak MiB | time / best peer | value vs fast |")
     print("|---|---|---|---:|---:|---:|---:|")
     worst: list[float] = []
     for case in select_cases(args.kernels.split(","), args.shapes):
-        for row in side_by_side(case, rounds=args.rounds):
+        for row in side_by_side(case, rounds=args.rounds, device=device):
             peak = "-" if row.peak_mib is None else f"{row.peak_mib:.1f}"
             print(
                 f"| {row.kernel} | {row.case} | {row.impl} | {row.median_ms:.2f} | {peak} | "
