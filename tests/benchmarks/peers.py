@@ -236,10 +236,11 @@ class Row:
 
 
 def side_by_side(
-    case: Case, rounds: int = 7, memory: bool = True, device: torch.device = torch.device("cpu")
+    case: Case, rounds: int = 7, memory: bool = True, device: torch.device | str = "cpu"
 ) -> list[Row]:
     """Forward+backward of ``fast`` and of every installed peer on one case, float32, interleaved,
     on ``device`` (CUDA timings synchronize the device around each call)."""
+    device = torch.device(device)
     inputs = case.inputs(device, torch.float32)
     thunks: dict[str, Thunk] = {"fast": lambda: case.call("fast", inputs)}
     maps: dict[str, Callable[[float], float]] = {"fast": lambda value: value}
