@@ -8,6 +8,7 @@ largest entry of the expected tensor, so near-zero gradient entries do not need 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import subprocess
@@ -746,6 +747,69 @@ def test_infonce__gradient_reaches_the_queue_only_if_asked() -> None:
         loss = infonce(q, k.detach(), queue.detach(), **kwargs, impl=impl)
         g_q, g_k, g_queue = torch.autograd.grad(loss, [q, k, queue], allow_unused=True)
         assert g_q is not None and g_k is None and g_queue is None
+
+
+def _infonce_blocks_inputs(dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """6 queries, a 23-row queue: blocks of 4 rows (under the patched block size) and a remainder of
+    3. The queue is sorted by similarity to query 0, so its largest logit comes in the last block
+    (the running log-sum-exp rises and ``acc`` is rescaled), and query 1's is the negated query 0's,
+    so its largest comes in the first."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    q[1] = -q[0]
+    k = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    queue = torch.nn.functional.normalize(torch.randn(23, 5, generator=gen, dtype=torch.float64), dim=1)
+    queue = queue[(queue @ q[0]).argsort()]
+    return q.to(dtype), k.to(dtype), queue.to(dtype)
+
+
+@pytest.mark.parametrize("temperature", [0.001, 0.07, 10.0])
+def test_infonce__blockwise_path_equals_reference_across_blocks(
+    monkeypatch: pytest.MonkeyPatch, temperature: float
+) -> None:
+    infonce_module = importlib.import_module("harness.losses.infonce")
+    monkeypatch.setattr(infonce_module, "BLOCK_LOGITS", 24)  # 24 / 6 queries = 4 queue rows a block
+    monkeypatch.setattr(infonce_module, "MIN_BLOCK_ROWS", 1)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        q, k, queue = _infonce_blocks_inputs(dtype)
+        ref_q, ref_k, ref_queue = _infonce_blocks_inputs(torch.float64)
+        # q and k need gradients, the queue does not: MoCo's case, the blockwise path.
+        expected, expected_grads = value_and_grads(
+            infonce,
+            [ref_q.requires_grad_(), ref_k.requires_grad_(), ref_queue],
+            {"temperature": temperature, "impl": "reference"},
+        )
+        value, got = value_and_grads(
+            infonce, [q.requires_grad_(), k.requires_grad_(), queue], {"temperature": temperature}
+        )
+        assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in got)
+        assert_rel_close(value, expected, rtol, what=f"{dtype} value")
+        for index, (g, r) in enumerate(zip(got, expected_grads)):
+            assert_rel_close(g, r, rtol, what=f"{dtype} grad {index}")
+        # Without gradients the forward skips the backward's product and gives the same value.
+        with torch.no_grad():
+            assert_rel_close(infonce(q, k, queue, temperature), expected, rtol, what=f"{dtype} no_grad")
+    if temperature == 0.07:  # and the formula agrees (it is slow; one temperature suffices)
+        assert_rel_close(
+            expected, formula_infonce(ref_q, ref_k, ref_queue, temperature), 1e-10, what="formula"
+        )
+
+
+def test_infonce__blockwise_path_keeps_no_n_by_k_matrix() -> None:
+    """The memory property of the CPU path: what the backward pass keeps is O(N·D), never (N, K)."""
+    q = torch.randn(64, 16, requires_grad=True)
+    k = torch.randn(64, 16)
+    queue = torch.nn.functional.normalize(torch.randn(4096, 16), dim=1)
+    loss = infonce(q, k, queue)
+    assert type(loss.grad_fn).__name__ == "_InfoNCEBackward"
+    saved = loss.grad_fn.saved_tensors  # type: ignore[union-attr]
+    assert max(t.numel() for t in saved if t is not None) <= 64 * 16  # q, k, the (N, D) product
+    # A queue that needs a gradient takes the whole path, which keeps the (N, K) softmax for it.
+    queue.requires_grad_()
+    loss = infonce(q, k, queue)
+    grad_queue = torch.autograd.grad(loss, queue)[0]
+    expected = torch.autograd.grad(infonce(q, k, queue, impl="reference"), queue)[0]
+    assert_rel_close(grad_queue, expected, 1e-5, what="queue grad")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 5, 12, 100])

@@ -74,7 +74,8 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, i
     q, k, queue = upcast(q, dtype), upcast(k, dtype), upcast(queue, dtype)
     if impl == "reference":
         return _reference(q, k, queue, temperature)
-    return _InfoNCE.apply(normalize_scaled(q, 1.0 / temperature), F.normalize(k, dim=1), queue)
+    want_grad = torch.is_grad_enabled()  # the forward of a Function always runs without
+    return _InfoNCE.apply(normalize_scaled(q, 1.0 / temperature), F.normalize(k, dim=1), queue, want_grad)
 
 
 def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
@@ -87,39 +88,106 @@ def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tenso
     return F.cross_entropy(logits, labels)
 
 
+# Logits per block of the blockwise CPU path (2 MiB in float32: 2048 queue rows at N = 256), so that
+# a block's product, its softmax and the backward product over it run while it is in the L2 cache.
+# 1 and 4 MiB blocks measured within noise of this (docs/LOSSES.md).
+BLOCK_LOGITS = 1 << 19
+# The fewest queue rows per block, whatever N: thinner blocks make the products less efficient.
+MIN_BLOCK_ROWS = 64
+
+
 class _InfoNCE(torch.autograd.Function):
     """``q`` already scaled to norm 1/τ, ``k`` unit-norm: the logits are plain dot products.
 
-    The queue's logits go through the fused softmax kernel, in place on the CPU (its vectorized
-    exponential is faster than ``sub_`` + ``exp_`` + ``sum``; docs/LOSSES.md), and the positive
-    joins through the log-sum-exps: ``lse_neg = max - log(max p)`` (``max p ≥ 1/K`` never
-    underflows), ``lse = logaddexp(lse_neg, l_pos)``. The ``(N, 1 + K)`` concatenation of the
-    reference is never written, and the ``(N, K)`` softmax is the only matrix kept for backward.
+    Two paths, the same numbers (each equals the reference in float64; tests/test_losses.py):
+
+    **Blockwise** (the CPU, when the queue needs no gradient: MoCo's case). The queue goes by blocks
+    of rows (:data:`BLOCK_LOGITS` logits each). Per block ``b``: ``S_b = q queue_bᵀ`` into one reused
+    buffer, its fused softmax in place (:func:`softmax_and_lse`: ``P_b`` and the block's row
+    log-sum-exps ``lse_b``), and, when ``q`` will need a gradient, at once the backward product
+    ``P_b queue_b`` while ``P_b`` is still in the cache. The blocks combine online, as in
+    flash-attention: ``run`` is the log-sum-exp over the blocks so far and ``acc = Σ_b exp(lse_b -
+    run) P_b queue_b`` is rescaled by ``exp(run_old - run_new) ≤ 1`` whenever a block raises
+    ``run``, so nothing overflows at any temperature. At the end ``acc`` is the queue's softmax
+    times the queue, ``lse = logaddexp(run, l_pos)``, and the backward pass is a few ``(N, D)``
+    operations. No ``(N, K)`` matrix is ever held: the only large buffer is one block. The forward
+    pass does the backward's product too, so a forward that builds a graph it never differentiates
+    pays for it; under ``torch.no_grad`` (``want_grad`` False) it is skipped.
+
+    **Whole** (other devices, or a queue that needs a gradient, whose product ``P_negᵀ (q ·
+    exp(lse_neg - lse))`` needs the rows' final log-sum-exps): ``q queueᵀ`` turned into its softmax
+    by :func:`softmax_and_lse` (in place on the CPU), ``lse_neg = max - log(max p)``, ``lse =
+    logaddexp(lse_neg, l_pos)``, and the ``(N, K)`` softmax kept for the backward products.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor) -> Tensor:
+    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor, want_grad: bool) -> Tensor:
+        needs = ctx.needs_input_grad  # type: ignore[attr-defined]
         l_pos = (q * k).sum(dim=1)
-        p_neg, lse_neg = softmax_and_lse(q @ queue.T, overwrite=True)
-        lse = torch.logaddexp(lse_neg, l_pos)
-        # d loss / d l_neg = p_neg * exp(lse_neg - lse): the softmax over the queue, rescaled by the
+        blockwise = q.device.type == "cpu" and not needs[2]
+        if blockwise:
+            run, acc = _blockwise(q, queue, with_product=want_grad and needs[0])
+            lse = torch.logaddexp(run, l_pos)
+            saved: Tensor | None = acc
+        else:
+            saved, run = softmax_and_lse(q @ queue.T, overwrite=True)
+            lse = torch.logaddexp(run, l_pos)
+        ctx.blockwise = blockwise  # type: ignore[attr-defined]
+        # d loss / d l_neg = P_neg * exp(run - lse): the softmax over the queue, rescaled by the
         # queue's share of the whole partition function; d / d l_pos = exp(l_pos - lse) - 1.
-        ctx.save_for_backward(q, k, queue, p_neg, (lse_neg - lse).exp_(), (l_pos - lse).exp_())
+        ctx.save_for_backward(
+            q, k, None if blockwise else queue, saved, (run - lse).exp_(), (l_pos - lse).exp_()
+        )
         return (lse - l_pos).mean()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        q, k, queue, p_neg, share_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        q, k, queue, saved, share_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
         with autocast_disabled(q):
             scale = grad / q.shape[0]
             w_pos = ((p_pos - 1) * scale).unsqueeze(1)
             w_neg = (share_neg * scale).unsqueeze(1)
             needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-            grad_q = torch.mm(p_neg, queue).mul_(w_neg).add_(k * w_pos) if needs[0] else None
-            grad_k = q * w_pos if needs[1] else None
-            grad_queue = p_neg.T @ (q * w_neg) if needs[2] else None
-            return grad_q, grad_k, grad_queue
+            grad_q = grad_k = grad_queue = None
+            if needs[0]:
+                # A graph exists, so the forward ran with gradients on and computed the product.
+                assert saved is not None
+                if ctx.blockwise:  # type: ignore[attr-defined]
+                    grad_q = saved.mul(w_neg).add_(k * w_pos)  # saved stays intact for a retained graph
+                else:
+                    grad_q = torch.mm(saved, queue).mul_(w_neg).add_(k * w_pos)
+            if needs[1]:
+                grad_k = q * w_pos
+            if needs[2]:
+                grad_queue = saved.T @ (q * w_neg)
+            return grad_q, grad_k, grad_queue, None
+
+
+def _blockwise(q: Tensor, queue: Tensor, *, with_product: bool) -> tuple[Tensor, Tensor | None]:
+    """The queue's log-sum-exp per row ``(N,)``, and (``with_product``) ``softmax(q queueᵀ) queue``
+    ``(N, D)``, one block of queue rows at a time (:class:`_InfoNCE`)."""
+    n = q.shape[0]
+    rows = min(queue.shape[0], max(MIN_BLOCK_ROWS, BLOCK_LOGITS // n))
+    buffer = torch.empty(n * rows, dtype=q.dtype, device=q.device)
+    acc = part = run = None
+    for block in queue.split(rows):
+        logits = buffer[: n * block.shape[0]].view(n, block.shape[0])
+        torch.mm(q, block.T, out=logits)
+        p, lse = softmax_and_lse(logits, overwrite=True)
+        if run is None:
+            run = lse
+            if with_product:
+                acc = torch.mm(p, block)
+                part = torch.empty_like(acc)
+            continue
+        new = torch.logaddexp(run, lse)
+        if acc is not None and part is not None:
+            torch.mm(p, block, out=part)
+            acc.mul_((run - new).exp_().unsqueeze(1)).addcmul_(part, (lse - new).exp_().unsqueeze(1))
+        run = new
+    assert run is not None  # the queue has at least one row (checked by infonce)
+    return run, acc
 
 
 def _inputs(p: Params, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> LossInputs:
