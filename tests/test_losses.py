@@ -768,8 +768,8 @@ def test_infonce__blockwise_path_equals_reference_across_blocks(
     monkeypatch: pytest.MonkeyPatch, temperature: float
 ) -> None:
     infonce_module = importlib.import_module("harness.losses.infonce")
-    monkeypatch.setattr(infonce_module, "BLOCK_LOGITS", 24)  # 24 / 6 queries = 4 queue rows a block
-    monkeypatch.setattr(infonce_module, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(infonce_module, "BLOCK_BYTES_PER_THREAD", 0)  # blocks of MIN_BLOCK_ROWS rows
+    monkeypatch.setattr(infonce_module, "MIN_BLOCK_ROWS", 4)
     for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
         q, k, queue = _infonce_blocks_inputs(dtype)
         ref_q, ref_k, ref_queue = _infonce_blocks_inputs(torch.float64)

@@ -88,10 +88,12 @@ def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tenso
     return F.cross_entropy(logits, labels)
 
 
-# Logits per block of the blockwise CPU path (2 MiB in float32: 2048 queue rows at N = 256), so that
-# a block's product, its softmax and the backward product over it run while it is in the L2 cache.
-# 1 and 4 MiB blocks measured within noise of this (docs/LOSSES.md).
-BLOCK_LOGITS = 1 << 19
+# Bytes of logits per block and per thread on the blockwise CPU path: the L2 cache of one core here
+# (1 MiB: 1024 queue rows at N = 256 in float32, one thread; 2048 with two, each thread taking half
+# the rows), so that a block's product, its softmax and the backward product over it run in cache.
+# Measured at N = 256, K = 16384 (docs/LOSSES.md): 1 MiB a thread best at one thread, 2 MiB blocks
+# at two; 4 MiB slower at either.
+BLOCK_BYTES_PER_THREAD = 1 << 20
 # The fewest queue rows per block, whatever N: thinner blocks make the products less efficient.
 MIN_BLOCK_ROWS = 64
 
@@ -102,7 +104,7 @@ class _InfoNCE(torch.autograd.Function):
     Two paths, the same numbers (each equals the reference in float64; tests/test_losses.py):
 
     **Blockwise** (the CPU, when the queue needs no gradient: MoCo's case). The queue goes by blocks
-    of rows (:data:`BLOCK_LOGITS` logits each). Per block ``b``: ``S_b = q queue_bᵀ`` into one reused
+    of rows (:data:`BLOCK_BYTES_PER_THREAD` of logits per thread). Per block ``b``: ``S_b = q queue_bᵀ`` into one reused
     buffer, its fused softmax in place (:func:`softmax_and_lse`: ``P_b`` and the block's row
     log-sum-exps ``lse_b``), and, when ``q`` will need a gradient, at once the backward product
     ``P_b queue_b`` while ``P_b`` is still in the cache. The blocks combine online, as in
@@ -168,7 +170,8 @@ def _blockwise(q: Tensor, queue: Tensor, *, with_product: bool) -> tuple[Tensor,
     """The queue's log-sum-exp per row ``(N,)``, and (``with_product``) ``softmax(q queueᵀ) queue``
     ``(N, D)``, one block of queue rows at a time (:class:`_InfoNCE`)."""
     n = q.shape[0]
-    rows = min(queue.shape[0], max(MIN_BLOCK_ROWS, BLOCK_LOGITS // n))
+    block_bytes = BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
+    rows = min(queue.shape[0], max(MIN_BLOCK_ROWS, block_bytes // (n * q.element_size())))
     buffer = torch.empty(n * rows, dtype=q.dtype, device=q.device)
     acc = part = run = None
     for block in queue.split(rows):
