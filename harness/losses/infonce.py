@@ -52,8 +52,10 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, i
         temperature: τ > 0.
         impl: ``"reference"`` (logits ``[q·k, q queueᵀ] / τ`` concatenated into ``(N, 1 + K)``, then a
             cross-entropy with target 0) or ``"fast"`` (τ folded into q, no concatenation: a custom
-            autograd function turns ``q queueᵀ`` into its softmax in place, joins the positive
-            through the log-sum-exps and keeps only that ``(N, K)`` matrix for the backward pass).
+            autograd function; on the CPU it goes through the queue in cache-sized blocks, each
+            block's softmax and its product with the queue made at once and combined by an online
+            log-sum-exp, so no ``(N, K)`` matrix is kept; elsewhere, or when the queue needs a
+            gradient, the whole ``q queueᵀ`` turned into its softmax in place and kept).
 
     Returns:
         A scalar: ``mean_i [ log(exp(q_i·k_i/τ) + Σ_j exp(q_i·queue_j/τ)) - q_i·k_i/τ ]``; float32 for
@@ -104,8 +106,8 @@ class _InfoNCE(torch.autograd.Function):
     Two paths, the same numbers (each equals the reference in float64; tests/test_losses.py):
 
     **Blockwise** (the CPU, when the queue needs no gradient: MoCo's case). The queue goes by blocks
-    of rows (:data:`BLOCK_BYTES_PER_THREAD` of logits per thread). Per block ``b``: ``S_b = q queue_bᵀ`` into one reused
-    buffer, its fused softmax in place (:func:`softmax_and_lse`: ``P_b`` and the block's row
+    of rows (:data:`BLOCK_BYTES_PER_THREAD` of logits per thread). Per block ``b``: ``S_b = q
+    queue_bᵀ`` into one reused buffer, its fused softmax in place (:func:`softmax_and_lse`: ``P_b`` and the block's row
     log-sum-exps ``lse_b``), and, when ``q`` will need a gradient, at once the backward product
     ``P_b queue_b`` while ``P_b`` is still in the cache. The blocks combine online, as in
     flash-attention: ``run`` is the log-sum-exp over the blocks so far and ``acc = Σ_b exp(lse_b -
