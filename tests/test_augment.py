@@ -646,6 +646,31 @@ def test_augment__compile_failure_falls_back_to_eager(monkeypatch: pytest.Monkey
         augment(x, _all_ops_recipes(), generator=gen(1), compiled=True)
 
 
+def test_photometric_rgb__equals_the_batched_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled stage's channel-by-channel chain computes what the eager chain computes on
+    whole RGB batches (every operation, solarization included, drawn on some rows and not on
+    others), to float rounding."""
+    x = images(3, n=24, size=12)
+    captured: dict[str, object] = {}
+    original = AUG._pixels
+
+    def spy(plan: object, imgs: torch.Tensor, draws: object, *, subsets: bool = False) -> torch.Tensor:
+        captured.update(plan=plan, draws=draws)
+        return original(plan, imgs, draws, subsets=subsets)
+
+    monkeypatch.setattr(AUG, "_pixels", spy)
+    augment(x, _all_ops_recipes(), generator=gen(6), compiled=False)
+    plan = dataclasses.replace(captured["plan"], blur_kernel=0)
+    draws = captured["draws"]
+    assert plan.brightness and plan.contrast and plan.saturation and plan.hue and plan.grayscale and plan.solarize
+    cropped = AUG._crop(plan, x, draws)
+    expected = AUG._photometric(plan, cropped.clone(), draws)
+    got = torch.stack(AUG._photometric_rgb(plan, cropped, draws), dim=1)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="without blur"):
+        AUG._photometric_rgb(dataclasses.replace(plan, blur_kernel=3), cropped, draws)
+
+
 def test_compiled_pixels__pieces_cover_every_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stage's pieces (here 3 + 3 + 1 images per view, the stage run eagerly in place of its
     compiled form) write every row of the output once, each with its own image and draws."""

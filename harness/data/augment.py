@@ -663,48 +663,92 @@ def _crop(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tensor:
 
 def _crop_separable(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tensor:
     """:func:`_crop`'s output, then the blur of :func:`gaussian_blur` when ``plan`` has one (the
-    same values up to float rounding), computed per axis for the compiled stage.
+    same values up to float rounding), computed per axis for the compiled stage:
+    :func:`_crop_apply` of :func:`_crop_weights`.
 
     Bilinear interpolation of an axis-aligned crop is a linear map per axis, and so is the
     separable blur that follows it: each output pixel is a weighted sum of a few source pixels along
-    each axis, so the two are applied together, once per axis. Along the rows, each output row is
-    the sum of a band of :func:`_axis_band` source rows (two without blur): whole-row gathers,
-    vectorized along them, straight from the uint8 source, with no float copy and no ``repeat``
-    per view. Along the columns, one batched matrix product with each sample's ``(W, W')`` matrix
-    of column weights. Inductor fuses the gathers and the weights into a few loops; ATen's
-    ``grid_sample`` inside a compiled graph is decomposed into scalar gathers, and a blur after the
-    crop is a second pass that inductor inlines tap by tap (both slower: docs/PERFORMANCE.md).
-    ``grid_sample``'s border mode is the clamp of the coordinates in :func:`_source_pixels`, the
-    blur's reflect padding their ``offset``. On CUDA with TF32 matrix products allowed (the training
-    loop allows them), the column product rounds its inputs to TF32's 10-bit mantissa: about
-    0.1-0.25 grey levels, not float32 rounding (not measured here: no GPU)."""
-    scale_x, scale_y, center_x, center_y = d.crop.unbind(0)
-    batch, channels, height, width = images.shape
+    each axis, so the two are applied together, once per axis. Inductor fuses the gathers and the
+    blend into a few loops; ATen's ``grid_sample`` inside a compiled graph is decomposed into
+    scalar gathers, and a blur after the crop is a second pass that inductor inlines tap by tap
+    (both slower: docs/PERFORMANCE.md). ``grid_sample``'s border mode is the clamp of the
+    coordinates in :func:`_source_pixels`, the blur's reflect padding their ``offset``. On CUDA
+    with TF32 matrix products allowed (the training loop allows them), the column product rounds
+    its inputs to TF32's 10-bit mantissa: about 0.1-0.25 grey levels, not float32 rounding (not
+    measured here: no GPU)."""
+    return _crop_apply(images, _crop_weights(plan, d.crop, d.sigma, images.shape[2], images.shape[3]))
+
+
+@dataclass(frozen=True)
+class _CropWeights:
+    """The crop-and-blur's per-axis weights of ``N`` batch rows (:func:`_crop_weights`)."""
+
+    rows: torch.Tensor
+    """``(N, H', K)``: each output row's weights over its band of ``K`` source rows."""
+    row_index: torch.Tensor
+    """``(N, H', K)`` int64: those source rows."""
+    columns: torch.Tensor
+    """``(N, W, W')``: each output column's weights over the source columns."""
+
+    def select(self, index: slice) -> _CropWeights:
+        return _CropWeights(self.rows[index], self.row_index[index], self.columns[index])
+
+
+def _crop_weights(
+    plan: _Plan, crop: torch.Tensor, sigma: torch.Tensor, height: int, width: int
+) -> _CropWeights:
+    """The weights that :func:`_crop_apply` applies, for the crops ``crop`` ``(4, N)`` (as
+    ``_Draws.crop``) and blur ``sigma`` ``(N,)`` of ``plan`` on ``height x width`` sources:
+    :func:`_crop_bands`, the columns' band spread into a dense matrix for the batched product (the
+    rows' are applied by gathering whole source rows). They depend on the draws only, so the
+    compiled stage computes them once per call, not per piece of pixels."""
+    rows, row_index, column_weights, column_index = _crop_bands(plan, crop, sigma, height, width)
+    return _CropWeights(rows, row_index, _band_matrix(column_weights, column_index, width))
+
+
+def _crop_bands(
+    plan: _Plan, crop: torch.Tensor, sigma: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_axis_band` of the rows, then of the columns: ``(row weights, row index, column
+    weights, column index)``, each ``(N, H', K)`` or ``(N, W', K)``."""
+    scale_x, scale_y, center_x, center_y = crop.unbind(0)
     out_h, out_w = plan.out_size
-    n = scale_x.shape[0]
-    device = images.device
     # gaussian_blur's kernel, shrunk as it shrinks it for small outputs (reflect needs half < size).
     half = min(plan.blur_kernel // 2, out_h - 1, out_w - 1) if plan.blur_kernel else 0
-    taps = _gaussian_taps(d.sigma, half, torch.float32)
-    # Rows: view v of sample b (batch row v * batch + b) reads rows of source sample b.
-    row_weights, row_index = _axis_band(scale_y, center_y, out_h, height, taps)
+    taps = _gaussian_taps(sigma, half, torch.float32)
+    return (*_axis_band(scale_y, center_y, out_h, height, taps), *_axis_band(scale_x, center_x, out_w, width, taps))
+
+
+def _band_matrix(weights: torch.Tensor, index: torch.Tensor, source: int) -> torch.Tensor:
+    """The dense ``(N, source, size)`` matrix of the bands ``weights``/``index`` ``(N, size, K)``:
+    output pixel ``x`` takes ``weights[x, k]`` at source pixel ``index[x, k]``. A scatter, eager
+    also in the compiled stage: compiled, inductor recomputed every band weight once per matrix
+    entry. Each entry gets one nonzero term at most (a band's clamped tail repeats the last pixel
+    with weight 0), so the sum's order, which CUDA's atomic adds do not fix, cannot change it."""
+    n, size, _ = weights.shape
+    matrix = torch.zeros((n, source, size), dtype=weights.dtype, device=weights.device)
+    return matrix.scatter_add_(1, index.transpose(1, 2), weights.transpose(1, 2))
+
+
+def _crop_apply(images: torch.Tensor, weights: _CropWeights) -> torch.Tensor:
+    """The float ``(N, C, H', W')`` crop (and blur) of uint8 ``images`` ``(B, C, H, W)``, batch row
+    ``n`` from source sample ``n % B`` (view ``v`` of sample ``b`` is row ``v B + b``). Each output
+    row is the weighted sum of its band of source rows, gathered whole (vectorized along them)
+    straight from the uint8 images: no float copy of the source, no ``repeat`` per view; then one
+    batched matrix product ``(N, C H', W) @ (N, W, W')`` applies the columns' weights."""
+    batch, channels, height, width = images.shape
+    n, out_h, _ = weights.rows.shape
+    out_w = weights.columns.shape[2]
+    device = images.device
     plane = (torch.arange(n, device=device) % batch)[:, None] * channels + torch.arange(channels, device=device)
     first = (plane * height)[:, :, None]  # (N, C, 1): the flat index of each plane's row 0
     flat = images.reshape(batch * channels * height, width)
     rows = None
-    for k in range(row_index.shape[2]):
-        term = flat[first + row_index[:, None, :, k]].to(torch.float32) * row_weights[:, None, :, k, None]
+    for k in range(weights.row_index.shape[2]):
+        term = flat[first + weights.row_index[:, None, :, k]].to(torch.float32) * weights.rows[:, None, :, k, None]
         rows = term if rows is None else rows + term
-    # Columns: (N, C * H', W) @ (N, W, W'), the tents max(0, 1 - |x - i|) of each tap's source
-    # coordinate x over the source columns i, weighted by the taps (the flip is a reversed x).
-    source_x = torch.arange(width, device=device, dtype=torch.float32)
-    columns = None
-    for tap in range(-half, half + 1):
-        x = _source_pixels(scale_x, center_x, out_w, width, tap)
-        term = taps[:, tap + half, None, None] * (1 - (x[:, None, :] - source_x[None, :, None]).abs()).clamp_min(0)
-        columns = term if columns is None else columns + term
-    assert rows is not None and columns is not None
-    return torch.bmm(rows.reshape(n, channels * out_h, width), columns).view(n, channels, out_h, out_w)
+    assert rows is not None
+    return torch.bmm(rows.reshape(n, channels * out_h, width), weights.columns).view(n, channels, out_h, out_w)
 
 
 def _axis_band(
@@ -778,6 +822,59 @@ def _photometric(plan: _Plan, x: torch.Tensor, d: _Draws, *, subsets: bool = Fal
     return torch.addcmul(d.shift, x, d.scale)
 
 
+def _photometric_rgb(plan: _Plan, x: torch.Tensor, d: _Draws) -> list[torch.Tensor]:
+    """:func:`_photometric` without the blur on RGB ``x`` in [0, 255], written channel by channel
+    for the compiled stage: the three normalized ``(N, H', W')`` channels. The same operations in
+    the same order (equal up to float rounding), but each pixel's three channels are computed
+    together, so that inductor makes one loop over the pixels after the contrast's mean and
+    shares the hue rotation's maximum, chroma and hue between the channels (on whole
+    ``(N, 3, H, W)`` tensors it makes a loop per channel, each recomputing them); the stage
+    writes each channel into its output (a ``stack`` would be one more copy)."""
+    if plan.blur_kernel:
+        raise ValueError("_photometric_rgb takes a plan without blur (the crop applies it)")
+
+    def per_sample(t: torch.Tensor) -> torch.Tensor:
+        return t.view(-1, 1, 1)
+
+    def luma(c: list[torch.Tensor]) -> torch.Tensor:
+        return _LUMA[0] * c[0] + _LUMA[1] * c[1] + _LUMA[2] * c[2]
+
+    c = [channel * (1.0 / 255.0) for channel in x.unbind(dim=1)]
+    if plan.brightness:
+        f = per_sample(d.brightness)
+        c = [(channel * f).clamp(0.0, 1.0) for channel in c]
+    if plan.contrast:
+        f = per_sample(d.contrast)
+        mean = luma(c).mean(dim=(1, 2), keepdim=True)
+        c = [torch.addcmul(mean * (1 - f), channel, f).clamp(0.0, 1.0) for channel in c]
+    if plan.saturation:
+        f = per_sample(d.saturation)
+        grey = luma(c) * (1 - f)
+        c = [torch.addcmul(grey, channel, f).clamp(0.0, 1.0) for channel in c]
+    if plan.hue:
+        r, g, b = c
+        maxc = torch.maximum(torch.maximum(r, g), b)
+        chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+        inv = 1.0 / torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+        hue6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+        hue6 = hue6 + 6.0 * per_sample(d.hue)
+        c = []
+        for offset in (5.0, 3.0, 1.0):  # adjust_hue's k = n + h6 for R, G, B
+            k = offset + hue6
+            k = k - 6.0 * torch.floor(k * (1.0 / 6.0))
+            ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+            c.append(torch.addcmul(maxc, chroma, ramp, value=-1.0).clamp(0.0, 1.0))
+    if plan.grayscale:
+        grey = luma(c)
+        c = [torch.where(per_sample(d.grayscale), grey, channel) for channel in c]
+    if plan.solarize:
+        threshold = per_sample(d.threshold)
+        hit = per_sample(d.solarize)
+        c = [torch.where(hit & (channel >= threshold), 1.0 - channel, channel) for channel in c]
+    scale, shift = d.scale.view(-1), d.shift.view(-1)
+    return [torch.addcmul(shift[i], channel, scale[i]) for i, channel in enumerate(c)]
+
+
 # ----------------------------------------------------------------------------------------------
 # The compiled pixel stage
 
@@ -787,10 +884,13 @@ _COMPILED: dict[str, bool] = {"enabled": False}
 
 @dataclass
 class _Compiled:
-    """One plan's compiled pixel stage, its first call's seconds (tracing + code generation +
-    running it), and why it fell back to eager, if it did."""
+    """One plan's compiled pixel stage (a piece of rows into its output) and the compiled crop
+    bands it is given (:func:`_crop_bands`, once per call: inductor would otherwise inline their
+    arithmetic into the pixel loops, once per pixel), the first call's seconds (tracing +
+    code generation + running it), and why it fell back to eager, if it did."""
 
-    fn: Callable[..., torch.Tensor]
+    fn: Callable[..., None]
+    geometry: Callable[..., tuple[torch.Tensor, ...]]
     first_call_s: float | None = None
     failure: str | None = None
 
@@ -836,11 +936,21 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     if entry is None:
         linear_plan = replace(piece_plan, blur_kernel=0)
 
-        def stage(images: torch.Tensor, draws: _Draws, out: torch.Tensor) -> None:
-            # The blur is folded into the crop's per-axis weights (_crop_separable).
-            out.copy_(_photometric(linear_plan, _crop_separable(piece_plan, images, draws), draws))
+        def geometry(
+            crop: torch.Tensor, sigma: torch.Tensor, height: int, width: int
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            return _crop_bands(piece_plan, crop, sigma, height, width)
 
-        entry = _COMPILED_PLANS[piece_plan] = _Compiled(torch.compile(stage))
+        def stage(images: torch.Tensor, weights: _CropWeights, draws: _Draws, out: torch.Tensor) -> None:
+            # The blur is folded into the crop's per-axis weights (_crop_weights).
+            cropped = _crop_apply(images, weights)
+            if images.shape[1] == 3:
+                for channel, values in enumerate(_photometric_rgb(linear_plan, cropped, draws)):
+                    out[:, channel].copy_(values)
+            else:
+                out.copy_(_photometric(linear_plan, cropped, draws))
+
+        entry = _COMPILED_PLANS[piece_plan] = _Compiled(torch.compile(stage), torch.compile(geometry))
     if entry.failure is not None:
         return None
     out = torch.empty((plan.n_views * batch, channels, out_h, out_w), device=images.device)
@@ -848,10 +958,12 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     size = batch if images.device.type != "cpu" else _piece_size(batch, per_image)
     start = time.perf_counter()
     try:
+        rows, row_index, column_weights, column_index = entry.geometry(draws.crop, draws.sigma, *images.shape[2:])
+        weights = _CropWeights(rows, row_index, _band_matrix(column_weights, column_index, images.shape[3]))
         for view in range(plan.n_views):
             for first in range(0, batch, size):
                 rows = slice(view * batch + first, view * batch + min(batch, first + size))
-                entry.fn(images[first : first + size], draws.rows(rows), out[rows])
+                entry.fn(images[first : first + size], weights.select(rows), draws.rows(rows), out[rows])
     except Exception as error:  # any compiler failure means "use the eager stage"
         entry.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         warnings.warn(

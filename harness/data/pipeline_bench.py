@@ -296,8 +296,9 @@ def profile_augment_stages(
     product) eager and compiled, and compiled with the blur folded into it; each eager photometric
     operation on the whole batch (as a GPU runs them), the eager photometric chain with the CPU's
     row subsets, the compiled chain alone (blur included, as a separate pass); the compiled stage
-    on the whole batch (the crop with the blur, then the rest of the chain), and the same in the
-    cache-sized pieces that ``compiled=True`` runs. The first calls' seconds, compile included,
+    on the whole batch (the crop with the blur, then the rest of the chain channel by channel for
+    RGB), and what ``compiled=True`` runs: the crop's bands once, then that stage in cache-sized
+    pieces. The first calls' seconds, compile included,
     are under ``compile_first_call_s`` (the chain) and ``compile_stage_first_call_s`` (the whole
     stage). The photometric stages get a fresh copy of the cropped batch (they consume it): the
     copy's time is listed too."""
@@ -332,7 +333,13 @@ def profile_augment_stages(
     compiled = torch.compile(lambda x: aug._photometric(plan, x, draws))
     compiled_crop = torch.compile(lambda x: aug._crop_separable(unblurred, x, draws))
     compiled_crop_blur = torch.compile(lambda x: aug._crop_separable(plan, x, draws))
-    compiled_stage = torch.compile(lambda x: aug._photometric(unblurred, aug._crop_separable(plan, x, draws), draws))
+    def whole_stage(x: torch.Tensor) -> torch.Tensor:
+        cropped = aug._crop_separable(plan, x, draws)
+        if channels == 3:
+            return torch.stack(aug._photometric_rgb(unblurred, cropped, draws), dim=1)
+        return aug._photometric(unblurred, cropped, draws)
+
+    compiled_stage = torch.compile(whole_stage)
     first_call: dict[str, float] = {}
     for key, run in (("compile_first_call_s", lambda: compiled(cropped.clone())),
                      ("compile_stage_first_call_s", lambda: compiled_stage(images))):
