@@ -77,7 +77,7 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.07, *, i
     if impl == "reference":
         return _reference(q, k, queue, temperature)
     want_grad = torch.is_grad_enabled()  # the forward of a Function always runs without
-    return _InfoNCE.apply(normalize_scaled(q, 1.0 / temperature), F.normalize(k, dim=1), queue, want_grad)
+    return _InfoNCE.apply(q, k, queue, 1.0 / temperature, want_grad)
 
 
 def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
@@ -98,6 +98,8 @@ def _reference(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tenso
 BLOCK_BYTES_PER_THREAD = 1 << 20
 # The fewest queue rows per block, whatever N: thinner blocks make the products less efficient.
 MIN_BLOCK_ROWS = 64
+# F.normalize's floor of the norm (its default eps).
+NORM_EPS = 1e-12
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -125,47 +127,76 @@ class _InfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor, want_grad: bool) -> Tensor:
+    def forward(
+        ctx: FunctionCtx, q: Tensor, k: Tensor, queue: Tensor, scale: float, want_grad: bool
+    ) -> Tensor:
         needs = ctx.needs_input_grad  # type: ignore[attr-defined]
-        l_pos = (q * k).sum(dim=1)
+        # The normalizations too, as F.normalize does them (the norm floored at NORM_EPS), with their
+        # backward in closed form below: autograd's graph of them cost as much as the loss's own
+        # small operations.
+        q_norm = torch.linalg.vector_norm(q, dim=1)
+        k_norm = torch.linalg.vector_norm(k, dim=1)
+        q_scale = q_norm.clamp_min(NORM_EPS).reciprocal_().mul_(scale)
+        qs = q * q_scale.unsqueeze(1)  # norm 1/τ: the logits are plain dot products
+        ks = k / k_norm.clamp_min(NORM_EPS).unsqueeze(1)
+        l_pos = (qs * ks).sum(dim=1)
         blockwise = q.device.type == "cpu" and not needs[2]
         if blockwise:
-            run, acc = _blockwise(q, queue, with_product=want_grad and needs[0])
-            lse = torch.logaddexp(run, l_pos)
-            saved: Tensor | None = acc
+            run, saved = _blockwise(qs, queue, with_product=want_grad and needs[0])
         else:
-            saved, run = softmax_and_lse(q @ queue.T, overwrite=True)
-            lse = torch.logaddexp(run, l_pos)
+            saved, run = softmax_and_lse(qs @ queue.T, overwrite=True)
+        lse = torch.logaddexp(run, l_pos)
         ctx.blockwise = blockwise  # type: ignore[attr-defined]
+        ctx.scale = scale  # type: ignore[attr-defined]
         # d loss / d l_neg = P_neg * exp(run - lse): the softmax over the queue, rescaled by the
         # queue's share of the whole partition function; d / d l_pos = exp(l_pos - lse) - 1.
         ctx.save_for_backward(
-            q, k, None if blockwise else queue, saved, (run - lse).exp_(), (l_pos - lse).exp_()
+            qs,
+            ks,
+            q_scale,
+            q_norm,
+            k_norm,
+            l_pos,
+            None if blockwise else queue,
+            saved,
+            (run - lse).exp_(),
+            (l_pos - lse).exp_(),
         )
         return (lse - l_pos).mean()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        q, k, queue, saved, share_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
-        with autocast_disabled(q):
-            scale = grad / q.shape[0]
-            w_pos = ((p_pos - 1) * scale).unsqueeze(1)
-            w_neg = (share_neg * scale).unsqueeze(1)
+    def backward(
+        ctx: FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        qs, ks, q_scale, q_norm, k_norm, l_pos, queue, saved, share_neg, p_pos = ctx.saved_tensors  # type: ignore[attr-defined]
+        with autocast_disabled(qs):
+            scale = grad / qs.shape[0]
+            w_pos = (p_pos - 1).mul_(scale)
+            w_neg = share_neg * scale
             needs = ctx.needs_input_grad  # type: ignore[attr-defined]
             grad_q = grad_k = grad_queue = None
             if needs[0]:
-                # A graph exists, so the forward ran with gradients on and computed the product.
-                assert saved is not None
-                if ctx.blockwise:  # type: ignore[attr-defined]
-                    grad_q = saved.mul(w_neg).add_(k * w_pos)  # saved stays intact for a retained graph
-                else:
-                    grad_q = torch.mm(saved, queue).mul_(w_neg).add_(k * w_pos)
+                # The gradient reaching qs is g = acc w_neg + ks w_pos (acc = P_neg queue), and
+                # through qs = q · s/|q| (s = 1/τ) it becomes s/|q| (g - q̂ (q̂·g)), q̂ = qs/s; the
+                # projection vanishes on rows whose norm was floored (the floor is a constant).
+                # qs·g = w_neg (qs·acc) + w_pos l_pos needs no (N, D) temporary but one product.
+                assert saved is not None  # a graph exists, so the forward computed the product
+                acc = saved if ctx.blockwise else torch.mm(saved, queue)  # type: ignore[attr-defined]
+                s = ctx.scale  # type: ignore[attr-defined]
+                qg = (qs * acc).sum(dim=1).mul_(w_neg).addcmul_(w_pos, l_pos)
+                qg.mul_(q_norm.ge(NORM_EPS).to(qg.dtype)).mul_(-1.0 / (s * s))
+                grad_q = acc.mul(w_neg.unsqueeze(1))  # acc stays intact for a retained graph
+                grad_q.addcmul_(ks, w_pos.unsqueeze(1)).addcmul_(qs, qg.unsqueeze(1))
+                grad_q.mul_(q_scale.unsqueeze(1))
             if needs[1]:
-                grad_k = q * w_pos
+                # g_k = qs w_pos, and ks·g_k = w_pos l_pos: the same projection through ks = k/|k|.
+                kg = l_pos.mul(k_norm.ge(NORM_EPS).to(l_pos.dtype)).neg_()
+                k_scale = w_pos / k_norm.clamp_min(NORM_EPS)
+                grad_k = torch.addcmul(qs, ks, kg.unsqueeze(1)).mul_(k_scale.unsqueeze(1))
             if needs[2]:
-                grad_queue = saved.T @ (q * w_neg)
-            return grad_q, grad_k, grad_queue, None
+                grad_queue = saved.T @ (qs * w_neg.unsqueeze(1))
+            return grad_q, grad_k, grad_queue, None, None
 
 
 def _blockwise(q: Tensor, queue: Tensor, *, with_product: bool) -> tuple[Tensor, Tensor | None]:
