@@ -795,6 +795,30 @@ def test_infonce__blockwise_path_equals_reference_across_blocks(
         )
 
 
+@pytest.mark.parametrize("queue_grad", [False, True])
+def test_infonce__normalization_backward_equals_autograd_at_the_norm_floor(queue_grad: bool) -> None:
+    """The fast path normalizes q and k inside its autograd function, with the backward in closed
+    form: equal to autograd through F.normalize, also on rows whose norm is zero or below its
+    1e-12 floor (there the projection vanishes), on the blockwise path and (a queue needing a
+    gradient) the whole one. Compared row by row: the floored rows' gradients are ~1e12 larger."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    q[1] = 0.0
+    q[3] *= 1e-14
+    k[2] = 0.0
+    k[4] *= 3e-13
+    queue = torch.nn.functional.normalize(torch.randn(9, 4, generator=gen, dtype=torch.float64), dim=1)
+    args = [q.requires_grad_(), k.requires_grad_(), queue.requires_grad_(queue_grad)]
+    expected, expected_grads = value_and_grads(infonce, args, {"temperature": 0.2, "impl": "reference"})
+    value, got = value_and_grads(infonce, args, {"temperature": 0.2})
+    assert_rel_close(value, expected, 1e-12, what="value")
+    assert len(got) == len(expected_grads) == (3 if queue_grad else 2)
+    for index, (g, r) in enumerate(zip(got, expected_grads)):
+        for row in range(g.shape[0]):
+            assert_rel_close(g[row], r[row], 1e-10, what=f"grad {index} row {row}")
+
+
 def test_infonce__blockwise_path_keeps_no_n_by_k_matrix() -> None:
     """The memory property of the CPU path: what the backward pass keeps is O(N·D), never (N, K)."""
     q = torch.randn(64, 16, requires_grad=True)

@@ -139,7 +139,7 @@ class _InfoNCE(torch.autograd.Function):
         q_scale = q_norm.clamp_min(NORM_EPS).reciprocal_().mul_(scale)
         qs = q * q_scale.unsqueeze(1)  # norm 1/τ: the logits are plain dot products
         ks = k / k_norm.clamp_min(NORM_EPS).unsqueeze(1)
-        l_pos = (qs * ks).sum(dim=1)
+        l_pos = torch.linalg.vecdot(qs, ks)
         blockwise = q.device.type == "cpu" and not needs[2]
         if blockwise:
             run, saved = _blockwise(qs, queue, with_product=want_grad and needs[0])
@@ -184,14 +184,15 @@ class _InfoNCE(torch.autograd.Function):
                 assert saved is not None  # a graph exists, so the forward computed the product
                 acc = saved if ctx.blockwise else torch.mm(saved, queue)  # type: ignore[attr-defined]
                 s = ctx.scale  # type: ignore[attr-defined]
-                qg = (qs * acc).sum(dim=1).mul_(w_neg).addcmul_(w_pos, l_pos)
-                qg.mul_(q_norm.ge(NORM_EPS).to(qg.dtype)).mul_(-1.0 / (s * s))
-                grad_q = acc.mul(w_neg.unsqueeze(1))  # acc stays intact for a retained graph
-                grad_q.addcmul_(ks, w_pos.unsqueeze(1)).addcmul_(qs, qg.unsqueeze(1))
-                grad_q.mul_(q_scale.unsqueeze(1))
+                qg = torch.linalg.vecdot(qs, acc).mul_(w_neg).addcmul_(w_pos, l_pos)
+                qg.mul_(q_norm.ge(NORM_EPS)).mul_(q_scale).mul_(-1.0 / (s * s))
+                # s/|q| folded into the three row weights: three (N, D) passes, acc kept intact
+                # for a retained graph.
+                grad_q = torch.mul(acc, (w_neg * q_scale).unsqueeze(1))
+                grad_q.addcmul_(ks, (w_pos * q_scale).unsqueeze(1)).addcmul_(qs, qg.unsqueeze(1))
             if needs[1]:
                 # g_k = qs w_pos, and ks·g_k = w_pos l_pos: the same projection through ks = k/|k|.
-                kg = l_pos.mul(k_norm.ge(NORM_EPS).to(l_pos.dtype)).neg_()
+                kg = l_pos.mul(k_norm.ge(NORM_EPS)).neg_()
                 k_scale = w_pos / k_norm.clamp_min(NORM_EPS)
                 grad_k = torch.addcmul(qs, ks, kg.unsqueeze(1)).mul_(k_scale.unsqueeze(1))
             if needs[2]:
