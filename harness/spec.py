@@ -458,9 +458,10 @@ class TrialConfig:
     # the knob is outside the identity; before it every trial augmented eagerly.
     compile_augmentation: bool = knob(
         False,
-        "run the augmentation's pixel chain through `torch.compile` (inductor): about 3x the eager "
-        "throughput on the CPU at 64 px, after a one-time compile of tens of seconds per batch shape "
-        "(cached on disk); falls back to eager with a warning where it cannot compile (docs/DATA.md)",
+        "run the augmentation's pixel stage through `torch.compile` (inductor): about 3.5x the eager "
+        "throughput on the CPU at 64 px RGB (13.6x torchvision's ImageFolder + DataLoader; "
+        "docs/PERFORMANCE.md), after a one-time compile of tens of seconds per batch shape (cached on "
+        "disk); falls back to eager with a warning where it cannot compile (docs/DATA.md)",
         group="execution",
         legacy=False,
         identity=False,
