@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = shard_pipeline_rates(
             root, image_size=args.image_size, n_images=args.images, batch_size=args.batch_size,
             device=args.device, epochs=args.epochs, compiled=not args.eager_only,
+            report=lambda line: print(line, flush=True),
         )
     for key, value in figures.items():
         print(f"{key:28s} {value}")

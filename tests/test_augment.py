@@ -625,7 +625,7 @@ def test_pixels__cpu_subsets_match_full_batch(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_augment__compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_compile(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def broken_compile(fn: Callable[..., torch.Tensor], **options: object) -> Callable[..., torch.Tensor]:
         def run(*args: object) -> torch.Tensor:
             raise RuntimeError("no C++ compiler found\nsecond line")
 
@@ -635,7 +635,7 @@ def test_augment__compile_failure_falls_back_to_eager(monkeypatch: pytest.Monkey
     monkeypatch.setattr(AUG.torch, "compile", broken_compile)
     x = images(3, n=8, size=20)
     expected = augment(x, _all_ops_recipes(), generator=gen(1), compiled=False)
-    with pytest.warns(RuntimeWarning, match="torch.compile of the pixel stage failed .RuntimeError: no C.. compiler"):
+    with pytest.warns(RuntimeWarning, match="the compiled pixel stage failed .RuntimeError: no C.. compiler"):
         got = augment(x, _all_ops_recipes(), generator=gen(1), compiled=True)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
     (entry,) = AUG.compiled_augmentation()
@@ -675,7 +675,7 @@ def test_compiled_pixels__pieces_cover_every_row_once(monkeypatch: pytest.Monkey
     """The stage's pieces (here 3 + 3 + 1 images per view, the stage run eagerly in place of its
     compiled form) write every row of the output once, each with its own image and draws."""
     monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
-    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     monkeypatch.setattr(AUG, "_CPU_PIECE_BYTES", 3 * 3 * 20 * 20 * 4)
     x = images(3, n=7, size=20)
     expected = augment(x, _all_ops_recipes(), generator=gen(2), compiled=False)
@@ -733,7 +733,7 @@ def test_profile_augment_stages__times_every_stage(monkeypatch: pytest.MonkeyPat
     from harness.data.pipeline_bench import profile_augment_stages
 
     # The compiled chain's own equality is checked above; here the eager function stands in for it.
-    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
     monkeypatch.setattr(AUG, "_COMPILED_PLANS", {})
     times = profile_augment_stages(batch_size=4, size=20, repeats=1)
     assert set(times) == {

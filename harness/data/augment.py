@@ -911,8 +911,9 @@ def use_compiled_augmentation(enabled: bool = True) -> None:
 
 
 def compiled_augmentation() -> list[dict[str, object]]:
-    """The pixel stages compiled in this process: their plan, first call's seconds (compile
-    included) and the failure that made one fall back to eager, if any."""
+    """The pixel stages compiled in this process: their plan (one view's: the stage runs view by
+    view, see :func:`_compiled_pixels`), first call's seconds (compile included) and the failure
+    that made one fall back to eager, if any."""
     return [
         {"plan": asdict(plan), "first_call_s": entry.first_call_s, "failure": entry.failure}
         for plan, entry in _COMPILED_PLANS.items()
@@ -920,11 +921,11 @@ def compiled_augmentation() -> list[dict[str, object]]:
 
 
 def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.Tensor | None:
-    """The pixel stage's output compiled whole (the crop with the blur, then jitter to
-    normalization), or None when that could not compile (warned once per plan: the caller then runs
-    the eager one).
+    """The pixel stage's output computed by compiled code (the crop's bands once, then the crop
+    with the blur, the jitter and the normalization view by view), or None when that could not
+    compile or run (warned once per plan: the caller then runs the eager one).
 
-    On the CPU the stage runs on pieces of at most :data:`_CPU_PIECE_BYTES` of output, each view's
+    On the CPU the stage runs on pieces of about :data:`_CPU_PIECE_BYTES` of output, each view's
     rows cut into equal pieces, written into one output batch: a piece's few passes (the colour
     jitter's per-image contrast mean splits them) then stay in the cache, where the whole batch's
     passes would each go to memory (``harness bench``'s stage profile measures it). On a GPU each
@@ -950,7 +951,13 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
             else:
                 out.copy_(_photometric(linear_plan, cropped, draws))
 
-        entry = _COMPILED_PLANS[piece_plan] = _Compiled(torch.compile(stage), torch.compile(geometry))
+        # Static shapes: each piece size is one specialization (at most two per batch size); a
+        # dynamic-shape graph, which dynamo makes at a second size, added guards on the pieces'
+        # storage offsets and so more recompilations, each counted against dynamo's limit per code
+        # object (all plans share this one).
+        entry = _COMPILED_PLANS[piece_plan] = _Compiled(
+            torch.compile(stage, dynamic=False), torch.compile(geometry, dynamic=False)
+        )
     if entry.failure is not None:
         return None
     out = torch.empty((plan.n_views * batch, channels, out_h, out_w), device=images.device)
@@ -958,8 +965,10 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     size = batch if images.device.type != "cpu" else _piece_size(batch, per_image)
     start = time.perf_counter()
     try:
-        rows, row_index, column_weights, column_index = entry.geometry(draws.crop, draws.sigma, *images.shape[2:])
-        weights = _CropWeights(rows, row_index, _band_matrix(column_weights, column_index, images.shape[3]))
+        row_weights, row_index, column_weights, column_index = entry.geometry(
+            draws.crop, draws.sigma, *images.shape[2:]
+        )
+        weights = _CropWeights(row_weights, row_index, _band_matrix(column_weights, column_index, images.shape[3]))
         for view in range(plan.n_views):
             for first in range(0, batch, size):
                 rows = slice(view * batch + first, view * batch + min(batch, first + size))
@@ -967,7 +976,7 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     except Exception as error:  # any compiler failure means "use the eager stage"
         entry.failure = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         warnings.warn(
-            f"augmentation: torch.compile of the pixel stage failed ({entry.failure}); "
+            f"augmentation: the compiled pixel stage failed ({entry.failure}); "
             "using the eager operations (same results, slower)",
             RuntimeWarning,
             stacklevel=3,
@@ -979,9 +988,9 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
 
 
 def _piece_size(batch: int, per_image: int) -> int:
-    """Images per piece of the compiled stage on the CPU: the fewest pieces of at most
-    :data:`_CPU_PIECE_BYTES`, or up to twice as many when that makes them equal (each piece size is
-    one more compiled specialization)."""
+    """Images per piece of the compiled stage on the CPU: the fewest pieces of about
+    :data:`_CPU_PIECE_BYTES` (rounded up to whole images), or up to twice as many when that makes
+    them equal (each piece size is one more compiled specialization)."""
     fewest = max(1, -(-batch * per_image // _CPU_PIECE_BYTES))
     equal = next((count for count in range(fewest, 2 * fewest + 1) if batch % count == 0), fewest)
     return -(-batch // equal)

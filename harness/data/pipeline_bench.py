@@ -348,7 +348,8 @@ def profile_augment_stages(
         first_call[key] = time.perf_counter() - start
     compiled_crop(images)
     compiled_crop_blur(images)
-    aug._compiled_pixels(plan, images, draws)
+    if aug._compiled_pixels(plan, images, draws) is None:  # it fell back: there is nothing to time
+        raise RuntimeError(f"the compiled pixel stage failed: {aug.compiled_augmentation()[-1]['failure']}")
     stages: dict[str, Callable[[], object]] = {
         "crop (grid_sample)": lambda: aug._crop(plan, images, draws),
         "crop, separable, eager": lambda: aug._crop_separable(unblurred, images, draws),
@@ -387,13 +388,15 @@ def shard_pipeline_rates(
     epochs: int = 3,
     compiled: bool = True,
     workers: int | None = None,
+    report: Callable[[str], object] = lambda line: None,
 ) -> dict[str, Any]:
     """Images per second (two views, augmentation included) delivered from a prepared shard,
     resident on ``device``: the generated JPEG folder (``n_images`` at ``image_size * 8 / 7`` px,
     as ImageNet's 256 for 224) is written under ``root``, prepared at ``image_size`` and moved to
     the device whole, then :func:`shard_epoch` runs ``epochs`` timed epochs after one warm-up
     (which compiles, when ``compiled``), eager and compiled alternating. The median epoch's rate
-    is reported with the device's name."""
+    is returned with the device's name; ``report`` gets a line per epoch as it ends (so that a run
+    cut by a time limit still shows what it measured)."""
     from harness.data.shards import open_shard, prepare_shard
     from harness.provenance import device_name
 
@@ -417,11 +420,13 @@ def shard_pipeline_rates(
         start = time.perf_counter()
         epoch(mode)
         first[name] = time.perf_counter() - start
-    for _ in range(epochs):
+        report(f"{name}: first epoch {first[name]:.2f} s")
+    for round_ in range(epochs):
         for name, mode in modes.items():
             start = time.perf_counter()
             assert epoch(mode) == n_images
             seconds[name].append(time.perf_counter() - start)
+            report(f"{name}: epoch {round_ + 1} {n_images / seconds[name][-1]:,.0f} img/s")
     figures: dict[str, Any] = {
         "device": device_name(str(device)),
         "image_size": image_size,

@@ -194,7 +194,9 @@ class _InfoNCE(torch.autograd.Function):
                 acc = saved if ctx.blockwise else torch.mm(saved, queue)  # type: ignore[attr-defined]
                 s = ctx.scale  # type: ignore[attr-defined]
                 qg = torch.linalg.vecdot(qs, acc).mul_(w_neg).addcmul_(w_pos, l_pos)
-                qg.mul_(q_norm.ge(NORM_EPS)).mul_(q_scale).mul_(-1.0 / (s * s))
+                # times q_scale / -s² = -1 / (s |q|), in that form: 1/s² alone leaves float32's
+                # range for τ beyond ~1e19 or below ~1e-19.
+                qg.mul_(q_norm.ge(NORM_EPS)).div_(q_norm.clamp_min(NORM_EPS)).mul_(-1.0 / s)
                 # s/|q| folded into the three row weights: three (N, D) passes, acc kept intact
                 # for a retained graph.
                 grad_q = torch.mul(acc, (w_neg * q_scale).unsqueeze(1))

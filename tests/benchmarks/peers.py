@@ -111,7 +111,7 @@ def _lightly_dino(inputs: LossInputs) -> Thunk | None:
         return None  # lightly drops same-index pairs: one (student, teacher) pair has no term
     loss = DINOLoss(
         output_dim=student.shape[-1], warmup_teacher_temp=0.04, teacher_temp=0.04, student_temp=0.1
-    )
+    ).to(student.device)  # its center buffer is made on the CPU
     loss.center.copy_(center.reshape(1, 1, -1))
     loss.update_center = lambda teacher_out: None  # type: ignore[method-assign]
     return lambda: loss(list(teacher.unbind(0)), list(student.unbind(0)), teacher_temp=0.04)
@@ -129,7 +129,7 @@ def _solo_dino(inputs: LossInputs) -> Thunk | None:
         num_epochs=1,
         student_temp=0.1,
         num_large_crops=student.shape[0],  # solo chunks the student's output into this many crops
-    )
+    ).to(student.device)  # its center buffer is made on the CPU
     loss.center.copy_(center.reshape(1, -1))
     loss.update_center = lambda teacher_output: None  # type: ignore[method-assign]
     return lambda: loss(student.flatten(0, 1), teacher.flatten(0, 1))
