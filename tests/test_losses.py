@@ -1117,23 +1117,47 @@ def test_swav_multicrop__tiny_epsilon_takes_the_log_domain_path(monkeypatch: pyt
     # The module, not the function: harness.losses re-exports a function named swav.
     swav_module = importlib.import_module("harness.losses.swav")
 
-    taken: list[bool] = []
+    taken: list[list[bool]] = []
     original = swav_module._sinkhorn_linear
 
-    def spy(*args: Any) -> Tensor | None:
-        result = original(*args)
-        taken.append(result is not None)
-        return result
+    def spy(*args: Any) -> tuple[Tensor, Tensor]:
+        codes, healthy = original(*args)
+        taken.append(healthy.tolist())
+        return codes, healthy
 
     monkeypatch.setattr(swav_module, "_sinkhorn_linear", spy)
     made = LOSS_SPECS["swav_multicrop"].inputs({"N": 16, "K": 10, "V": 3, "Q": 0}, dtype=torch.float32)
     scores = made.args[0].detach() * 30
     swav_multicrop(scores, epsilon=0.05)
-    assert taken == [True, True]  # cosine-range exponents: the linear domain
+    assert taken == [[True, True]]  # cosine-range exponents: the linear domain, both crops at once
     taken.clear()
     fast = swav_multicrop(scores, epsilon=0.0005)
-    assert taken == [False, False]  # exponents spanning 10⁵: the log domain
+    assert taken == [[False, False]]  # exponents spanning 10⁵: the log domain
     assert_rel_close(fast, swav_multicrop(scores, epsilon=0.0005, impl="reference"), 1e-5)
+    # One global crop in the linear domain and the other in the log domain, in one call.
+    mixed = torch.cat([made.args[0].detach()[:1], scores[1:]])
+    taken.clear()
+    fast = swav_multicrop(mixed, epsilon=0.005)
+    assert taken == [[True, False]]
+    assert_rel_close(fast, swav_multicrop(mixed, epsilon=0.005, impl="reference"), 1e-5)
+
+
+@pytest.mark.parametrize("queue", [0, 12])
+def test_swav_multicrop__mixed_linear_and_log_domain_crops_equal_reference_in_float64(queue: int) -> None:
+    # The global crops' Sinkhorn problems run stacked; a crop whose column sums underflow takes the
+    # log domain alone, and its gradient and value still match the reference.
+    made = LOSS_SPECS["swav_multicrop"].inputs({"N": 12, "K": 9, "V": 3, "Q": queue}, dtype=torch.float64)
+    scores = made.args[0].detach().clone()
+    scores[1] *= 400  # ε = 0.005: exponents of ±8·10⁴, beyond float64's range for this crop only
+    scores.requires_grad_()
+    kwargs = {**made.kwargs, "epsilon": 0.005}
+    if queue:
+        kwargs["queue_scores"] = [made.kwargs["queue_scores"][0], made.kwargs["queue_scores"][1] * 400]
+    ref_value, (ref_grad,) = value_and_grads(swav_multicrop, [scores], {**kwargs, "impl": "reference"})
+    value, (grad,) = value_and_grads(swav_multicrop, [scores], {**kwargs, "impl": "fast"})
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    assert_rel_close(value, ref_value, 1e-10, what="value")
+    assert_rel_close(grad, ref_grad, 1e-9, what="grad")
 
 
 @pytest.mark.parametrize("student_temp", [0.01, 0.1, 10.0])

@@ -102,47 +102,64 @@ def _sinkhorn_fast(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
     return p.mul_(r.unsqueeze(1)).mul_(c.unsqueeze(0)).mul_(n)
 
 
-def _linear_kernel(block: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
-    """``(exp((s - rowmax) / ε), rowmax)`` of a block of scores: one pass and one exponential."""
-    rowmax = block.amax(dim=1)
+def _linear_kernels(blocks: Sequence[Tensor], epsilon: float) -> tuple[Tensor, Tensor]:
+    """``(exp((s - rowmax) / ε), rowmax)`` of ``G`` blocks of scores ``(R, K)``, stacked as
+    ``(G, R, K)`` and ``(G, R)``: one pass and one exponential per score."""
     inverse = 1.0 / epsilon
-    return torch.add(rowmax.unsqueeze(1) * -inverse, block, alpha=inverse).exp_(), rowmax
+    first = blocks[0]
+    kernels = first.new_empty((len(blocks), *first.shape))
+    rowmax = first.new_empty((len(blocks), first.shape[0]))
+    for i, block in enumerate(blocks):
+        torch.amax(block, dim=1, out=rowmax[i])
+        torch.add(rowmax[i].unsqueeze(1) * -inverse, block, alpha=inverse, out=kernels[i])
+    return kernels.exp_(), rowmax
 
 
-def _sinkhorn_linear(blocks: list[tuple[Tensor, Tensor]], epsilon: float, iterations: int) -> Tensor | None:
-    """Codes of the first block's rows, the Sinkhorn rounds (≥ 1) running over the rows of all
-    blocks (the batch, then a queue) in the linear domain; None where that would lose precision.
+def _sinkhorn_linear(blocks: list[tuple[Tensor, Tensor]], epsilon: float, iterations: int) -> tuple[Tensor, Tensor]:
+    """Codes of the first block's rows for ``G`` independent problems at once, the Sinkhorn rounds
+    (≥ 1) running over the rows of all blocks (the batch, then a queue) in the linear domain; and
+    a ``(G,)`` mask of the problems whose codes keep float precision (the others need the log domain).
 
-    Each block is ``(P, shift)`` with ``P = exp((s - shift) / ε)`` and a per-row shift at or above
-    the row maximum (:func:`_linear_kernel`: the row maximum, every row's largest entry 1; the
-    multi-crop loss: the prediction softmax's log-sum-exp · τ, largest entry ≥ K^(-τ/ε)). The row
-    shifts only matter in the first column normalization, through the row weights
-    ``w = exp((shift - max shift) / ε)``: the column sums are ``Pᵀ w``; after that the
-    row scaling absorbs them, and the rounds run on scaling vectors, ``Q = diag(r) P diag(c)``, one
-    matrix-vector product per half-round. A row weight or an entry that underflows loses at most
-    ``rows · tiny`` of a column sum, so while every column sum stays above that floor the codes keep
-    float precision; otherwise (ε → 0, scores of very different scales) this returns None and the
-    caller takes the log-domain path. Overwrites the first block's ``P`` with the codes; the queue
-    rows' codes are never written.
+    Each block is ``(P, shift)``, ``P`` of shape ``(G, R, K)`` with ``P = exp((s - shift) / ε)``
+    and a per-row shift ``(G, R)`` at or above the row maximum (:func:`_linear_kernels`: the row
+    maximum, every row's largest entry 1; the multi-crop loss: the prediction softmax's
+    log-sum-exp · τ, largest entry ≥ K^(-τ/ε)). The row shifts only matter in the first column
+    normalization, through the row weights ``w = exp((shift - max shift) / ε)``: the column sums
+    are ``Pᵀ w``; after that the row scaling absorbs them, and the rounds run on scaling vectors,
+    ``Q = diag(r) P diag(c)``, one batched vector-matrix product per half-round (``bmm`` with the
+    vector as the left operand: it splits the ``G`` problems over the threads, where ``mv`` on one
+    problem ran on one thread; docs/LOSSES.md). A row weight or an entry that underflows loses at
+    most ``rows · tiny`` of a column sum, so while every column sum stays above that floor the
+    codes keep float precision; otherwise (ε → 0, scores of very different scales) the problem's
+    mask entry is False and the caller takes the log-domain path for it. Overwrites the first
+    block's ``P`` with the codes; the queue rows' codes are never written.
     """
     kernels = [p for p, _ in blocks]
     first = kernels[0]
-    rows, k = sum(p.shape[0] for p in kernels), first.shape[1]
+    rows, k = sum(p.shape[1] for p in kernels), first.shape[2]
     floor = rows * torch.finfo(first.dtype).tiny
     inverse = 1.0 / epsilon
-    top = torch.stack([m.max() for _, m in blocks]).max()
-    column = sum(p.T @ torch.exp((m - top) * inverse) for p, m in blocks)
-    healthy = (column >= floor).all()
+    top = blocks[0][1].amax(dim=1)
+    for _, m in blocks[1:]:
+        top = torch.maximum(top, m.amax(dim=1))
+    column: Tensor | None = None
+    for p, m in blocks:
+        weights = torch.sub(m, top.unsqueeze(1)).mul_(inverse).exp_().unsqueeze(1)
+        part = torch.bmm(weights, p)
+        column = part if column is None else column.add_(part)
+    assert column is not None
+    lowest = column.amin(dim=2)
     row_scales: list[Tensor] = []
     for round_ in range(iterations):
         if round_ > 0:
-            column = sum(p.T @ r for p, r in zip(kernels, row_scales))
-            healthy &= (column >= floor).all()
+            column = torch.bmm(row_scales[0], kernels[0])
+            for p, r in zip(kernels[1:], row_scales[1:]):
+                column.baddbmm_(r, p)
+            lowest = torch.minimum(lowest, column.amin(dim=2))
         column_scale = column.mul_(k).reciprocal_()
-        row_scales = [(p @ column_scale).mul_(rows).reciprocal_() for p in kernels]
-    if not bool(healthy):
-        return None
-    return first.mul_(row_scales[0].mul_(rows).unsqueeze(1)).mul_(column_scale.unsqueeze(0))
+        row_scales = [torch.bmm(column_scale, p.transpose(1, 2)).mul_(rows).reciprocal_() for p in kernels]
+    codes = first.mul_(row_scales[0].mul_(rows).transpose(1, 2)).mul_(column_scale)
+    return codes, (lowest >= floor).squeeze(1)
 
 
 def sinkhorn_codes(
@@ -153,10 +170,12 @@ def sinkhorn_codes(
     with torch.no_grad():
         scores = scores.detach()
         if impl == "fast" and iterations > 0:
-            blocks = [scores] if queue_scores is None else [scores, queue_scores.detach().to(scores.dtype)]
-            codes = _sinkhorn_linear([_linear_kernel(b, epsilon) for b in blocks], epsilon, iterations)
-            if codes is not None:
-                return codes
+            blocks = [_linear_kernels([scores], epsilon)]
+            if queue_scores is not None:
+                blocks.append(_linear_kernels([queue_scores.detach().to(scores.dtype)], epsilon))
+            codes, healthy = _sinkhorn_linear(blocks, epsilon, iterations)
+            if bool(healthy[0]):
+                return codes[0]
         return _sinkhorn_log_domain(scores, queue_scores, epsilon, iterations, impl)
 
 
@@ -311,23 +330,34 @@ def _swapped_prediction(
     power = _kernel_power(temperature, epsilon)
 
     def codes_from(scores: list[Tensor], probs: list[Tensor], shifts: list[Tensor]) -> list[Tensor]:
-        codes = []
-        for i in range(n_global):
-            queue_i = None if queue is None else queue[i].detach().to(scores[i].dtype)
-            result = None
-            if iterations > 0:
-                # The prediction softmax is exp((s - shift) / τ) (shift: the row log-sum-exp · τ),
-                # so exp((s - shift) / ε) is its power τ / ε: a square at the defaults.
-                kernel = (
-                    (probs[i].clone() if power == 1 else torch.pow(probs[i], power), shifts[i])
-                    if power is not None
-                    else _linear_kernel(scores[i], epsilon)
+        queues = None if queue is None else [q.detach().to(scores[0].dtype) for q in queue]
+        if iterations == 0:
+            return [
+                _sinkhorn_log_domain(scores[i], None if queues is None else queues[i], epsilon, 0, "fast")
+                for i in range(n_global)
+            ]
+        # The global crops' Sinkhorn problems run together, stacked (G, N, K).
+        if power is not None:
+            # The prediction softmax is exp((s - shift) / τ) (shift: the row log-sum-exp · τ), so
+            # exp((s - shift) / ε) is its power τ / ε: a square at the defaults.
+            kernel = probs[0].new_empty((n_global, *probs[0].shape))
+            for i in range(n_global):
+                if power == 1:
+                    kernel[i].copy_(probs[i])
+                else:
+                    torch.pow(probs[i], power, out=kernel[i])
+            blocks = [(kernel, torch.stack(shifts[:n_global]))]
+        else:
+            blocks = [_linear_kernels(scores[:n_global], epsilon)]
+        if queues is not None:
+            blocks.append(_linear_kernels(queues, epsilon))
+        stacked_codes, healthy = _sinkhorn_linear(blocks, epsilon, iterations)
+        codes = list(stacked_codes.unbind(0))
+        if not bool(healthy.all()):
+            for i in (~healthy).nonzero().flatten().tolist():
+                codes[i] = _sinkhorn_log_domain(
+                    scores[i], None if queues is None else queues[i], epsilon, iterations, "fast"
                 )
-                blocks = [kernel] if queue_i is None else [kernel, _linear_kernel(queue_i, epsilon)]
-                result = _sinkhorn_linear(blocks, epsilon, iterations)
-            if result is None:
-                result = _sinkhorn_log_domain(scores[i], queue_i, epsilon, iterations, "fast")
-            codes.append(result)
         return codes
 
     # Codes rows sum to one after a Sinkhorn round; with zero rounds they carry the raw mass.
