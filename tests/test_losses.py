@@ -1283,3 +1283,19 @@ def test_softmax__in_place_on_the_cpu_equals_out_of_place(k: int) -> None:
     expected = torch.softmax(x, dim=1)
     torch.softmax(x, dim=1, out=x)
     torch.testing.assert_close(x, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["swav", "swav_multicrop", "dino", "dino_multicrop"])
+def test_paired_soft_ce__second_backward_pass_gives_the_same_gradient(name: str) -> None:
+    # The fast kernel writes its gradients over the forward pass's softmax buffers; a second
+    # backward pass through the same graph (retain_graph) recomputes them from the inputs.
+    declared = LOSS_SPECS[name]
+    made = declared.inputs(declared.test_params_for(8, 12), dtype=torch.float64)
+    loss = declared.fn(*made.args, **made.kwargs, impl="fast")
+    first = torch.autograd.grad(loss, made.grad_inputs, retain_graph=True)
+    second = torch.autograd.grad(loss, made.grad_inputs)
+    reference = declared.fn(*made.args, **made.kwargs, impl="reference")
+    want = torch.autograd.grad(reference, made.grad_inputs)
+    for a, b, w in zip(first, second, want, strict=True):
+        assert torch.equal(a, b)
+        assert_rel_close(a, w, 1e-10, what="grad vs reference")

@@ -139,7 +139,7 @@ def blockwise_dot(a: Tensor, b: Tensor, *, dtype: torch.dtype | None = None) -> 
 
 
 def softmax_and_lse(s: Tensor, scale: float = 1.0, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
-    """``softmax(scale · s)`` by rows of ``(N, K)`` scores, and its row log-sum-exp ``(N,)``.
+    """``softmax(scale · s)`` by rows of ``(..., K)`` scores, and its row log-sum-exp ``(...)``.
 
     The fused softmax kernel: its vectorized exponential is faster than ``exp_`` (docs/LOSSES.md).
     On the CPU it runs in place, on a scaled copy of ``s``, or on ``s`` itself when the caller owns
@@ -151,10 +151,10 @@ def softmax_and_lse(s: Tensor, scale: float = 1.0, *, overwrite: bool = False) -
     scale · max(s)`` exactly (rounding is monotonic).
     """
     s = s.contiguous()  # the scaled copy then is too: the in-place kernel sees rows in order
-    top = s.amax(dim=1)  # before an in-place softmax overwrites s
+    top = s.amax(dim=-1)  # before an in-place softmax overwrites s
     if s.device.type == "cpu":
         p = s if overwrite and scale == 1.0 else torch.mul(s, scale)
-        torch.softmax(p, dim=1, out=p)
+        torch.softmax(p, dim=-1, out=p)
     else:
-        p = torch.softmax(s * scale, dim=1)
-    return p, top.mul_(scale).sub_(p.amax(dim=1).log_())
+        p = torch.softmax(s * scale, dim=-1)
+    return p, top.mul_(scale).sub_(p.amax(dim=-1).log_())

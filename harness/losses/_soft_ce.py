@@ -103,14 +103,9 @@ class _PairedSoftCE(torch.autograd.Function):
         views = list(tensors[0].unbind(0)) if stacked else list(tensors[:n_views])
         given = tensors[1:] if stacked else tensors[n_views:]
         n = views[0].shape[0]
-        probs: list[Tensor] = []
-        lses: list[Tensor] = []
-        shifts: list[Tensor] = []
-        for s in views:
-            p, lse = softmax_and_lse(s, scale)
-            probs.append(p)
-            lses.append(lse)
-            shifts.append(lse / scale)
+        buffers, lses = _softmaxes(tensors[0] if stacked else views, scale)
+        probs = list(buffers[0].unbind(0)) if stacked else buffers
+        shifts = [lse / scale for lse in lses]
         if targets_fn is not None:
             with torch.no_grad():
                 targets = [t.contiguous() for t in targets_fn(views, probs, shifts)]
@@ -133,7 +128,11 @@ class _PairedSoftCE(torch.autograd.Function):
                 lse_sum += torch.dot(lses[v], _paired_mass(masses, v, pairing)).double()
             cross += pairing.dot(v, s.contiguous())
         loss = (lse_sum - scale * cross) / (n_pairs * n)
-        ctx.save_for_backward(masses, *targets, *probs)
+        # The softmax buffers become the gradients: the first backward pass writes over them and
+        # drops this reference (so autograd takes them as .grad without a copy); the inputs are
+        # kept to recompute them for a second backward pass (retain_graph).
+        ctx.save_for_backward(masses, *targets, *tensors[: 1 if stacked else n_views])
+        ctx.buffers = buffers  # type: ignore[attr-defined]
         ctx.meta = (  # type: ignore[attr-defined]
             scale,
             skip_same_index,
@@ -153,29 +152,44 @@ class _PairedSoftCE(torch.autograd.Function):
         saved = ctx.saved_tensors  # type: ignore[attr-defined]
         masses = saved[0]
         targets = saved[1 : 1 + n_targets]
-        probs = saved[1 + n_targets :]
+        buffers: list[Tensor] | None = ctx.buffers  # type: ignore[attr-defined]
+        ctx.buffers = None  # type: ignore[attr-defined]
+        if buffers is None:  # a second backward pass: the first one wrote over the softmax
+            inputs = saved[1 + n_targets :]
+            with autocast_disabled(inputs[0]):
+                buffers = _softmaxes(inputs[0] if stacked else inputs, scale)[0]
+        probs = list(buffers[0].unbind(0)) if stacked else buffers
         counts = pair_counts(n_views, n_targets, skip_same_index)
         pairing = _Pairing(targets, skip_same_index)
         with autocast_disabled(probs[0]):
             coef = grad * (scale / (n_pairs * n))
             minus_coef = -coef
             grads: list[Tensor | None] = []
-            out = torch.empty((n_views, *probs[0].shape), dtype=probs[0].dtype, device=probs[0].device)
-            for v in range(n_views):
+            # In place over the softmax buffers: no new (V, N, K) tensor, no cold memory to write.
+            for v, out in enumerate(probs):
                 if counts[v] == 0:
-                    out[v].zero_()
-                    grads.append(out[v] if stacked else None)
+                    out.zero_()
+                    grads.append(out if stacked else None)
                     continue
                 if masses is None:
-                    torch.mul(probs[v], coef * counts[v], out=out[v])
+                    out.mul_(coef * counts[v])
                 else:
-                    weight = _paired_mass(masses, v, pairing) * coef
-                    torch.mul(probs[v], weight.unsqueeze(1), out=out[v])
-                out[v].addcmul_(pairing.sum_for(v), minus_coef)
-                grads.append(out[v])
-        view_grads: tuple[Tensor | None, ...] = (out,) if stacked else tuple(grads)
+                    out.mul_((_paired_mass(masses, v, pairing) * coef).unsqueeze(1))
+                out.addcmul_(pairing.sum_for(v), minus_coef)
+                grads.append(out)
+        view_grads: tuple[Tensor | None, ...] = (buffers[0],) if stacked else tuple(grads)
         # Nothing for the six options, and the given targets never receive a gradient.
         return (None,) * 6 + view_grads + (None,) * n_given
+
+
+def _softmaxes(scores: Tensor | Sequence[Tensor], scale: float) -> tuple[list[Tensor], list[Tensor]]:
+    """The softmax buffers (one ``(V, N, K)`` tensor for stacked scores, else one per view) and
+    each view's row log-sum-exp."""
+    if isinstance(scores, Tensor):
+        p, lse = softmax_and_lse(scores, scale)
+        return [p], list(lse.unbind(0))
+    pairs = [softmax_and_lse(s, scale) for s in scores]
+    return [p for p, _ in pairs], [lse for _, lse in pairs]
 
 
 def _paired_mass(masses: Tensor, v: int, pairing: _Pairing) -> Tensor:
