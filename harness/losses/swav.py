@@ -336,25 +336,36 @@ def _swapped_prediction(
                 _sinkhorn_log_domain(scores[i], None if queues is None else queues[i], epsilon, 0, "fast")
                 for i in range(n_global)
             ]
-        # The global crops' Sinkhorn problems run together, stacked (G, N, K).
-        if power is not None:
-            # The prediction softmax is exp((s - shift) / τ) (shift: the row log-sum-exp · τ), so
-            # exp((s - shift) / ε) is its power τ / ε: a square at the defaults.
-            kernel = probs[0].new_empty((n_global, *probs[0].shape))
-            for i in range(n_global):
-                if power == 1:
-                    kernel[i].copy_(probs[i])
-                else:
-                    torch.pow(probs[i], power, out=kernel[i])
-            blocks = [(kernel, torch.stack(shifts[:n_global]))]
-        else:
-            blocks = [_linear_kernels(scores[:n_global], epsilon)]
-        if queues is not None:
-            blocks.append(_linear_kernels(queues, epsilon))
-        stacked_codes, healthy = _sinkhorn_linear(blocks, epsilon, iterations)
-        codes = list(stacked_codes.unbind(0))
-        if not bool(healthy.all()):
-            for i in (~healthy).nonzero().flatten().tolist():
+        # With threads to split them over, the global crops' Sinkhorn problems run together,
+        # stacked (G, N, K), one bmm per half-round; on one thread one after the other, each
+        # kernel made just before its rounds (at N = 1024 two kernels no longer fit the cache
+        # together: stacked was 1.1x slower there on one thread; docs/LOSSES.md).
+        together = torch.get_num_threads() > 1
+        groups = [range(n_global)] if together else [range(i, i + 1) for i in range(n_global)]
+        kernel = probs[0].new_empty((n_global, *probs[0].shape)) if power is not None else None
+        shift = torch.stack(shifts[:n_global]) if power is not None else None
+        codes: list[Tensor] = []
+        healthy: list[bool] = []
+        for group in groups:
+            part = slice(group.start, group.stop)
+            if kernel is not None and shift is not None:
+                # The prediction softmax is exp((s - shift) / τ) (shift: the row log-sum-exp · τ),
+                # so exp((s - shift) / ε) is its power τ / ε: a square at the defaults.
+                for i in group:
+                    if power == 1:
+                        kernel[i].copy_(probs[i])
+                    else:
+                        torch.pow(probs[i], power, out=kernel[i])
+                blocks = [(kernel[part], shift[part])]
+            else:
+                blocks = [_linear_kernels(scores[part], epsilon)]
+            if queues is not None:
+                blocks.append(_linear_kernels(queues[part], epsilon))
+            stacked_codes, fine = _sinkhorn_linear(blocks, epsilon, iterations)
+            codes.extend(stacked_codes.unbind(0))
+            healthy.extend(fine.tolist())
+        for i, fine in enumerate(healthy):
+            if not fine:
                 codes[i] = _sinkhorn_log_domain(
                     scores[i], None if queues is None else queues[i], epsilon, iterations, "fast"
                 )
