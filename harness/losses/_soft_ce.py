@@ -20,13 +20,16 @@ Written per view instead of per pair (the official loops and the public implemen
   maximum ``p = 1 / Σ_k exp(x_k - max)``, so ``lse = max - log(max_k p)`` (``max_k p ≥ 1/K``). The
   backward pass is two elementwise passes, ``∂/∂s_v = coef · W_v ⊙ p_v - coef · U_v``, with ``W_v``
   the targets' mass paired with the view (``G - 1`` or ``G`` for rows that sum to one) and
-  ``coef = scale / (pairs · N)``.
+  ``coef = scale / (pairs · N)``, in place over the softmax buffers, which become the gradients:
+  writing a new ``(V, N, K)`` tensor (cold memory) took 0.9 ms of SwAV's 4.5 at N = 256 on two
+  threads, against 0.25 ms for the same passes on warm buffers. A second backward pass
+  (``retain_graph``) recomputes the softmax from the saved inputs.
 - The targets may be computed inside the forward pass from the views' softmax and its shifts
   (``targets_fn``): ``p = exp(scale · (s - shift))`` with ``shift = lse / scale``, so SwAV's
   Sinkhorn kernel ``exp((s - shift) / ε)`` is ``p ** (τ / ε)``, a square at the default τ = 0.1,
   ε = 0.05, not a second exponential.
-- A ``(V, N, K)`` tensor of scores gets one ``(V, N, K)`` gradient: no per-view gradients that
-  autograd would stack again.
+- A ``(V, N, K)`` tensor of scores gets one ``(V, N, K)`` gradient (its softmax is computed whole,
+  into one buffer): no per-view gradients that autograd would stack again.
 """
 
 from __future__ import annotations
