@@ -836,6 +836,21 @@ def test_infonce__blockwise_path_keeps_no_n_by_k_matrix() -> None:
     assert_rel_close(grad_queue, expected, 1e-5, what="queue grad")
 
 
+@pytest.mark.parametrize("temperature", [1e-20, 1e25])
+def test_infonce__query_gradient_finite_and_exact_at_extreme_temperatures(temperature: float) -> None:
+    """The normalization's backward folds 1/τ into one factor -1/(s|q|) (s = 1/τ): 1/s² alone
+    would leave float32's range at these temperatures (inf, or the projection lost to 0)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(8, 16, generator=gen, requires_grad=True)
+    k = torch.randn(8, 16, generator=gen)
+    queue = torch.nn.functional.normalize(torch.randn(32, 16, generator=gen), dim=1)
+    grad = torch.autograd.grad(infonce(q, k, queue, temperature), q)[0]
+    q64 = q.detach().double().requires_grad_()
+    expected = torch.autograd.grad(infonce(q64, k.double(), queue.double(), temperature, impl="reference"), q64)[0]
+    assert torch.isfinite(grad).all()
+    assert_rel_close(grad.double(), expected, 1e-5, what="q grad")
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 5, 12, 100])
 def test_nt_xent__chunked_equals_reference_for_any_chunk_size(chunk_size: int) -> None:
     args, kwargs = inputs(BY_NAME["nt_xent"], n=6, d=4)
