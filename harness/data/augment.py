@@ -302,21 +302,10 @@ def crop_grid(
     return torch.stack((gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)), dim=-1)
 
 
-def _crop_axis(scale: torch.Tensor, center: torch.Tensor, size: int) -> torch.Tensor:
+def _crop_axis(scale: torch.Tensor, center: torch.Tensor, size: int, offset: int = 0) -> torch.Tensor:
     """Normalized source coordinates ``(N, size)`` of one axis of the crop: the centres of ``size``
     output pixels (``align_corners=False``) mapped by ``center + scale * t``. The crop's geometry,
-    shared by :func:`crop_grid` and :func:`_crop_separable`."""
-    base = (torch.arange(size, device=scale.device, dtype=scale.dtype) * 2 + 1) / size - 1
-    return torch.addcmul(center[:, None], scale[:, None], base[None, :])
-
-
-def _source_pixels(
-    scale: torch.Tensor, center: torch.Tensor, size: int, source: int, offset: int = 0
-) -> torch.Tensor:
-    """Pixel coordinates ``(N, size)`` in a source axis of ``source`` pixels that ``grid_sample``
-    (``align_corners=False``, ``padding_mode="border"``) samples for :func:`_crop_axis`: unnormalized,
-    then clamped to the first and last pixel centres (the border mode). Written as ATen's CPU
-    kernel writes it, ``(g + 1) * (source / 2) - 0.5``, so that both round alike.
+    shared by :func:`crop_grid` and :func:`_crop_separable`.
 
     ``offset``: the coordinates of output pixel ``reflect(i + offset)`` instead of ``i``, the pixel
     that tap ``offset`` of a blur with reflect padding reads at output pixel ``i`` (computed in
@@ -326,7 +315,18 @@ def _source_pixels(
         index = (index + offset).abs()
         index = torch.where(index > size - 1, 2 * (size - 1) - index, index)
     base = (index * 2 + 1) / size - 1
-    return ((torch.addcmul(center[:, None], scale[:, None], base[None, :]) + 1) * (source / 2) - 0.5).clamp(0, source - 1)
+    return torch.addcmul(center[:, None], scale[:, None], base[None, :])
+
+
+def _source_pixels(
+    scale: torch.Tensor, center: torch.Tensor, size: int, source: int, offset: int = 0
+) -> torch.Tensor:
+    """Pixel coordinates ``(N, size)`` in a source axis of ``source`` pixels that ``grid_sample``
+    (``align_corners=False``, ``padding_mode="border"``) samples for :func:`_crop_axis`: unnormalized,
+    then clamped to the first and last pixel centres (the border mode). Written as ATen's CPU
+    kernel writes it, ``(g + 1) * (source / 2) - 0.5``, so that both round alike; ``offset`` as in
+    :func:`_crop_axis`."""
+    return ((_crop_axis(scale, center, size, offset) + 1) * (source / 2) - 0.5).clamp(0, source - 1)
 
 
 def _gaussian_taps(sigma: torch.Tensor, half: int, dtype: torch.dtype) -> torch.Tensor:
@@ -377,8 +377,11 @@ def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """Luma ``(N, 1, H, W)`` of float ``(N, C, H, W)`` (the image itself when C = 1)."""
     if x.shape[1] == 1:
         return x
-    r, g, b = x.unbind(dim=1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+    return _luma(*x.unbind(dim=1)).unsqueeze(1)
+
+
+def _luma(r: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -401,22 +404,36 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     (torchvision's ``adjust_hue`` per sample; identity when C = 1, as PIL)."""
     if x.shape[1] == 1:
         return x
-    r, g, b = x.unbind(dim=1)
+    maxc, chroma, hue6 = _rotated_hue(*x.unbind(dim=1), shift.view(-1, 1, 1))
+    offsets = torch.tensor(_HUE_OFFSETS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return _hsv_channel(maxc.unsqueeze(1), chroma.unsqueeze(1), offsets + hue6.unsqueeze(1))
+
+
+# HSV -> RGB without branches: channel n uses k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B.
+_HUE_OFFSETS = (5.0, 3.0, 1.0)
+
+
+def _rotated_hue(
+    r: torch.Tensor, g: torch.Tensor, b: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(value, chroma, hue)`` of RGB channels, the hue in sixths of a turn, in [-1, 5) before it
+    is rotated by ``shift`` turns (broadcast against the channels); a gray pixel (chroma 0) has
+    max == r and hue 0."""
     maxc = torch.maximum(torch.maximum(r, g), b)
     chroma = maxc - torch.minimum(torch.minimum(r, g), b)
     inv = 1.0 / torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    # Hue in sixths of a turn, in [-1, 5); a gray pixel (chroma 0) has max == r and gets 0.
     hue6 = torch.where(
         maxc == r, (g - b) * inv, torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv)
     )
-    hue6 = (hue6 + 6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
-    # HSV -> RGB without branches: channel n uses k = (n + h6) mod 6 with n = 5, 3, 1 for R, G, B,
-    # and value - chroma * clamp(min(k, 4 - k), 0, 1). (mod via floor: torch.remainder is slow on CPUs.)
-    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = offsets + hue6
+    return maxc, chroma, hue6 + 6.0 * shift
+
+
+def _hsv_channel(maxc: torch.Tensor, chroma: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The RGB channel(s) ``value - chroma * clamp(min(k, 4 - k), 0, 1)`` at ``k = (n + h6) mod 6``
+    (``k`` given as ``n + h6``; mod via floor: torch.remainder is slow on CPUs)."""
     k = k - 6.0 * torch.floor(k * (1.0 / 6.0))
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1.0).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc, chroma, ramp, value=-1.0).clamp_(0.0, 1.0)
 
 
 def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float | torch.Tensor = 0.5) -> torch.Tensor:
@@ -676,7 +693,8 @@ def _crop_separable(plan: _Plan, images: torch.Tensor, d: _Draws) -> torch.Tenso
     with TF32 matrix products allowed (the training loop allows them), the column product rounds
     its inputs to TF32's 10-bit mantissa: about 0.1-0.25 grey levels, not float32 rounding (not
     measured here: no GPU)."""
-    return _crop_apply(images, _crop_weights(plan, d.crop, d.sigma, images.shape[2], images.shape[3]))
+    height, width = images.shape[2:]
+    return _crop_apply(images, _crop_weights(_crop_bands(plan, d.crop, d.sigma, height, width), width))
 
 
 @dataclass(frozen=True)
@@ -695,14 +713,13 @@ class _CropWeights:
 
 
 def _crop_weights(
-    plan: _Plan, crop: torch.Tensor, sigma: torch.Tensor, height: int, width: int
+    bands: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], width: int
 ) -> _CropWeights:
-    """The weights that :func:`_crop_apply` applies, for the crops ``crop`` ``(4, N)`` (as
-    ``_Draws.crop``) and blur ``sigma`` ``(N,)`` of ``plan`` on ``height x width`` sources:
-    :func:`_crop_bands`, the columns' band spread into a dense matrix for the batched product (the
-    rows' are applied by gathering whole source rows). They depend on the draws only, so the
+    """The weights that :func:`_crop_apply` applies, from the :func:`_crop_bands` of sources
+    ``width`` pixels wide: the columns' band spread into a dense matrix for the batched product
+    (the rows' are applied by gathering whole source rows). They depend on the draws only, so the
     compiled stage computes them once per call, not per piece of pixels."""
-    rows, row_index, column_weights, column_index = _crop_bands(plan, crop, sigma, height, width)
+    rows, row_index, column_weights, column_index = bands
     return _CropWeights(rows, row_index, _band_matrix(column_weights, column_index, width))
 
 
@@ -836,36 +853,23 @@ def _photometric_rgb(plan: _Plan, x: torch.Tensor, d: _Draws) -> list[torch.Tens
     def per_sample(t: torch.Tensor) -> torch.Tensor:
         return t.view(-1, 1, 1)
 
-    def luma(c: list[torch.Tensor]) -> torch.Tensor:
-        return _LUMA[0] * c[0] + _LUMA[1] * c[1] + _LUMA[2] * c[2]
-
     c = [channel * (1.0 / 255.0) for channel in x.unbind(dim=1)]
     if plan.brightness:
         f = per_sample(d.brightness)
         c = [(channel * f).clamp(0.0, 1.0) for channel in c]
     if plan.contrast:
         f = per_sample(d.contrast)
-        mean = luma(c).mean(dim=(1, 2), keepdim=True)
+        mean = _luma(*c).mean(dim=(1, 2), keepdim=True)
         c = [torch.addcmul(mean * (1 - f), channel, f).clamp(0.0, 1.0) for channel in c]
     if plan.saturation:
         f = per_sample(d.saturation)
-        grey = luma(c) * (1 - f)
+        grey = _luma(*c) * (1 - f)
         c = [torch.addcmul(grey, channel, f).clamp(0.0, 1.0) for channel in c]
     if plan.hue:
-        r, g, b = c
-        maxc = torch.maximum(torch.maximum(r, g), b)
-        chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-        inv = 1.0 / torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-        hue6 = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
-        hue6 = hue6 + 6.0 * per_sample(d.hue)
-        c = []
-        for offset in (5.0, 3.0, 1.0):  # adjust_hue's k = n + h6 for R, G, B
-            k = offset + hue6
-            k = k - 6.0 * torch.floor(k * (1.0 / 6.0))
-            ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-            c.append(torch.addcmul(maxc, chroma, ramp, value=-1.0).clamp(0.0, 1.0))
+        maxc, chroma, hue6 = _rotated_hue(*c, per_sample(d.hue))
+        c = [_hsv_channel(maxc, chroma, offset + hue6) for offset in _HUE_OFFSETS]
     if plan.grayscale:
-        grey = luma(c)
+        grey = _luma(*c)
         c = [torch.where(per_sample(d.grayscale), grey, channel) for channel in c]
     if plan.solarize:
         threshold = per_sample(d.threshold)
@@ -943,13 +947,7 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
             return _crop_bands(piece_plan, crop, sigma, height, width)
 
         def stage(images: torch.Tensor, weights: _CropWeights, draws: _Draws, out: torch.Tensor) -> None:
-            # The blur is folded into the crop's per-axis weights (_crop_weights).
-            cropped = _crop_apply(images, weights)
-            if images.shape[1] == 3:
-                for channel, values in enumerate(_photometric_rgb(linear_plan, cropped, draws)):
-                    out[:, channel].copy_(values)
-            else:
-                out.copy_(_photometric(linear_plan, cropped, draws))
+            _stage_pixels(linear_plan, images, weights, draws, out)
 
         # Static shapes: each piece size is one specialization (at most two per batch size); a
         # dynamic-shape graph, which dynamo makes at a second size, added guards on the pieces'
@@ -965,10 +963,7 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     size = batch if images.device.type != "cpu" else _piece_size(batch, per_image)
     start = time.perf_counter()
     try:
-        row_weights, row_index, column_weights, column_index = entry.geometry(
-            draws.crop, draws.sigma, *images.shape[2:]
-        )
-        weights = _CropWeights(row_weights, row_index, _band_matrix(column_weights, column_index, images.shape[3]))
+        weights = _crop_weights(entry.geometry(draws.crop, draws.sigma, *images.shape[2:]), images.shape[3])
         for view in range(plan.n_views):
             for first in range(0, batch, size):
                 rows = slice(view * batch + first, view * batch + min(batch, first + size))
@@ -985,6 +980,19 @@ def _compiled_pixels(plan: _Plan, images: torch.Tensor, draws: _Draws) -> torch.
     if entry.first_call_s is None:
         entry.first_call_s = time.perf_counter() - start
     return out
+
+
+def _stage_pixels(
+    plan: _Plan, images: torch.Tensor, weights: _CropWeights, draws: _Draws, out: torch.Tensor
+) -> None:
+    """The compiled stage's pixels into ``out``: :func:`_crop_apply` (the blur folded into
+    ``weights``, so ``plan`` has none), then the rest of the chain, channel by channel for RGB."""
+    cropped = _crop_apply(images, weights)
+    if images.shape[1] == 3:
+        for channel, values in enumerate(_photometric_rgb(plan, cropped, draws)):
+            out[:, channel].copy_(values)
+    else:
+        out.copy_(_photometric(plan, cropped, draws))
 
 
 def _piece_size(batch: int, per_image: int) -> int:

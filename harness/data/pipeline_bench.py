@@ -334,10 +334,10 @@ def profile_augment_stages(
     compiled_crop = torch.compile(lambda x: aug._crop_separable(unblurred, x, draws))
     compiled_crop_blur = torch.compile(lambda x: aug._crop_separable(plan, x, draws))
     def whole_stage(x: torch.Tensor) -> torch.Tensor:
-        cropped = aug._crop_separable(plan, x, draws)
-        if channels == 3:
-            return torch.stack(aug._photometric_rgb(unblurred, cropped, draws), dim=1)
-        return aug._photometric(unblurred, cropped, draws)
+        out = torch.empty_like(cropped)
+        bands = aug._crop_bands(plan, draws.crop, draws.sigma, size, size)
+        aug._stage_pixels(unblurred, x, aug._crop_weights(bands, size), draws, out)
+        return out
 
     compiled_stage = torch.compile(whole_stage)
     first_call: dict[str, float] = {}
